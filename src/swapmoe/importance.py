@@ -1,0 +1,46 @@
+"""Expert importance, the paper's Eq. 1 (pure functions).
+
+``importance(E_i, X) = sum over tokens x routed to i of ||x|| * G(x)_i * ||E_i||``
+
+Routing here is the router's *unmasked* top-k, so experts that are not resident (and therefore
+receive no tokens under the mask) are scored as if they were: that is what lets the scheduler notice
+that a missing expert has become important. Scores are accumulated over time with a per-token
+decay ``d``: after a call of ``T`` tokens, ``I <- d**T * I + increment``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expert_norms(params: list[torch.Tensor]) -> torch.Tensor:
+    """``||E_i||``: Frobenius norm over all weight tensors of each expert. Inputs are ``[E, ...]``."""
+    sq = None
+    for p in params:
+        s = p.detach().float().reshape(p.shape[0], -1).pow(2).sum(dim=1)  # [E]
+        sq = s if sq is None else sq + s
+    assert sq is not None, "an experts module has at least one weight tensor"
+    return sq.sqrt()
+
+
+def importance_increment(
+    hidden: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, norms: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 1 for one call: ``hidden [T, H]``, unmasked gate ``weights``/``indices [T, K]``, ``norms [E]``."""
+    x_norm = hidden.detach().float().norm(dim=-1)  # [T]
+    contrib = x_norm.unsqueeze(-1) * weights.detach().float()  # [T, K]
+    inc = torch.zeros_like(norms, dtype=torch.float32)  # [E]
+    inc.index_add_(0, indices.reshape(-1), contrib.reshape(-1))
+    return inc * norms
+
+
+def accumulate(importance: torch.Tensor, increment: torch.Tensor, decay: float, tokens: int) -> None:
+    """In place: ``importance <- decay**tokens * importance + increment`` (no host sync)."""
+    if decay != 1.0:
+        importance.mul_(decay**tokens)
+    importance.add_(increment)
+
+
+def token_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert ``[E]`` (the "importance by token count" ablation)."""
+    return torch.bincount(indices.reshape(-1), minlength=num_experts).float()

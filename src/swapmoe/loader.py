@@ -1,0 +1,195 @@
+"""Loading a Hugging Face MoE checkpoint within a device-memory budget.
+
+The checkpoint is read by transformers itself (so legacy per-expert names and fused names, sharded
+or not, convert exactly as transformers converts them) into *host* memory. Then, per MoE layer, the
+expert tensors become a host store (pinned on CUDA) and the experts module gets compact ``[S, ...]``
+slot tensors on the device holding the initial resident set; everything that is not an expert goes
+to the device. At no point are all experts on the device.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from swapmoe.budget import Budget, allocate_slots, parse_budget
+from swapmoe.checkpoint import check_checkpoint
+from swapmoe.errors import CheckpointError, UnsupportedModelError
+from swapmoe.families import MoELayer, require_moe_layers, rule_for, supported_families
+from swapmoe.importance import expert_norms
+from swapmoe.pool import HostStore, SlotPool
+from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
+
+INITIAL_SETS = ("magnitude", "random", "first")
+
+
+def default_model_path() -> Path:
+    """The bundled reference model (``models/ref-moe`` of the source tree)."""
+    return Path(__file__).resolve().parents[2] / "models" / "ref-moe"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)} or 'auto'")
+    return table[dtype]
+
+
+def _load_on_host(path: Path, dtype: torch.dtype | str, use_safetensors: bool, trust_remote_code: bool,
+                  experts_implementation: str | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"transformers cannot read the config in {path} ({str(e).splitlines()[0]}); "
+            f"swapmoe supports MoE families: {', '.join(supported_families())}"
+        ) from None
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": use_safetensors,
+                              "trust_remote_code": trust_remote_code}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise UnsupportedModelError(
+                f"model type {config.model_type!r} is not a causal LM swapmoe can load; "
+                f"supported MoE families: {', '.join(supported_families())}"
+            ) from None
+        raise CheckpointError(f"transformers could not load {path}: {e}") from None
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"transformers could not load the weights in {path}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _initial_experts(norms: torch.Tensor, num_slots: int, how: str, rng: random.Random) -> list[int]:
+    """The first resident set of a layer, in slot order."""
+    num = norms.shape[0]
+    if how == "magnitude":
+        chosen = torch.argsort(norms, descending=True, stable=True)[:num_slots].tolist()
+    elif how == "random":
+        chosen = rng.sample(range(num), num_slots)
+    elif how == "first":
+        chosen = list(range(num_slots))
+    else:
+        raise ValueError(f"initial must be one of {INITIAL_SETS}, got {how!r}")
+    return sorted(chosen)
+
+
+def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool
+                ) -> tuple[HostStore, torch.Tensor, list[int], dict[str, torch.dtype]]:
+    """Take a layer's experts out of the module into a host store; leave placeholders behind."""
+    ex = layer.experts
+    host = {n: ex._parameters[n].detach() for n in layer.expert_param_names}
+    dtypes = {n: t.dtype for n, t in host.items()}
+    norms = expert_norms(list(host.values()))
+    first = _initial_experts(norms, num_slots, initial, rng)
+    store = HostStore(host, pin=pin)
+    for n in layer.expert_param_names:
+        ex._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
+    return store, norms, first, dtypes
+
+
+def load(
+    path: str | Path | None = None,
+    memory_budget: str | int | float | Budget | None = None,
+    *,
+    slots: list[int] | None = None,
+    strategy: str = "exchange",
+    update_interval: int = 16,
+    swaps_per_update: int = 1,
+    decay: float = 0.98,
+    importance: str = "paper",
+    initial: str = "magnitude",
+    seed: int = 0,
+    async_swaps: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    experts_implementation: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Load a Hugging Face MoE checkpoint with only a budget's worth of experts on the device.
+
+    Returns an ordinary transformers causal LM (``generate`` works as usual) with the Virtual
+    Experts runtime attached as ``model.swapmoe`` (counters: ``model.swapmoe.stats()``).
+
+    memory_budget  bytes of expert weights on the device: ``"6GiB"``, ``"40%"``, ``0.4``; None = 100%
+    slots          explicit slots per MoE layer (e.g. from a plan); overrides ``memory_budget``
+    strategy       Masked Gating for missing experts: "exchange" or "skip"
+    initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
+    """
+    ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle)
+    dev = resolve_device(device)
+    config = RuntimeConfig(
+        update_interval=update_interval, swaps_per_update=swaps_per_update, decay=decay,
+        strategy=strategy, importance=importance, async_swaps=async_swaps,
+    )
+    model = _load_on_host(ckpt.path, resolve_dtype(dtype), ckpt.use_safetensors, trust_remote_code,
+                          experts_implementation)
+    layers = require_moe_layers(model)
+    expert_bytes = [la.expert_bytes() for la in layers]
+    total = sum(b * la.num_experts for b, la in zip(expert_bytes, layers, strict=True))
+    if slots is None:
+        budget = parse_budget(memory_budget if memory_budget is not None else "100%")
+        budget_bytes = budget.resolve(total)
+        slots = allocate_slots(budget_bytes, expert_bytes, [la.num_experts for la in layers],
+                               [la.top_k for la in layers])
+    else:
+        from swapmoe.plan import check_slots
+
+        check_slots(slots, layers)
+        budget_bytes = sum(s * b for s, b in zip(slots, expert_bytes, strict=True))
+
+    rng = random.Random(seed)
+    pin = dev.type == "cuda"
+    staged = []
+    for la, s in zip(layers, slots, strict=True):
+        if s >= la.num_experts:
+            norms = expert_norms([getattr(la.experts, n).detach() for n in la.expert_param_names])
+            staged.append((la, None, norms, None, None))
+        else:
+            staged.append((la, *_virtualise(la, s, initial, rng, pin)))
+    model.to(dev)  # non-expert weights (and experts of full layers) only
+
+    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    states = []
+    for (la, store, norms, first, dtypes), b in zip(staged, expert_bytes, strict=True):
+        pool = None
+        if store is not None:
+            pool = SlotPool.create(store, first, dev, dtypes)
+            for n, t in pool.slots.items():
+                la.experts._parameters[n] = nn.Parameter(t, requires_grad=False)
+            la.experts.num_experts = pool.num_slots
+            # transformers' kernels skip expert ids >= num_experts only in this mode (5.23; always in 5.17)
+            la.experts._is_expert_parallel = True
+        rule, params = rule_for(model.config.model_type, la.router, la.top_k, compute_dtype)
+        states.append(
+            LayerState(
+                layer=la, pool=pool, rule=rule, params=params, norms=norms.to(dev),
+                importance=torch.zeros(la.num_experts, dtype=torch.float32, device=dev),
+                full_bytes=b * la.num_experts, hits=torch.zeros((), dtype=torch.long, device=dev),
+            )
+        )
+    model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
+    return model
