@@ -77,10 +77,8 @@ def _group_select(choice: torch.Tensor, p: RuleParams, group_score: str) -> torc
     """DeepSeek's group-limited selection: keep the best ``topk_group`` of ``num_group`` groups."""
     t, e = choice.shape
     grouped = choice.view(t, p.num_group, e // p.num_group)  # [T, G, E/G]
-    if group_score == "top2sum":
-        gs = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
-    else:
-        gs = grouped.max(dim=-1).values  # [T, G]
+    # [T, G]: a group's score is its best expert, or its best two summed (DeepSeek-V3)
+    gs = grouped.topk(2, dim=-1)[0].sum(dim=-1) if group_score == "top2sum" else grouped.max(dim=-1).values
     gidx = torch.topk(gs, k=p.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
     gmask = torch.zeros_like(gs).scatter_(1, gidx, 1).bool()  # [T, G]
     return gmask.unsqueeze(-1).expand(-1, p.num_group, e // p.num_group).reshape(t, e)  # [T, E]

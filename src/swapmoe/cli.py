@@ -1,0 +1,200 @@
+"""The ``swapmoe`` command line: info, generate, eval-ppl, serve.
+
+User errors (:class:`swapmoe.errors.SwapMoEError`) print as one line on stderr with exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from swapmoe.budget import format_bytes
+from swapmoe.errors import SwapMoEError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face checkpoint directory (default: the bundled reference model)")
+    p.add_argument("--memory-budget", "-m", default=None,
+                   help="device memory for expert weights: bytes ('6GiB', '512MiB') or a share ('40%%'); default 100%%")
+    p.add_argument("--plan", default=None, help="plan.json from `swapmoe plan` (instead of --memory-budget)")
+    p.add_argument("--strategy", choices=["exchange", "skip"], default=None,
+                   help="Masked Gating for a missing expert: best resident instead (exchange) or drop it (skip)")
+    p.add_argument("--update-interval", type=int, default=None, help="tokens between resident-set updates")
+    p.add_argument("--swaps-per-update", type=int, default=None, help="most swaps per layer per update")
+    p.add_argument("--decay", type=float, default=0.98, help="per-token decay of expert importance")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights: only for trusted files")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped in the model directory")
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    """``swapmoe.load`` from the shared model arguments (``--plan`` fills in what it sets)."""
+    from swapmoe.loader import load
+    from swapmoe.plan import read_plan
+
+    kw: dict[str, Any] = {}
+    plan = read_plan(args.plan) if args.plan else None
+    if plan is not None:
+        if args.memory_budget is not None:
+            raise SwapMoEError("give either --memory-budget or --plan, not both")
+        kw.update(slots=plan.slots, update_interval=plan.update_interval,
+                  swaps_per_update=plan.swaps_per_update, strategy=plan.strategy)
+    for name in ("strategy", "update_interval", "swaps_per_update"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    try:
+        return load(
+            args.model, args.memory_budget, decay=args.decay, device=args.device, dtype=args.dtype,
+            async_swaps=not args.sync_swaps, allow_pickle=args.allow_pickle,
+            trust_remote_code=args.trust_remote_code, **kw,
+        )
+    except ValueError as e:  # bad numeric options from RuntimeConfig
+        raise SwapMoEError(str(e)) from None
+
+
+def load_tokenizer(model_path: Any, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    from swapmoe.loader import default_model_path
+
+    path = model_path if model_path is not None else default_model_path()
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise SwapMoEError(
+            f"no usable tokenizer in {path} ({str(e).splitlines()[0][:120]}); copy the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) into the model directory"
+        ) from None
+
+
+def stats_table(stats: dict[str, Any], title: str = "swapmoe") -> Table:
+    """Per-layer and total counters as a rich table."""
+    t = Table(title=title)
+    for col in ("layer", "slots/experts", "resident bytes", "swaps", "bytes copied", "hit rate"):
+        t.add_column(col, justify="right")
+    for la in stats["layers"]:
+        t.add_row(str(la["layer"]), f"{la['slots']}/{la['num_experts']}", format_bytes(la["resident_bytes"]),
+                  str(la["swaps"]), format_bytes(la["bytes_copied"]), f"{la['hit_rate']:.3f}")
+    tot = stats["total"]
+    t.add_row("total", str(tot["slots"]), format_bytes(tot["resident_bytes"]), str(tot["swaps"]),
+              format_bytes(tot["bytes_copied"]), f"{tot['hit_rate']:.3f}", style="bold")
+    return t
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    from swapmoe.inspect import describe
+    from swapmoe.loader import default_model_path
+
+    info = describe(args.model if args.model else default_model_path(), trust_remote_code=args.trust_remote_code,
+                    allow_pickle=args.allow_pickle)
+    console.print(f"[bold]{info.path}[/bold]: {info.model_type}, {info.dtype}, routing rule: {info.routing}")
+    uniq = sorted(set(zip(info.num_experts, info.top_k, info.expert_bytes, strict=True)))
+    for e, k, b in uniq:
+        console.print(f"  {e} experts per MoE layer, top-{k}, {format_bytes(b)} per expert")
+    console.print(f"  MoE layers: {len(info.moe_layers)} of {info.num_layers} layers")
+    console.print(f"  all experts: {format_bytes(info.total_expert_bytes)}; other weights: {format_bytes(info.other_bytes)}"
+                  " (always on the device, outside the budget, as is the KV cache)")
+    console.print(f"  minimum budget (top-k experts per layer): {format_bytes(info.minimum_budget)} "
+                  f"= {info.minimum_budget} bytes = {100 * info.minimum_budget / info.total_expert_bytes:.1f}%")
+    t = Table(title="what a budget means")
+    for col in ("budget", "expert bytes on device", "slots per MoE layer"):
+        t.add_column(col, justify="right")
+    for frac in (0.125, 0.25, 0.5, 0.75, 1.0):
+        if frac * info.total_expert_bytes < info.minimum_budget:
+            t.add_row(f"{frac:.1%}", "below minimum", "-")
+            continue
+        slots = info.slots_for(frac)
+        used = sum(s * b for s, b in zip(slots, info.expert_bytes, strict=True))
+        shown = sorted(set(slots))
+        t.add_row(f"{frac:.1%}", format_bytes(used), "/".join(map(str, shown)))
+    console.print(t)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_from_args(args)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    times: list[float] = []
+
+    class _Timed(TextStreamer):
+        def put(self, value: torch.Tensor) -> None:
+            times.append(time.perf_counter())
+            super().put(value)
+
+    streamer = _Timed(tok, skip_prompt=True)
+    gen_kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "streamer": streamer,
+                              "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    if args.temperature > 0:
+        torch.manual_seed(args.seed)
+        gen_kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    else:
+        gen_kw.update(do_sample=False)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, **gen_kw)
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    new = out.shape[1] - ids.shape[1]
+    # times[0] is the prompt, times[1] the first new token: decode rate excludes the prefill
+    first = times[1] if len(times) > 1 else end
+    decode_tps = (new - 1) / (end - first) if new > 1 and end > first else float("nan")
+    console.print(stats_table(model.swapmoe.stats()))
+    console.print(f"{new} new tokens in {end - start:.2f}s: prefill {ids.shape[1]} tokens {first - start:.3f}s, "
+                  f"decode {decode_tps:.1f} tokens/s on {model.device}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swapmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="experts per layer, bytes per expert, what budgets mean")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: bundled model)")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text within a memory budget, streaming it")
+    _add_model_arguments(p)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return int(args.func(args, console) or 0)
+    except SwapMoEError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

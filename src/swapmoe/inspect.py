@@ -1,0 +1,89 @@
+"""What a checkpoint's budgets mean, computed without loading a single weight.
+
+The model is built on the ``meta`` device from its config, so ``swapmoe info`` answers in a second
+even for a model far larger than memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swapmoe.budget import allocate_slots, minimum_bytes
+from swapmoe.checkpoint import check_checkpoint
+from swapmoe.errors import UnsupportedModelError
+from swapmoe.families import FAMILY_RULES, require_moe_layers, supported_families
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    model_type: str
+    dtype: str
+    num_layers: int
+    moe_layers: list[str]
+    num_experts: list[int]
+    top_k: list[int]
+    expert_bytes: list[int]
+    other_bytes: int
+    routing: str
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return sum(e * b for e, b in zip(self.num_experts, self.expert_bytes, strict=True))
+
+    @property
+    def minimum_budget(self) -> int:
+        return minimum_bytes(self.expert_bytes, self.top_k)
+
+    def slots_for(self, fraction: float) -> list[int]:
+        allowed = int(fraction * self.total_expert_bytes + 1e-6)
+        return allocate_slots(max(allowed, self.minimum_budget), self.expert_bytes, self.num_experts, self.top_k)
+
+
+def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"transformers cannot read the config in {ckpt.path} ({str(e).splitlines()[0]}); "
+            f"swapmoe supports MoE families: {', '.join(supported_families())}"
+        ) from None
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"model type {config.model_type!r} is not a causal LM swapmoe can load; "
+                f"supported MoE families: {', '.join(supported_families())}"
+            ) from None
+    layers = require_moe_layers(model)
+    expert_ids = {id(getattr(la.experts, n)) for la in layers for n in la.expert_param_names}
+    seen: set[int] = set()
+    other = 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) in expert_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        other += p.numel() * p.element_size()
+    rule = FAMILY_RULES.get(config.model_type)
+    return ModelInfo(
+        path=ckpt.path,
+        model_type=config.model_type,
+        dtype=str(dtype).replace("torch.", ""),
+        num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
+        moe_layers=[la.name for la in layers],
+        num_experts=[la.num_experts for la in layers],
+        top_k=[la.top_k for la in layers],
+        expert_bytes=[la.expert_bytes() for la in layers],
+        other_bytes=other,
+        routing=f"{rule} (tested family)" if rule else "generic substitution (untested family)",
+    )

@@ -1,0 +1,104 @@
+"""Masked Gating with literal tensors: which experts a token gets, with which weight, in which slot."""
+
+import torch
+
+from swapmoe.routing import (
+    RuleParams,
+    masked_route,
+    repack_router_output,
+    sigmoid_grouped,
+    skip,
+    softmax_topk,
+    substitute,
+    to_slots,
+    topk_softmax,
+    unpack_router_output,
+)
+
+# one token, 4 experts, preferences 3 > 2 > 1 > 0
+LOGITS = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+ALL = torch.ones(4, dtype=torch.bool)
+PROBS = torch.softmax(LOGITS, dim=-1)
+
+
+def test_full_mask_reproduces_plain_topk():
+    w, idx = softmax_topk(LOGITS, ALL, RuleParams(top_k=2, norm_topk_prob=False))
+    assert idx.tolist() == [[3, 2]]
+    assert torch.equal(w, PROBS[:, [3, 2]])
+
+
+def test_exchange_picks_best_resident_with_unmasked_gate_weight():
+    resident = torch.tensor([True, True, False, True])  # expert 2 missing
+    w, idx = softmax_topk(LOGITS, resident, RuleParams(top_k=2, norm_topk_prob=False))
+    assert idx.tolist() == [[3, 1]]
+    # weights come from the full softmax over all 4 experts, not re-softmaxed over residents
+    assert torch.equal(w, PROBS[:, [3, 1]])
+
+
+def test_exchange_renormalises_only_when_the_family_does():
+    resident = torch.tensor([True, True, False, True])
+    w, _ = softmax_topk(LOGITS, resident, RuleParams(top_k=2, norm_topk_prob=True))
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+
+
+def test_skip_keeps_unmasked_choice_and_drops_missing_term_without_renormalising():
+    weights = PROBS[:, [3, 2]]
+    indices = torch.tensor([[3, 2]])
+    resident = torch.tensor([True, True, False, True])
+    w, idx = skip(weights, indices, resident)
+    assert idx.tolist() == [[3, 2]]
+    assert w[0, 0] == weights[0, 0] and w[0, 1] == 0
+
+
+def test_to_slots_maps_experts_and_sends_missing_to_sentinel():
+    slot_of = torch.tensor([1, -1, -1, 0])  # expert 3 in slot 0, expert 0 in slot 1
+    w, slots = to_slots(torch.tensor([[0.75, 0.25]]), torch.tensor([[3, 2]]), slot_of, num_slots=2)
+    assert slots.tolist() == [[0, 2]]  # 2 == S: the sentinel, not computed
+    assert w.tolist() == [[0.75, 0.0]]
+
+
+def test_masked_route_exchange_and_skip_end_to_end():
+    slot_of = torch.tensor([1, -1, -1, 0])
+    resident = slot_of >= 0
+    params = RuleParams(top_k=2, norm_topk_prob=False)
+    w0, i0 = softmax_topk(LOGITS, ALL, params)
+    we, se = masked_route("exchange", softmax_topk, params, LOGITS, w0, i0, resident, slot_of, 2)
+    assert se.tolist() == [[0, 1]]  # experts 3 and 0, both resident
+    ws, ss = masked_route("skip", softmax_topk, params, LOGITS, w0, i0, resident, slot_of, 2)
+    assert ss.tolist() == [[0, 2]] and ws[0, 1] == 0
+
+
+def test_generic_substitute_swaps_only_missing_choices():
+    indices = torch.tensor([[3, 2]])
+    weights = torch.tensor([[0.7, 0.3]])
+    resident = torch.tensor([True, True, False, True])
+    w, idx = substitute(LOGITS, weights, indices, resident)
+    assert idx.tolist() == [[3, 1]]  # 2 -> best unused resident (1)
+    assert torch.equal(w, weights)
+
+
+def test_topk_softmax_over_resident_logits():
+    resident = torch.tensor([True, True, False, True])
+    w, idx = topk_softmax(LOGITS, resident, RuleParams(top_k=2))
+    assert idx.tolist() == [[3, 1]]
+    torch.testing.assert_close(w, torch.softmax(torch.tensor([[3.0, 1.0]]), dim=-1))
+
+
+def test_grouped_routing_masks_before_group_selection():
+    # 4 experts in 2 groups {0,1} {2,3}; group 1 scores best but only expert 0 and 1 are resident
+    logits = torch.tensor([[0.0, 0.5, 3.0, 3.0]])
+    p = RuleParams(top_k=1, norm_topk_prob=False, num_group=2, topk_group=1)
+    _, idx_full = sigmoid_grouped(logits, ALL, p)
+    assert idx_full.item() in (2, 3)
+    resident = torch.tensor([True, True, False, False])
+    _, idx = sigmoid_grouped(logits, resident, p)
+    assert idx.item() == 1  # a group with no resident expert cannot win
+
+
+def test_router_output_order_is_recovered_and_restored():
+    logits, weights, indices = LOGITS, torch.tensor([[0.6, 0.4]]), torch.tensor([[3, 2]])
+    for order in ([0, 1, 2], [2, 1, 0]):  # transformers 5.23 and GraniteMoE in 5.17
+        out = [(logits, weights, indices)[i] for i in order]
+        lg, w, ix, pos = unpack_router_output(tuple(out), num_experts=4)
+        assert lg is logits and w is weights and ix is indices
+        assert [t is o for t, o in zip(repack_router_output(lg, w, ix, pos), out, strict=True)] == [True] * 3
