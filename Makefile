@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/swapmoe generate --memory-budget 50% --prompt "Once upon a time there was a king who" --max-new-tokens 64
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts benchmarks
 
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest -q

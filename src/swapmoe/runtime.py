@@ -191,6 +191,15 @@ class VirtualExperts:
                    if v is not None}
         self.config = RuntimeConfig(**{**asdict(self.config), **changes})
 
+    def set_async_swaps(self, enabled: bool) -> None:
+        """Overlap copies with compute on a side CUDA stream (True) or copy synchronously (False).
+
+        Copies in flight finish first. Used to show the overlap (``--sync-swaps``); no effect on CPU.
+        """
+        self.synchronize()
+        self.config = RuntimeConfig(**{**asdict(self.config), "async_swaps": enabled})
+        self.swapper = Swapper(self.device, enabled)
+
     def synchronize(self) -> None:
         """Finish every copy in flight and map its expert."""
         for st in self.layers:
