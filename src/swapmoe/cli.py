@@ -1,4 +1,4 @@
-"""The ``swapmoe`` command line: info, generate, eval-ppl, serve.
+"""The ``swapmoe`` command line: info, generate, eval-ppl, serve, eval, sweep, trace.
 
 User errors (:class:`swapmoe.errors.SwapMoEError`) print as one line on stderr with exit code 2;
 anything else is a bug and keeps its traceback.
@@ -162,6 +162,34 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    import os
+    from pathlib import Path
+
+    from swapmoe.checkpoint import check_checkpoint
+    from swapmoe.loader import default_model_path
+    from swapmoe.server import ServerConfig, create_app, serve
+
+    if args.max_queue < 0:
+        raise SwapMoEError("--max-queue must be >= 0")
+    if args.request_timeout < 0:
+        raise SwapMoEError("--request-timeout must be >= 0 (0: no limit)")
+    api_key = args.api_key or os.environ.get("SWAPMOE_API_KEY") or None
+    check_checkpoint(args.model or default_model_path(), allow_pickle=args.allow_pickle)  # before the tokenizer
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_from_args(args)
+    name = args.served_model_name or Path(args.model or default_model_path()).expanduser().resolve().name
+    config = ServerConfig(model_name=name, api_key=api_key, max_queue=args.max_queue,
+                          time_limit=args.request_timeout or None)
+    console.print(stats_table(model.swapmoe.stats(), title=f"swapmoe serve: {name}"))
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/yellow] listening on {args.host} without --api-key: anyone who can "
+                      "reach this address can use the model")
+    console.print(f"OpenAI API at http://{args.host}:{args.port}/v1 (model {name!r}); metrics at /metrics")
+    serve(create_app(model, tok, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swapmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: completions, chat, streaming, metrics")
+    _add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request (or set SWAPMOE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model name for clients (default: directory name)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait while one runs; more get 429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds one request may run on the engine; 0 = no limit")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    from swapmoe.evaluation.commands import add_parsers as add_evaluation_parsers
+
+    add_evaluation_parsers(sub, _add_model_arguments)  # eval, sweep, trace
     return parser
 
 

@@ -1,0 +1,220 @@
+"""``swapmoe eval``, ``swapmoe sweep`` and ``swapmoe trace``: the trade-off, measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from swapmoe.errors import SwapMoEError
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
+def _stream(args: argparse.Namespace) -> tuple[Any, list[int]]:
+    from swapmoe.cli import load_tokenizer
+    from swapmoe.evaluation.perplexity import tokenize_text
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise SwapMoEError(f"text file {path} does not exist: pass --text FILE with the text to evaluate on")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SwapMoEError(f"{path} is not UTF-8 text: convert it first") from None
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    ids = tokenize_text(tok, text, args.max_tokens)
+    if len(ids) < 2:
+        raise SwapMoEError(f"{path} has fewer than 2 tokens: nothing to score")
+    return tok, ids
+
+
+def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "decay": args.decay,
+                          "async_swaps": not args.sync_swaps, "allow_pickle": args.allow_pickle,
+                          "trust_remote_code": args.trust_remote_code}
+    if args.update_interval is not None:
+        kw["update_interval"] = args.update_interval
+    if args.swaps_per_update is not None:
+        kw["swaps_per_update"] = args.swaps_per_update
+    return kw
+
+
+def _policy_model(args: argparse.Namespace, policy: str, budget: str | None) -> Any:
+    from swapmoe.baselines import load_policy
+    from swapmoe.plan import read_plan
+
+    kw = _load_kw(args)
+    if getattr(args, "plan", None):
+        if policy not in ("swapmoe", "swapmoe-skip"):
+            raise SwapMoEError("--plan applies to the swapmoe policies only")
+        plan = read_plan(args.plan)
+        kw.update(slots=plan.slots, update_interval=plan.update_interval, swaps_per_update=plan.swaps_per_update)
+    return load_policy(policy, args.model, budget, **kw)
+
+
+def _reference(args: argparse.Namespace) -> Any:
+    from swapmoe.baselines import load_policy
+
+    return None if args.no_reference else load_policy("full", args.model, None, **_load_kw(args))
+
+
+def _evaluate(model: Any, ids: list[int], reference: Any, args: argparse.Namespace, console: Console,
+              label: str) -> dict[str, Any]:
+    from swapmoe.evaluation.compare import evaluate_stream
+
+    with _progress(console) as prog:
+        task = prog.add_task(label, total=len(ids) - 1)
+        res = evaluate_stream(model, ids, reference=reference, window=args.window,
+                              decode_tokens=args.decode_tokens, progress=lambda n: prog.advance(task, n))
+    return res.to_dict()
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    _, ids = _stream(args)
+    reference = _reference(args) if args.policy != "full" else None
+    model = _policy_model(args, args.policy, args.memory_budget)
+    row = _evaluate(model, ids, reference, args, console, f"{args.policy} @ {args.memory_budget or '100%'}")
+    row.update(policy=args.policy, budget=args.memory_budget or "100%")
+    from swapmoe.evaluation.sweep import markdown_table
+
+    sys.stdout.write(markdown_table({"cells": {"x": row}}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from swapmoe.baselines import POLICIES
+    from swapmoe.evaluation.sweep import grid, markdown_table, plot, run_sweep, stream_fingerprint
+    from swapmoe.loader import default_model_path
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise SwapMoEError(f"unknown policy {unknown[0]!r}; choose from: {', '.join(POLICIES)}")
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    from swapmoe.budget import parse_budget
+
+    for b in budgets:
+        parse_budget(b)  # malformed budgets fail before any work
+    _, ids = _stream(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = Path(args.model) if args.model else default_model_path()
+    meta = {"model": str(model_path.resolve()), "model_name": model_path.name, "text": str(Path(args.text).resolve()),
+            "stream": stream_fingerprint(ids), "window": args.window, "tokens": len(ids) - 1,
+            "decode_tokens": args.decode_tokens, "update_interval": args.update_interval,
+            "swaps_per_update": args.swaps_per_update, "device": args.device, "dtype": args.dtype}
+    cells = grid(policies, budgets)
+    reference: list[Any] = []
+
+    def run_cell(policy: str, budget: str) -> dict[str, Any]:
+        if not reference and not args.no_reference:
+            reference.append(_reference(args))
+        model = _policy_model(args, policy, budget)
+        ref = reference[0] if reference else None
+        row = _evaluate(model, ids, ref if policy != "full" else None, args, console, f"{policy} @ {budget}")
+        if policy == "full" and not args.no_reference:
+            row.update(top1_agreement=1.0, kl=0.0)
+        console.print(f"{policy} @ {budget}: perplexity {row['perplexity']:.3f}, "
+                      f"decode {1e3 * (row['decode_s_per_token'] or float('nan')):.2f} ms/token")
+        del model
+        return row
+
+    data = run_sweep(cells, out / "sweep.json", meta, run_cell,
+                     on_skip=lambda key: console.print(f"{key}: done already (resumed)"))
+    table = markdown_table(data)
+    (out / "sweep.md").write_text(table, encoding="utf-8")
+    paths = plot(data, out)
+    sys.stdout.write(table)
+    console.print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace, console: Console) -> int:
+    import swapmoe
+    from swapmoe.evaluation.trace import activation_counts, heatmap, locality_stats, record_routing
+
+    _, ids = _stream(args)
+    model = swapmoe.load(args.model, "100%", device=args.device, dtype=args.dtype,
+                         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    layers = model.swapmoe.layers
+    chosen = [int(x) for x in args.layers.split(",")] if args.layers else sorted({0, len(layers) // 2, len(layers) - 1})
+    bad = [c for c in chosen if not 0 <= c < len(layers)]
+    if bad:
+        raise SwapMoEError(f"--layers {bad[0]} is out of range: the model has MoE layers 0..{len(layers) - 1}")
+    with _progress(console) as prog:
+        task = prog.add_task("routing", total=len(ids))
+        routes = record_routing(model, ids, window=args.window, progress=lambda n: prog.advance(task, n))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    counts = {}
+    for i in chosen:
+        e = layers[i].layer.num_experts
+        stats[i] = locality_stats(routes[i], e, args.heat_window)
+        counts[i] = activation_counts(routes[i], e, args.heat_window)
+    png = heatmap(counts, out / "expert_heatmap.png",
+                  f"experts chosen per window of {args.heat_window} tokens ({Path(args.text).name})")
+    (out / "locality.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    for i, s in stats.items():
+        ideal = ", ".join(f"S={k}: {v:.3f}" for k, v in s["ideal_cache_hit_rate"].items())
+        lru = ", ".join(f"S={k}: {v:.3f}" for k, v in s["lru_cache_hit_rate"].items())
+        console.print(f"layer {i}: top-{s['top_k']} of {s['experts']}; window top-k repeat "
+                      f"{s['window_topk_repeat']:.3f}; token repeat {s['token_repeat']:.3f}\n"
+                      f"  ideal cache hit rate {ideal}\n  LRU cache hit rate   {lru}")
+    console.print(f"wrote {png} and {out / 'locality.json'}")
+    return 0
+
+
+def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register eval, sweep and trace on the ``swapmoe`` parser."""
+    from swapmoe.baselines import POLICIES
+
+    def stream_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--text", required=True, help="UTF-8 text file, read as one stream in order")
+        p.add_argument("--window", type=int, default=256, help="tokens per forward (batch 1)")
+        p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
+
+    def eval_args(p: argparse.ArgumentParser) -> None:
+        stream_args(p)
+        p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed for latency (0: skip)")
+        p.add_argument("--no-reference", action="store_true",
+                       help="skip the full model (no agreement or KL; for models too big to load whole)")
+
+    p = sub.add_parser("eval", help="one policy on a text stream: perplexity, agreement, KL, latency, memory")
+    add_model_arguments(p)
+    eval_args(p)
+    p.add_argument("--policy", choices=POLICIES, default="swapmoe")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="policies x budgets grid: JSON, Markdown table, PNG plots; resumable")
+    add_model_arguments(p)
+    eval_args(p)
+    p.add_argument("--budgets", default="12.5%,25%,50%,75%,100%")
+    p.add_argument("--policies", default="full,swapmoe,swapmoe-skip,ondemand,random-keep,magnitude-keep")
+    p.add_argument("--out", default="runs/sweep", help="folder for sweep.json, sweep.md and the plots")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("trace", help="expert activation heatmap and temporal-locality statistics")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: bundled model)")
+    stream_args(p)
+    p.add_argument("--layers", default=None, help="MoE layers to draw, e.g. 0,3,7 (default: first, middle, last)")
+    p.add_argument("--heat-window", type=int, default=64, help="tokens per heatmap row")
+    p.add_argument("--out", default="runs/trace")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_trace)
