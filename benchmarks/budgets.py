@@ -275,7 +275,14 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="folder for the JSON and Markdown tables")
-    run(p.parse_args())
+    p.add_argument("--build-only", action="store_true", help="only write the random checkpoint (for other runs)")
+    args = p.parse_args()
+    if args.build_only:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        build_checkpoint(args.arch, Path(args.model_dir or f"/tmp/swapmoe-bench-{args.arch}"), getattr(torch, args.dtype),
+                         device, Console())
+        return
+    run(args)
 
 
 if __name__ == "__main__":

@@ -185,8 +185,32 @@ def make_dense_checkpoint(path: str | Path) -> Path:
     """A tiny dense Llama checkpoint (no experts): the unsupported-model case."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("llama", **{k: v for k, v in _COMMON.items()})
+    config = AutoConfig.for_model("llama", **_COMMON)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
+    return Path(path)
+
+
+def save_pickle_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """A ``pytorch_model.bin`` (pickle) checkpoint, as older repositories ship them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    torch.save(_state_dict_for_safetensors(model), path / "pytorch_model.bin")
+    return path
+
+
+def save_tokenizer(path: str | Path) -> Path:
+    """A word-level tokenizer of ``VOCAB`` entries, so that the CLI's ``generate`` can run offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<unk>"]
+    words = [f"w{i}" for i in range(VOCAB - len(specials) - 26)] + [chr(ord("a") + i) for i in range(26)]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", unk_token="<unk>")
+    tok.save_pretrained(path)
     return Path(path)

@@ -67,9 +67,12 @@ def load_from_args(args: argparse.Namespace) -> Any:
 def load_tokenizer(model_path: Any, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    from swapmoe.checkpoint import check_checkpoint
     from swapmoe.loader import default_model_path
 
     path = model_path if model_path is not None else default_model_path()
+    # a wrong path is a missing model, not a missing tokenizer: say so (pickle is judged by the loader)
+    check_checkpoint(path, allow_pickle=True)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
@@ -226,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     from swapmoe.evaluation.commands import add_parsers as add_evaluation_parsers
 
     add_evaluation_parsers(sub, _add_model_arguments)  # eval, sweep, trace
+    from swapmoe.planner.commands import add_parsers as add_planner_parsers
+
+    add_planner_parsers(sub, _add_model_arguments)  # profile, plan
     return parser
 
 

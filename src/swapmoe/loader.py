@@ -140,6 +140,8 @@ def load(
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
     """
     ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle)
+    # a malformed budget fails here, before minutes of loading
+    budget = parse_budget(memory_budget if memory_budget is not None else "100%") if slots is None else None
     dev = resolve_device(device)
     config = RuntimeConfig(
         update_interval=update_interval, swaps_per_update=swaps_per_update, decay=decay,
@@ -150,8 +152,7 @@ def load(
     layers = require_moe_layers(model)
     expert_bytes = [la.expert_bytes() for la in layers]
     total = sum(b * la.num_experts for b, la in zip(expert_bytes, layers, strict=True))
-    if slots is None:
-        budget = parse_budget(memory_budget if memory_budget is not None else "100%")
+    if budget is not None:
         budget_bytes = budget.resolve(total)
         slots = allocate_slots(budget_bytes, expert_bytes, [la.num_experts for la in layers],
                                [la.top_k for la in layers])

@@ -84,6 +84,21 @@ def _group_select(choice: torch.Tensor, p: RuleParams, group_score: str) -> torc
     return gmask.unsqueeze(-1).expand(-1, p.num_group, e // p.num_group).reshape(t, e)  # [T, E]
 
 
+def _topk_in_groups(choice: torch.Tensor, in_groups: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k of ``choice [T, E]`` (-inf: not resident) within the selected groups ``in_groups [T, E]``.
+
+    With every expert resident this is the family's own selection. Under a mask the selected groups
+    may hold fewer than ``k`` resident experts; the missing picks (which would land on -inf, i.e. on
+    non-resident experts, and be dropped) become the best resident experts outside those groups, so
+    that exchange still gives every token ``k`` experts.
+    """
+    vals, idx = torch.topk(choice.masked_fill(~in_groups, NEG_INF), k=k, dim=-1, sorted=False)  # [T, K]
+    short = torch.isneginf(vals)  # [T, K]
+    outside = torch.topk(choice.masked_fill(in_groups, NEG_INF), k=k, dim=-1).indices  # [T, K] best first
+    rank = (short.long().cumsum(dim=-1) - 1).clamp(min=0)  # j-th short pick -> j-th best outsider
+    return torch.where(short, outside.gather(1, rank), idx)
+
+
 def sigmoid_grouped(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3, GLM4-MoE: sigmoid scores + correction bias, group-limited top-k.
 
@@ -94,8 +109,9 @@ def sigmoid_grouped(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> 
     choice = scores + p.bias if p.bias is not None else scores
     choice = choice.masked_fill(~mask, NEG_INF)
     if p.num_group > 1:
-        choice = choice.masked_fill(~_group_select(choice, p, "top2sum"), NEG_INF)
-    idx = torch.topk(choice, k=p.top_k, dim=-1, sorted=False)[1]  # [T, K]
+        idx = _topk_in_groups(choice, _group_select(choice, p, "top2sum"), p.top_k)  # [T, K]
+    else:
+        idx = torch.topk(choice, k=p.top_k, dim=-1, sorted=False)[1]  # [T, K]
     w = scores.gather(1, idx)
     if p.norm_topk_prob:
         w /= w.sum(dim=-1, keepdim=True) + 1e-20
@@ -107,8 +123,9 @@ def softmax_grouped(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> 
     scores = logits.float().softmax(dim=-1, dtype=torch.float32)  # [T, E]
     choice = scores.masked_fill(~mask, NEG_INF)
     if p.topk_method == "group_limited_greedy" and p.num_group > 1:
-        choice = choice.masked_fill(~_group_select(choice, p, "max"), NEG_INF)
-    idx = torch.topk(choice, k=p.top_k, dim=-1, sorted=False)[1]  # [T, K]
+        idx = _topk_in_groups(choice, _group_select(choice, p, "max"), p.top_k)  # [T, K]
+    else:
+        idx = torch.topk(choice, k=p.top_k, dim=-1, sorted=False)[1]  # [T, K]
     return scores.gather(1, idx) * p.scaling, idx
 
 
@@ -171,12 +188,17 @@ def skip(weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> tu
 
 
 def to_slots(
-    weights: torch.Tensor, indices: torch.Tensor, slot_of: torch.Tensor, num_slots: int
+    weights: torch.Tensor, indices: torch.Tensor, slot_of: torch.Tensor, num_slots: int,
+    sentinel: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map logical expert ids ``[T, K]`` to slot ids; non-resident terms go to the sentinel, weight 0."""
+    """Map logical expert ids ``[T, K]`` to slot ids; non-resident terms go to the sentinel, weight 0.
+
+    ``sentinel`` defaults to ``num_slots`` (a term the kernels skip); a kernel that cannot skip gets a
+    resident slot instead, whose term then counts nothing because its weight is 0.
+    """
     slots = slot_of[indices]  # [T, K], -1 where not resident
     missing = slots < 0
-    slots = slots.masked_fill(missing, num_slots)
+    slots = slots.masked_fill(missing, num_slots if sentinel is None else sentinel)
     return weights.masked_fill(missing, 0), slots
 
 
@@ -219,12 +241,19 @@ def masked_route(
     mask: torch.Tensor,
     slot_of: torch.Tensor,
     num_slots: int,
+    sentinel: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full Masked Gating for one call: the router's unmasked output -> (weights, slot ids) ``[T, K]``."""
     if strategy == "skip":
         w, idx = skip(weights, indices, mask)
-    elif rule is not None and params is not None:
-        w, idx = rule(logits, mask, params)
     else:
-        w, idx = substitute(logits, weights, indices, mask)
-    return to_slots(w, idx, slot_of, num_slots)
+        if rule is not None and params is not None:
+            w, idx = rule(logits, mask, params)
+        else:
+            w, idx = substitute(logits, weights, indices, mask)
+        # A token whose own top-k is all resident keeps the router's decision bit for bit: re-running
+        # a rule under the mask can still move it (DeepSeek-V3's top-2-sum group scores, PhiMoE's
+        # sparsemixer window), though none of its experts is missing.
+        hit = mask[indices].all(dim=-1, keepdim=True)  # [T, 1]
+        w, idx = torch.where(hit, weights.to(w.dtype), w), torch.where(hit, indices, idx)
+    return to_slots(w, idx, slot_of, num_slots, sentinel)

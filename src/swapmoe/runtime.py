@@ -91,6 +91,17 @@ class LayerState:
         return list(range(self.layer.num_experts)) if self.pool is None else self.pool.resident_experts()
 
 
+def _sentinel(experts: torch.nn.Module, num_slots: int) -> int:
+    """Slot id of a term that must not count (a skipped expert).
+
+    grouped_mm and batched_mm skip (or clamp and zero) ids >= num_experts, so they get ``num_slots``.
+    The "eager" kernel of transformers 5.17 fails on such ids (``one_hot(num_classes=num_experts)``),
+    so under eager the term goes to slot 0 with weight 0: exactly nothing is added (x + 0.0 == x).
+    """
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    return 0 if impl == "eager" else num_slots
+
+
 class VirtualExperts:
     """Virtual Experts for one model: attached as ``model.swapmoe``."""
 
@@ -141,7 +152,7 @@ class VirtualExperts:
         st.hits += pool.resident[indices].sum()
         w, slots = masked_route(
             self.config.strategy, st.rule, st.params, logits, weights, indices,
-            pool.resident, pool.slot_of, pool.num_slots,
+            pool.resident, pool.slot_of, pool.num_slots, _sentinel(st.layer.experts, pool.num_slots),
         )
         return repack_router_output(logits, w, slots, order)
 
@@ -157,8 +168,11 @@ class VirtualExperts:
         importance = self._importance_on_host(st)
         if importance is None:
             return
+        # A call of many tokens (a prefill, an evaluation window) spans several update intervals: it is
+        # owed that many updates' worth of swaps, done now, before it is routed.
+        due = st.tokens_since_update // self.config.update_interval
         st.tokens_since_update = 0
-        swaps = plan_swaps(importance, pool.expert_in, self.config.swaps_per_update, self.config.min_gain)
+        swaps = plan_swaps(importance, pool.expert_in, self.config.swaps_per_update * due, self.config.min_gain)
         if swaps:
             st.bytes_copied += self.swapper.submit(pool, swaps)
             st.swaps += len(swaps)

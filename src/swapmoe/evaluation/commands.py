@@ -132,11 +132,15 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         return row
 
     data = run_sweep(cells, out / "sweep.json", meta, run_cell,
-                     on_skip=lambda key: console.print(f"{key}: done already (resumed)"))
+                     on_skip=lambda key: console.print(f"{key}: done already (resumed)"),
+                     on_error=lambda key, msg: console.print(f"[red]{key} failed:[/red] {msg}", highlight=False))
     table = markdown_table(data)
     (out / "sweep.md").write_text(table, encoding="utf-8")
     paths = plot(data, out)
     sys.stdout.write(table)
+    if data.get("failed"):
+        console.print(f"[yellow]{len(data['failed'])} cell(s) failed[/yellow] (not saved; a rerun tries them again): "
+                      + ", ".join(data["failed"]))
     console.print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -71,6 +71,7 @@ def run_sweep(
     meta: dict[str, Any],
     run_cell: Callable[[str, str], dict[str, Any]],
     on_skip: Callable[[str], None] | None = None,
+    on_error: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the cells not yet in ``results_path``, saving after each one; returns all results."""
     data = load_results(results_path, meta)
@@ -80,7 +81,16 @@ def run_sweep(
             if on_skip is not None:
                 on_skip(key)
             continue
-        row = run_cell(policy, budget)
+        try:
+            row = run_cell(policy, budget)
+        except (SwapMoEError, RuntimeError, ValueError, OSError) as e:
+            # one policy failing (e.g. no GPU for accelerate-offload) must not cost the other cells;
+            # the failure is reported and not saved, so a resumed sweep tries the cell again
+            data.setdefault("failed", {})[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            if on_error is not None:
+                on_error(key, data["failed"][key])
+            continue
+        data.get("failed", {}).pop(key, None)
         data["cells"][key] = {"policy": policy, "budget": budget if policy not in BUDGET_FREE else "100%", **row}
         save_results(results_path, data)
     return data
