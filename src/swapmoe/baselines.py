@@ -68,8 +68,20 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
         model.swapmoe_ondemand = OnDemand(model.swapmoe)
         return model
     if name == "static":
-        return swapmoe.load(dense_twin_path(path), None, device=kw.get("device"), dtype=kw.get("dtype"))
+        return _load_dense(dense_twin_path(path), kw)
     return _accelerate_offload(path, memory_budget, kw)
+
+
+def _load_dense(path: Path, kw: dict[str, Any]) -> Any:
+    """A dense model as plain transformers loads it (it has no experts to virtualise)."""
+    from transformers import AutoModelForCausalLM
+
+    from swapmoe.checkpoint import check_checkpoint
+    from swapmoe.loader import resolve_device, resolve_dtype
+
+    ckpt = check_checkpoint(path)
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=resolve_dtype(kw.get("dtype")), use_safetensors=True)
+    return model.to(resolve_device(kw.get("device"))).eval()
 
 
 def _accelerate_offload(path: str | Path | None, memory_budget: Any, kw: dict[str, Any]) -> Any:

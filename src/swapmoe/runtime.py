@@ -165,25 +165,32 @@ class VirtualExperts:
             return
         if pool.pending:
             return  # the last update is still copying; amortise rather than queue up
-        importance = self._importance_on_host(st)
-        if importance is None:
-            return
         # A call of many tokens (a prefill, an evaluation window) spans several update intervals: it is
         # owed that many updates' worth of swaps, done now, before it is routed.
         due = st.tokens_since_update // self.config.update_interval
+        importance = self._importance_on_host(st, fresh=due > 1)
+        if importance is None:
+            return
         st.tokens_since_update = 0
         swaps = plan_swaps(importance, pool.expert_in, self.config.swaps_per_update * due, self.config.min_gain)
         if swaps:
             st.bytes_copied += self.swapper.submit(pool, swaps)
             st.swaps += len(swaps)
+            if due > 1:
+                # a long call would otherwise run with the incoming slots unmapped throughout: make the
+                # compute stream wait for the copies instead (a device-side wait, no host sync)
+                self.swapper.poll(pool, wait=True)
 
-    def _importance_on_host(self, st: LayerState) -> list[float] | None:
+    def _importance_on_host(self, st: LayerState, fresh: bool = False) -> list[float] | None:
         """Importance as a host list without a per-step sync on CUDA.
 
         On CUDA the scores are copied asynchronously into pinned memory and used at the next update
-        once the copy has landed (one interval old); on CPU they are read directly.
+        once the copy has landed (one interval old); on CPU they are read directly. ``fresh`` reads
+        them now (one sync): for a call that spans several intervals (a prefill, an evaluation
+        window) the sync is amortised over all its tokens, and a snapshot one *call* old would be
+        a whole window stale.
         """
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or fresh:
             return st.importance.tolist()
         ready = None
         if st.snapshot is not None and st.snapshot_ready is not None and st.snapshot_ready.query():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -129,8 +131,24 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{policy} @ {budget}: perplexity {row['perplexity']:.3f}, "
                       f"decode {1e3 * (row['decode_s_per_token'] or float('nan')):.2f} ms/token")
         del model
+        gc.collect()  # hooks make reference cycles: free this cell's device memory before the next
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return row
 
+    if args.warmup and cells:
+        # the first model a process runs pays one-off set-up costs (CUDA context, kernel selection,
+        # allocator growth) that would otherwise land on whichever cell happens to run first
+        light = [c for c in cells if c[0] not in ("full", "static", "accelerate-offload")]
+        policy, budget = (light or cells)[0]
+        model = _policy_model(args, policy, budget)
+        from swapmoe.evaluation.compare import evaluate_stream
+
+        evaluate_stream(model, ids[: 2 * args.window + 1], window=args.window, decode_tokens=8)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     data = run_sweep(cells, out / "sweep.json", meta, run_cell,
                      on_skip=lambda key: console.print(f"{key}: done already (resumed)"),
                      on_error=lambda key, msg: console.print(f"[red]{key} failed:[/red] {msg}", highlight=False))
@@ -209,6 +227,8 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--budgets", default="12.5%,25%,50%,75%,100%")
     p.add_argument("--policies", default="full,swapmoe,swapmoe-skip,ondemand,random-keep,magnitude-keep")
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json, sweep.md and the plots")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the untimed warm-up run before the first cell")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("trace", help="expert activation heatmap and temporal-locality statistics")

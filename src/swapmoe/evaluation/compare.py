@@ -114,49 +114,56 @@ def evaluate_stream(
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to score one")
     ref_device = next(reference.parameters()).device if reference is not None else None
+    experts, other = weight_bytes(model)
+    foreign = 0
     if device.type == "cuda":
+        # the peak is this model's: memory held by anything else (the reference model) is subtracted
+        foreign = max(torch.cuda.memory_allocated(device) - experts - other, 0)
         torch.cuda.reset_peak_memory_stats(device)
     before = _counters(model)
-    nll = torch.zeros((), dtype=torch.float64)
-    kl = torch.zeros((), dtype=torch.float64)
-    agree = 0
+    # accumulated on the device: no host sync per window
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    kl = torch.zeros((), dtype=torch.float64, device=device)
+    agree = torch.zeros((), dtype=torch.long, device=device)
     scored = 0
     prefill_s = 0.0
+    timed = 0  # tokens whose window was timed: the first window also warms kernels up, so it is not
     start = time.perf_counter()
     for a, b in windows(ids.numel(), window):
         inputs = ids[a:b].unsqueeze(0).to(device)  # [1, W]
-        targets = ids[a + 1 : b + 1]  # [W]
+        targets = ids[a + 1 : b + 1].to(device)  # [W]
         _sync(device)
         t0 = time.perf_counter()
         logits = model(input_ids=inputs, use_cache=False).logits[0].float()  # [W, V]
         _sync(device)
-        prefill_s += time.perf_counter() - t0
-        logq = F.log_softmax(logits, dim=-1).cpu()  # [W, V]
+        if a > 0:
+            prefill_s += time.perf_counter() - t0
+            timed += targets.numel()
+        logq = F.log_softmax(logits, dim=-1)  # [W, V]
         nll += -logq.gather(1, targets.unsqueeze(1)).sum().double()
         if reference is not None:
             ref_logits = reference(input_ids=inputs.to(ref_device), use_cache=False).logits[0].float()
-            logp = F.log_softmax(ref_logits, dim=-1).cpu()  # [W, V]
+            logp = F.log_softmax(ref_logits, dim=-1).to(device)  # [W, V]
             kl += (logp.exp() * (logp - logq)).sum().double()
-            agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+            agree += (logp.argmax(-1) == logq.argmax(-1)).sum()
         scored += targets.numel()
         if progress is not None:
             progress(targets.numel())
     after = _counters(model)
     decode_s = _decode_latency(model, ids, decode_tokens) if decode_tokens > 0 else None
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) - foreign if device.type == "cuda" else None
     hit_rate = swaps = copied = None
     if before is not None and after is not None:
         lookups = after[1] - before[1]
         hit_rate = (after[0] - before[0]) / lookups if lookups else 1.0
         swaps, copied = after[2] - before[2], after[3] - before[3]
-    experts, other = weight_bytes(model)
     mean_nll = float(nll) / scored
     return EvalResult(
         perplexity=math.exp(mean_nll), nll=mean_nll, tokens=scored,
-        top1_agreement=agree / scored if reference is not None else None,
+        top1_agreement=int(agree) / scored if reference is not None else None,
         kl=float(kl) / scored if reference is not None else None,
-        prefill_s_per_token=prefill_s / scored, decode_s_per_token=decode_s,
+        prefill_s_per_token=prefill_s / timed if timed else float("nan"), decode_s_per_token=decode_s,
         decode_tokens=decode_tokens if decode_s is not None else 0,
         expert_bytes=experts, other_bytes=other, peak_bytes=peak,
         hit_rate=hit_rate, swaps=swaps, bytes_copied=copied, seconds=seconds,
@@ -172,6 +179,8 @@ def _decode_latency(model: Any, ids: torch.Tensor, steps: int) -> float:
     prompt = ids[:1].view(1, 1).to(device)
     cache = DynamicCache(config=model.config)
     model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    for _ in range(3):  # untimed warm-up of the single-token kernels, on a throwaway cache
+        model(input_ids=prompt, use_cache=False)
     _sync(device)
     t0 = time.perf_counter()
     for i in range(1, steps + 1):

@@ -142,6 +142,8 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ys = [r[metric] * scale for r in rows]
             style = "--" if policy in BUDGET_FREE else "-"
             ax.plot(xs, ys, style, marker="o", label=policy)
+        if metric == "perplexity":
+            ax.set_yscale("log")  # budgets near the minimum cost orders of magnitude
         ax.set_xlabel("expert weights on the device (MiB)")
         ax.set_ylabel(label)
         ax.set_title(f"{data['meta'].get('model_name', '')}: {label.split(',')[0]} vs memory")
