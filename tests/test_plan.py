@@ -40,3 +40,20 @@ def test_bad_plans_are_rejected_naming_the_field(tmp_path, content, fragment):
 def test_missing_plan_file_says_how_to_make_one(tmp_path):
     with pytest.raises(PlanError, match="swapmoe plan"):
         read_plan(tmp_path / "nope.json")
+
+
+def test_load_takes_a_plan_and_explicit_arguments_win(tmp_path):
+    import swapmoe
+    from tests.tiny_models import make_checkpoint
+
+    ckpt = make_checkpoint("mixtral", tmp_path / "m")
+    p = tmp_path / "plan.json"
+    Plan(slots=[3, 5], update_interval=8, swaps_per_update=2, strategy="skip").save(p)
+    model = swapmoe.load(ckpt, plan=p)
+    rt = model.swapmoe
+    assert [st.num_slots for st in rt.layers] == [3, 5]
+    assert (rt.config.strategy, rt.config.update_interval, rt.config.swaps_per_update) == ("skip", 8, 2)
+    assert rt.stats()["total"]["resident_bytes"] == 8 * rt.layers[0].layer.expert_bytes()
+    assert swapmoe.load(ckpt, plan=p, strategy="exchange").swapmoe.config.strategy == "exchange"
+    with pytest.raises(PlanError, match="not both"):
+        swapmoe.load(ckpt, "50%", plan=p)

@@ -40,24 +40,15 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> Any:
-    """``swapmoe.load`` from the shared model arguments (``--plan`` fills in what it sets)."""
+    """``swapmoe.load`` from the shared model arguments (``--plan`` fills in what the flags leave open)."""
     from swapmoe.loader import load
-    from swapmoe.plan import read_plan
 
-    kw: dict[str, Any] = {}
-    plan = read_plan(args.plan) if args.plan else None
-    if plan is not None:
-        if args.memory_budget is not None:
-            raise SwapMoEError("give either --memory-budget or --plan, not both")
-        kw.update(slots=plan.slots, update_interval=plan.update_interval,
-                  swaps_per_update=plan.swaps_per_update, strategy=plan.strategy)
-    for name in ("strategy", "update_interval", "swaps_per_update"):
-        if getattr(args, name) is not None:
-            kw[name] = getattr(args, name)
+    kw: dict[str, Any] = {name: getattr(args, name) for name in ("strategy", "update_interval", "swaps_per_update")
+                          if getattr(args, name) is not None}
     try:
         return load(
-            args.model, args.memory_budget, decay=args.decay, device=args.device, dtype=args.dtype,
-            async_swaps=not args.sync_swaps, allow_pickle=args.allow_pickle,
+            args.model, args.memory_budget, plan=args.plan, decay=args.decay, device=args.device,
+            dtype=args.dtype, async_swaps=not args.sync_swaps, allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code, **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig
@@ -229,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     from swapmoe.evaluation.commands import add_parsers as add_evaluation_parsers
 
     add_evaluation_parsers(sub, _add_model_arguments)  # eval, sweep, trace
+    from swapmoe.evaluation.eval_ppl import add_eval_ppl_parser
+
+    add_eval_ppl_parser(sub, _add_model_arguments)  # eval-ppl
     from swapmoe.planner.commands import add_parsers as add_planner_parsers
 
     add_planner_parsers(sub, _add_model_arguments)  # profile, plan

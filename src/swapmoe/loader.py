@@ -18,7 +18,7 @@ from torch import nn
 
 from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
-from swapmoe.errors import CheckpointError, UnsupportedModelError
+from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, require_moe_layers, rule_for, supported_families
 from swapmoe.importance import expert_norms
 from swapmoe.pool import HostStore, SlotPool
@@ -115,9 +115,10 @@ def load(
     memory_budget: str | int | float | Budget | None = None,
     *,
     slots: list[int] | None = None,
-    strategy: str = "exchange",
-    update_interval: int = 16,
-    swaps_per_update: int = 1,
+    plan: str | Path | Any | None = None,
+    strategy: str | None = None,
+    update_interval: int | None = None,
+    swaps_per_update: int | None = None,
     decay: float = 0.98,
     importance: str = "paper",
     initial: str = "magnitude",
@@ -135,10 +136,26 @@ def load(
     Experts runtime attached as ``model.swapmoe`` (counters: ``model.swapmoe.stats()``).
 
     memory_budget  bytes of expert weights on the device: ``"6GiB"``, ``"40%"``, ``0.4``; None = 100%
-    slots          explicit slots per MoE layer (e.g. from a plan); overrides ``memory_budget``
-    strategy       Masked Gating for missing experts: "exchange" or "skip"
+    slots          explicit slots per MoE layer; instead of ``memory_budget``
+    plan           a plan file from ``swapmoe plan`` (or a :class:`swapmoe.plan.Plan`): its slots,
+                   schedule and strategy, instead of ``memory_budget``; explicit arguments win
+    strategy       Masked Gating for missing experts: "exchange" (default) or "skip"
+    update_interval, swaps_per_update   the update schedule (default 16 tokens, 1 swap per layer)
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
     """
+    if plan is not None:
+        from swapmoe.plan import Plan, read_plan
+
+        if memory_budget is not None or slots is not None:
+            raise PlanError("give a plan or a memory budget (or slots), not both: the plan sets the slots")
+        p = plan if isinstance(plan, Plan) else read_plan(plan)
+        slots = list(p.slots)
+        strategy = strategy if strategy is not None else p.strategy
+        update_interval = update_interval if update_interval is not None else p.update_interval
+        swaps_per_update = swaps_per_update if swaps_per_update is not None else p.swaps_per_update
+    strategy = strategy if strategy is not None else "exchange"
+    update_interval = update_interval if update_interval is not None else 16
+    swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
     ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle)
     # a malformed budget fails here, before minutes of loading
     budget = parse_budget(memory_budget if memory_budget is not None else "100%") if slots is None else None

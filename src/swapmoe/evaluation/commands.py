@@ -53,14 +53,18 @@ def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
 
 def _policy_model(args: argparse.Namespace, policy: str, budget: str | None) -> Any:
     from swapmoe.baselines import load_policy
-    from swapmoe.plan import read_plan
 
     kw = _load_kw(args)
     if getattr(args, "plan", None):
+        # a plan sets slots, schedule and strategy; flags given on the command line still win
         if policy not in ("swapmoe", "swapmoe-skip"):
-            raise SwapMoEError("--plan applies to the swapmoe policies only")
-        plan = read_plan(args.plan)
-        kw.update(slots=plan.slots, update_interval=plan.update_interval, swaps_per_update=plan.swaps_per_update)
+            raise SwapMoEError("--plan applies to the swapmoe policy only (it chooses exchange or skip itself)")
+        if budget is not None and getattr(args, "memory_budget", None) is not None:
+            raise SwapMoEError("give either --memory-budget or --plan, not both")
+        import swapmoe
+
+        strategy = getattr(args, "strategy", None)
+        return swapmoe.load(args.model, plan=args.plan, **({"strategy": strategy} if strategy else {}), **kw)
     return load_policy(policy, args.model, budget, **kw)
 
 

@@ -1,0 +1,533 @@
+"""Profiling a model on this machine: what ``swapmoe plan`` needs to know, in ``profile.json``.
+
+Measured (see docs/planner.md):
+
+* **memory**, by arithmetic from the loaded tensors: bytes per expert and per layer;
+* **timing** per MoE layer at batch 1: one expert's compute (1 token), the MoE block at decode
+  (1 token) and prefill (a window, per token), one expert's host-to-device copy (pinned on CUDA;
+  a memcpy on CPU), the policy step of an update and a whole one-swap update (synchronous, and on
+  CUDA the host time of an asynchronous submit, which is what the compute path pays);
+* **runs**: the calibration text read as one stream in windows (batch 1, in order, as
+  :mod:`swapmoe.evaluation.perplexity`), for a set of configurations: KL(full || config) per
+  token, the NLL (log-perplexity), top-1 agreement, hit rate, swaps; and for some, teacher-forced
+  decode steps with a KV cache (seconds per token, swaps per token). The configurations are the
+  full model; each layer alone at a grid of slot counts (others full); uniform allocations at a
+  few budgets (these two for each strategy); the middle uniform one at every update interval and
+  without updates; and a few random *held-out* configurations that the model is never fitted on, for
+  the prediction-error table.
+
+The file is rewritten after every measurement; a rerun skips what is done (resumable). A profile
+made for another model, text or setting is refused rather than mixed in.
+
+    N = calibration tokens, W = window, V = vocabulary, L = MoE layers, E = experts, k = top-k
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from swapmoe.budget import allocate_slots
+from swapmoe.errors import SwapMoEError
+from swapmoe.evaluation.perplexity import windows
+from swapmoe.planner.perfmodel import Config
+
+PROFILE_VERSION = 1
+REF_CACHE_LIMIT = 2 * 2**30  # bytes of cached full-model log-probabilities (N x V float32)
+STALL = 3.0  # a decode step slower than this many medians is counted as stalled and left out
+WARMUP_STEPS = 3
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    max_tokens: int = 2048  # calibration tokens used (the first ones of the file)
+    window: int = 256
+    decode_tokens: int = 64  # teacher-forced decode steps timed per run that times decoding
+    layer_points: int = 6  # slot counts per layer in the per-layer accuracy profile
+    uniform_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # plus the minimum (top-k per layer)
+    intervals: tuple[int, ...] = (1, 4, 16, 64, 256)
+    reference_interval: int = 16  # per-layer and uniform runs use it (swaps_per_update = 1)
+    strategies: tuple[str, ...] = ("exchange", "skip")  # per-layer and uniform runs for each
+    holdout: int = 4  # random configurations measured only to report prediction errors
+    timing_repeats: int = 20
+    seed: int = 0
+    decay: float = 0.98
+
+
+def layer_grid(top_k: int, num_experts: int, points: int) -> list[int]:
+    """Slot counts below ``E`` to profile a layer at: geometric from ``k`` (dense where it matters)."""
+    if num_experts <= top_k:
+        return []
+    pts = {top_k}
+    for i in range(1, max(points, 1)):
+        pts.add(int(round(top_k * (num_experts / top_k) ** (i / points))))
+    return sorted(p for p in pts if top_k <= p < num_experts)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    role: str  # full, layer, uniform, static, interval, holdout
+    config: Config
+    decode: bool  # also time decode steps
+
+    @property
+    def key(self) -> str:
+        return f"{self.role}:{self.config.key()}"
+
+
+def plan_runs(model: dict[str, Any], settings: ProfileSettings) -> tuple[list[RunSpec], dict[str, Any]]:
+    """The configurations a profile measures, in order, and the grid they come from (pure)."""
+    num, top_k, bytes_ = model["num_experts"], model["top_k"], model["expert_bytes"]
+    total = model["total_expert_bytes"]
+    ref_i = settings.reference_interval
+    full = Config(tuple(num), ref_i, 1, "exchange")
+    runs = [RunSpec("full", full, True)]
+    if "exchange" not in settings.strategies:
+        raise ValueError("the exchange strategy must be profiled (the interval runs use it)")
+    strategies = [s for s in ("exchange", "skip") if s in settings.strategies]
+    grids = [layer_grid(k, e, settings.layer_points) for k, e in zip(top_k, num, strict=True)]
+    for st in strategies:
+        for i, grid in enumerate(grids):
+            for s in grid:
+                slots = list(num)
+                slots[i] = s
+                runs.append(RunSpec("layer", Config(tuple(slots), ref_i, 1, st), st == "exchange"))
+    levels: list[tuple[int, ...]] = [tuple(top_k)]
+    for f in sorted(settings.uniform_fractions):
+        slots = tuple(allocate_slots(max(int(f * total), model["minimum_bytes"]), bytes_, num, top_k))
+        if slots not in levels and list(slots) != list(num):
+            levels.append(slots)
+    mid_f = sorted(settings.uniform_fractions)[len(settings.uniform_fractions) // 2] if settings.uniform_fractions else 0
+    mid = tuple(allocate_slots(max(int(mid_f * total), model["minimum_bytes"]), bytes_, num, top_k))
+    for st in strategies:
+        for slots in levels:
+            runs.append(RunSpec("uniform", Config(slots, ref_i, 1, st), st == "exchange"))
+    if list(mid) != list(num):
+        runs.append(RunSpec("static", Config(mid, ref_i, 0, "exchange"), True))
+        for iv in settings.intervals:
+            if iv != ref_i:
+                runs.append(RunSpec("interval", Config(mid, iv, 1, "exchange"), True))
+    rng = random.Random(settings.seed)
+    candidates = sorted(set(settings.intervals) | {8, 32})
+    for _ in range(settings.holdout):
+        budget = rng.uniform(model["minimum_bytes"], total)
+        slots = list(top_k)
+        used = model["minimum_bytes"]
+        order = list(range(len(num)))
+        while True:
+            grow = [i for i in order if slots[i] < num[i] and used + bytes_[i] <= budget]
+            if not grow:
+                break
+            i = rng.choice(grow)
+            slots[i] += 1
+            used += bytes_[i]
+        cfg = Config(tuple(slots), rng.choice(candidates), rng.choice((1, 1, 2)),
+                     "skip" if rng.random() < 0.3 and "skip" in strategies else "exchange")
+        runs.append(RunSpec("holdout", cfg, True))
+    grid = {"layer_slots": grids, "uniform_slots": [list(s) for s in levels], "interval_slots": list(mid),
+            "intervals": list(settings.intervals), "reference_interval": ref_i}
+    seen: set[str] = set()
+    unique = []
+    for r in runs:
+        if r.key not in seen:
+            seen.add(r.key)
+            unique.append(r)
+    return unique, grid
+
+
+# ------------------------------------------------------------------------------------ measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def reference_logprobs(model: Any, ids: torch.Tensor, window: int) -> tuple[list[torch.Tensor], float]:
+    """Full-model log-probabilities per window (host, float32) and the full model's mean NLL."""
+    device = next(model.parameters()).device
+    out, nll, n = [], 0.0, 0
+    for a, b in windows(ids.numel(), window):
+        logits = model(input_ids=ids[a:b].unsqueeze(0).to(device), use_cache=False).logits[0].float()
+        logp = F.log_softmax(logits, dim=-1).cpu()  # [W, V]
+        nll -= float(logp.gather(1, ids[a + 1 : b + 1].unsqueeze(1)).sum())
+        n += b - a
+        out.append(logp)
+    return out, nll / n
+
+
+@torch.inference_mode()
+def score(model: Any, ids: torch.Tensor, window: int, ref: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """KL(full || model), NLL, top-1 agreement and prefill time over the stream, in windows."""
+    device = next(model.parameters()).device
+    runtime = model.swapmoe
+    before = runtime.stats()["total"]
+    kl = nll = 0.0
+    agree = n = 0
+    prefill = 0.0
+    for w, (a, b) in enumerate(windows(ids.numel(), window)):
+        inputs = ids[a:b].unsqueeze(0).to(device)  # [1, W]
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = model(input_ids=inputs, use_cache=False).logits[0].float()  # [W, V]
+        _sync(device)
+        prefill += time.perf_counter() - t0
+        logq = F.log_softmax(logits, dim=-1).cpu()
+        logp = ref[w]
+        nll -= float(logq.gather(1, ids[a + 1 : b + 1].unsqueeze(1)).sum())
+        kl += float((logp.exp() * (logp - logq)).sum())
+        agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+        n += b - a
+    after = runtime.stats()["total"]
+    lookups = after["lookups"] - before["lookups"]
+    return {"kl": max(kl / n, 0.0), "nll": nll / n, "top1": agree / n,
+            "hit_rate": (after["hits"] - before["hits"]) / lookups if lookups else 1.0,
+            "swaps": after["swaps"] - before["swaps"], "tokens": n, "prefill_s_per_token": prefill / n}
+
+
+@torch.inference_mode()
+def decode_steps(model: Any, ids: torch.Tensor, steps: int) -> dict[str, float]:
+    """Teacher-forced decode steps with a KV cache: seconds per token (mean over the steps that were
+    not stalled) and swaps per token per virtualised layer."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    runtime = model.swapmoe
+    steps = max(1, min(steps, ids.numel() - 1 - WARMUP_STEPS))
+    cache = DynamicCache(config=model.config)
+    for i in range(WARMUP_STEPS + 1):  # untimed: the first steps pay one-off costs (kernel selection on CUDA)
+        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
+    before = runtime.stats()["total"]["swaps"]
+    times = []
+    for i in range(WARMUP_STEPS + 1, WARMUP_STEPS + steps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    # A step slower than STALL x the median was stalled by something else on the machine (another
+    # process on a shared CPU); an update's own cost is far below that on CPU and CUDA alike.
+    cut = STALL * statistics.median(times)
+    kept = [t for t in times if t <= cut]
+    seconds = sum(kept) / len(kept)
+    virtual = sum(1 for st in runtime.layers if st.pool is not None)
+    swaps = runtime.stats()["total"]["swaps"] - before
+    return {"decode_s_per_token": seconds, "decode_swaps_per_token": swaps / steps / virtual if virtual else 0.0,
+            "decode_stalled_steps": len(times) - len(kept)}
+
+
+@torch.inference_mode()
+def time_layers(model: Any, window: int, repeats: int) -> dict[str, list[float]]:
+    """Compute time per MoE layer of the full model at batch 1: one expert, the block at decode
+    and at prefill (per token)."""
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    hidden = model.config.hidden_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out: dict[str, list[float]] = {"expert_compute_s": [], "layer_decode_s": [], "layer_prefill_s_per_token": []}
+    for st in model.swapmoe.layers:
+        la = st.layer
+        x1 = torch.randn(1, hidden, generator=gen).to(device, dtype)  # [1, H]
+        idx = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]: expert 0
+        w = torch.ones(1, 1, dtype=dtype, device=device)
+        out["expert_compute_s"].append(_median_time(lambda la=la, x1=x1, idx=idx, w=w: la.experts(x1, idx, w),
+                                                    device, repeats))
+        xd = x1.view(1, 1, hidden)
+        out["layer_decode_s"].append(_median_time(lambda la=la, xd=xd: la.block(xd), device, repeats))
+        xp = torch.randn(1, window, hidden, generator=gen).to(device, dtype)
+        reps = max(3, repeats // 4)
+        out["layer_prefill_s_per_token"].append(_median_time(lambda la=la, xp=xp: la.block(xp), device, reps) / window)
+    return out
+
+
+def _time_layer_updates(st: Any, swappers: tuple[Any, Any], device: torch.device, repeats: int) -> dict[str, float]:
+    from swapmoe.policy import Swap, plan_swaps
+
+    sync, asyn = swappers
+    pool = st.pool
+    slot, old = 0, pool.expert_in[0]
+    new = next(e for e in range(st.layer.num_experts) if not bool(pool.resident[e]))
+    views = pool.views(slot)
+    t = _median_time(lambda: pool.store.copy_into(views, new, non_blocking=pool.store.pinned), device, repeats)
+    pool.store.copy_into(views, old, non_blocking=False)  # the slot holds its own expert again
+    scores = [float(i) for i in range(st.layer.num_experts)]
+
+    def policy() -> None:
+        st.importance.tolist()
+        plan_swaps(scores, pool.expert_in, 1)
+
+    pair = [old, new]
+
+    def one_update(swapper: Any, wait: bool = True) -> None:
+        policy()
+        swapper.submit(pool, [Swap(slot, pair[0], pair[1])])
+        if wait:
+            swapper.poll(pool, wait=True)
+        pair.reverse()
+
+    row = {"transfer_s": t, "transfer_bytes_per_s": pool.store.expert_bytes() / t if t > 0 else float("inf"),
+           "policy_s": _median_time(policy, device, repeats),
+           "update_s": _median_time(lambda: one_update(sync), device, repeats)}
+    if asyn.asynchronous:
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            one_update(asyn, wait=False)
+            times.append(time.perf_counter() - t0)  # host time: what the compute path pays
+            asyn.poll(pool, wait=True)
+        row["update_submit_s"] = statistics.median(times)
+    else:
+        row["update_submit_s"] = row["update_s"]
+    if pool.expert_in[slot] != old:  # leave the resident set as it was
+        sync.submit(pool, [Swap(slot, pool.expert_in[slot], old)])
+    return row
+
+
+def time_updates(model: Any, repeats: int) -> dict[str, Any]:
+    """Copy and update costs per MoE layer, on a model whose layers are all virtualised."""
+    from swapmoe.pool import Swapper
+
+    runtime = model.swapmoe
+    device = runtime.device
+    keys = ("transfer_s", "transfer_bytes_per_s", "policy_s", "update_s", "update_submit_s")
+    out: dict[str, Any] = {k: [] for k in keys}
+    swappers = (Swapper(device, asynchronous=False), Swapper(device, asynchronous=True))
+    out["pinned"] = device.type == "cuda"
+    out["async_swaps"] = swappers[1].asynchronous and runtime.config.async_swaps
+    for st in runtime.layers:
+        row = _time_layer_updates(st, swappers, device, repeats) if st.pool is not None else dict.fromkeys(keys, 0.0)
+        for k in keys:
+            out[k].append(row[k])
+    return out
+
+
+# ----------------------------------------------------------------------------------- the profile
+def model_fingerprint(path: Path, sample: int = 1 << 20) -> str:
+    """config.json, and per weight file its name, size and first and last MiB: changes when the
+    checkpoint is retrained (same shapes, other weights), without reading a large model whole."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(sample))
+            fh.seek(max(0, size - sample))
+            h.update(fh.read(sample))
+    return h.hexdigest()[:16]
+
+
+def save_profile(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_profile(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SwapMoEError(f"profile {p} does not exist: create it with `swapmoe profile MODEL --calibration FILE "
+                           f"--out {p}`")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SwapMoEError(f"profile {p} is not valid JSON ({e}): delete it and run `swapmoe profile` again") from None
+    if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION or "runs" not in data:
+        raise SwapMoEError(f"{p} is not a swapmoe profile (version {PROFILE_VERSION}): run `swapmoe profile` again")
+    return data
+
+
+def _open(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    if not path.is_file():
+        return {"version": PROFILE_VERSION, "meta": meta, "runs": {}}
+    data = read_profile(path)
+    old = data.get("meta", {})
+    keys = ("model_fingerprint", "stream", "tokens", "window", "decode_tokens", "device", "dtype")
+    differs = [k for k in keys if old.get(k) != meta.get(k)]
+
+    def fixed(settings: dict[str, Any] | None) -> dict[str, Any]:  # more held-out runs may be added later
+        return {k: v for k, v in (settings or {}).items() if k != "holdout"}
+
+    if fixed(old.get("settings")) != fixed(meta.get("settings")):
+        differs.append("settings")
+    if differs:
+        raise SwapMoEError(f"{path} holds a profile of another set-up (differs in {', '.join(differs)}): choose "
+                           "another --out, or delete the file to start again")
+    return data
+
+
+@dataclass
+class Step:
+    key: str
+    done: bool
+
+
+def profile(
+    model_path: str | Path,
+    token_ids: Sequence[int],
+    out: str | Path,
+    settings: ProfileSettings | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    calibration: str = "",
+    on_plan: Callable[[int], None] | None = None,
+    on_step: Callable[[Step], None] | None = None,
+    **load_kw: Any,
+) -> dict[str, Any]:
+    """Measure everything ``swapmoe plan`` needs; write ``out`` after every step; return the profile.
+
+    ``on_plan(n)`` is told the number of steps once they are known; ``on_step`` after each step
+    (``done`` when it was already in the file). ``load_kw`` goes to :func:`swapmoe.load`.
+    """
+    import swapmoe
+    from swapmoe.evaluation.compare import weight_bytes
+    from swapmoe.evaluation.sweep import stream_fingerprint
+    from swapmoe.loader import default_model_path, resolve_device
+
+    settings = settings or ProfileSettings()
+    path = Path(model_path if model_path is not None else default_model_path()).expanduser().resolve()
+    ids = torch.as_tensor(list(token_ids)[: settings.max_tokens], dtype=torch.long)
+    if ids.numel() < 2:
+        raise SwapMoEError("the calibration text has fewer than 2 tokens: nothing to profile on")
+    dev = resolve_device(device)
+    meta = {
+        "model": str(path), "model_fingerprint": model_fingerprint(path), "calibration": calibration,
+        "stream": stream_fingerprint(ids.tolist()), "tokens": int(ids.numel()), "window": settings.window,
+        "decode_tokens": settings.decode_tokens, "device": dev.type, "dtype": dtype or "auto",
+        "settings": json.loads(json.dumps(asdict(settings))),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+    }
+    out = Path(out)
+    data = _open(out, meta)
+    data["meta"] = meta
+    kw = {"device": dev, "dtype": dtype, "decay": settings.decay, **load_kw}
+    ref: list[torch.Tensor] = []
+
+    def load(cfg: Config) -> Any:
+        return swapmoe.load(path, slots=list(cfg.slots), update_interval=cfg.update_interval,
+                            swaps_per_update=cfg.swaps_per_update, strategy=cfg.strategy, **kw)
+
+    # 1. the full model: structure, reference log-probabilities, timing
+    full_model = None
+    if "model" not in data:
+        full_model = swapmoe.load(path, "100%", **kw)
+        layers = [st.layer for st in full_model.swapmoe.layers]
+        eb = [la.expert_bytes() for la in layers]
+        data["model"] = {
+            "model_type": full_model.config.model_type, "num_layers": len(layers),
+            "num_experts": [la.num_experts for la in layers], "top_k": [la.top_k for la in layers],
+            "expert_bytes": eb, "layer_bytes": [b * la.num_experts for b, la in zip(eb, layers, strict=True)],
+            "total_expert_bytes": sum(b * la.num_experts for b, la in zip(eb, layers, strict=True)),
+            "minimum_bytes": sum(b * la.top_k for b, la in zip(eb, layers, strict=True)),
+            "other_bytes": weight_bytes(full_model)[1],
+            "dtype": str(next(p.dtype for p in full_model.parameters() if p.is_floating_point())).replace("torch.", ""),
+        }
+        save_profile(out, data)
+    runs, grid = plan_runs(data["model"], settings)
+    data["grid"] = grid
+    todo = [r for r in runs if r.key not in data["runs"]]
+    if on_plan is not None:
+        on_plan(len(runs) + 2)
+    if on_step is not None:
+        on_step(Step("model", True))
+    if todo or "timing" not in data:
+        if full_model is None:
+            full_model = swapmoe.load(path, "100%", **kw)
+        if todo:
+            vocab = full_model.config.vocab_size
+            if ids.numel() * vocab * 4 > REF_CACHE_LIMIT:
+                raise SwapMoEError(f"{ids.numel()} calibration tokens x vocabulary {vocab} is too much to cache: "
+                                   "use --max-tokens to profile on fewer tokens")
+            ref, nll_full = reference_logprobs(full_model, ids, settings.window)
+    if "timing" not in data:
+        assert full_model is not None
+        timing = time_layers(full_model, settings.window, settings.timing_repeats)
+        minimal = load(Config(tuple(data["model"]["top_k"]), settings.reference_interval, 1, "exchange"))
+        timing.update(time_updates(minimal, settings.timing_repeats))
+        del minimal
+        data["timing"] = timing
+        save_profile(out, data)
+    if on_step is not None:
+        on_step(Step("timing", False))
+    for spec in runs:
+        if spec.key in data["runs"]:
+            if on_step is not None:
+                on_step(Step(spec.key, True))
+            continue
+        model = full_model if spec.role == "full" and full_model is not None else load(spec.config)
+        row: dict[str, Any] = {"role": spec.role, "slots": list(spec.config.slots),
+                               "update_interval": spec.config.update_interval,
+                               "swaps_per_update": spec.config.swaps_per_update, "strategy": spec.config.strategy}
+        if spec.role == "full":
+            model.swapmoe.reset_stats()
+            row.update(score(model, ids, settings.window, ref))
+            row["nll"] = nll_full  # the same forward, bit for bit; avoids rounding differences
+            row["kl"] = 0.0
+        else:
+            row.update(score(model, ids, settings.window, ref))
+        row["expert_bytes"] = model.swapmoe.stats()["total"]["resident_bytes"]
+        if spec.decode:
+            row.update(decode_steps(model, ids, settings.decode_tokens))
+        data["runs"][spec.key] = row
+        save_profile(out, data)
+        if model is not full_model:
+            del model
+            gc.collect()
+        if on_step is not None:
+            on_step(Step(spec.key, False))
+    data["runs"] = {k: data["runs"][k] for k in [r.key for r in runs] if k in data["runs"]} | {
+        k: v for k, v in data["runs"].items() if k not in {r.key for r in runs}}
+    save_profile(out, data)
+    return data
+
+
+def fitted_runs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in data["runs"].values() if r.get("role") != "holdout"]
+
+
+def holdout_runs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in data["runs"].values() if r.get("role") == "holdout"]
+
+
+def summary(data: dict[str, Any]) -> dict[str, Any]:
+    """A few headline figures of a profile (for the command's output)."""
+    t, m = data["timing"], data["model"]
+    full = next(r for r in data["runs"].values() if r["role"] == "full")
+    return {
+        "expert_bytes": m["expert_bytes"][0], "layer_bytes": m["layer_bytes"][0],
+        "expert_compute_ms": 1e3 * statistics.median(t["expert_compute_s"]),
+        "layer_decode_ms": 1e3 * statistics.median(t["layer_decode_s"]),
+        "layer_prefill_ms_per_token": 1e3 * statistics.median(t["layer_prefill_s_per_token"]),
+        "transfer_ms": 1e3 * statistics.median(t["transfer_s"]),
+        "transfer_gb_per_s": statistics.median(t["transfer_bytes_per_s"]) / 1e9,
+        "update_ms": 1e3 * statistics.median(t["update_s"]),
+        "update_submit_ms": 1e3 * statistics.median(t["update_submit_s"]),
+        "full_decode_ms": 1e3 * full["decode_s_per_token"], "full_perplexity": math.exp(full["nll"]),
+    }
