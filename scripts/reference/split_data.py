@@ -30,7 +30,7 @@ The rule (see ``corpus.py`` for what a document is in each source):
   ``manifest.json`` lists every chosen document and the byte counts.
 
 No randomness, clock or environment is involved: the same input bytes give the
-same output bytes (``tests/reference/test_split.py`` checks that).
+same output bytes (``tests/evaluation/test_heldout_split.py`` checks that).
 """
 
 from __future__ import annotations
