@@ -27,6 +27,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", "-m", default=None,
                    help="device memory for expert weights: bytes ('6GiB', '512MiB') or a share ('40%%'); default 100%%")
     p.add_argument("--plan", default=None, help="plan.json from `swapmoe plan` (instead of --memory-budget)")
+    p.add_argument("--host-budget", default=None,
+                   help="host memory for expert weights ('20GiB', '50%%'); the rest stay in the safetensors files")
     p.add_argument("--strategy", choices=["exchange", "skip"], default=None,
                    help="Masked Gating for a missing expert: best resident instead (exchange) or drop it (skip)")
     p.add_argument("--update-interval", type=int, default=None, help="tokens between resident-set updates")
@@ -47,7 +49,8 @@ def load_from_args(args: argparse.Namespace) -> Any:
                           if getattr(args, name) is not None}
     try:
         return load(
-            args.model, args.memory_budget, plan=args.plan, decay=args.decay, device=args.device,
+            args.model, args.memory_budget, plan=args.plan, host_budget=args.host_budget, decay=args.decay,
+            device=args.device,
             dtype=args.dtype, async_swaps=not args.sync_swaps, allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code, **kw,
         )

@@ -9,6 +9,7 @@ to the device. At no point are all experts on the device.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from swapmoe.families import MoELayer, require_moe_layers, rule_for, supported_f
 from swapmoe.importance import expert_norms
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
+
+log = logging.getLogger(__name__)
 
 INITIAL_SETS = ("magnitude", "random", "first")
 
@@ -96,15 +99,26 @@ def _initial_experts(norms: torch.Tensor, num_slots: int, how: str, rng: random.
     return sorted(chosen)
 
 
-def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool
-                ) -> tuple[HostStore, torch.Tensor, list[int], dict[str, torch.dtype]]:
-    """Take a layer's experts out of the module into a host store; leave placeholders behind."""
+def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool,
+                where: dict[str, Path] | None = None,
+                ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
+    """Take a layer's experts out of the module into a host store (or, with ``where``, leave them in
+    the checkpoint files); leave placeholders behind."""
     ex = layer.experts
     host = {n: ex._parameters[n].detach() for n in layer.expert_param_names}
     dtypes = {n: t.dtype for n, t in host.items()}
     norms = expert_norms(list(host.values()))
     first = _initial_experts(norms, num_slots, initial, rng)
-    store = HostStore(host, pin=pin)
+    store: Any = None
+    if where is not None:
+        from swapmoe.mmap_store import discover
+
+        store = discover(layer.name, host, where)
+        if store is None:
+            log.warning("MoE layer %s: its experts could not be matched to checkpoint tensors exactly; "
+                        "they stay in host memory (over the host budget)", layer.name)
+    if store is None:
+        store = HostStore(host, pin=pin)
     for n in layer.expert_param_names:
         ex._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
     return store, norms, first, dtypes
@@ -115,6 +129,7 @@ def load(
     memory_budget: str | int | float | Budget | None = None,
     *,
     slots: list[int] | None = None,
+    host_budget: str | int | float | Budget | None = None,
     plan: str | Path | Any | None = None,
     strategy: str | None = None,
     update_interval: int | None = None,
@@ -137,6 +152,9 @@ def load(
 
     memory_budget  bytes of expert weights on the device: ``"6GiB"``, ``"40%"``, ``0.4``; None = 100%
     slots          explicit slots per MoE layer; instead of ``memory_budget``
+    host_budget    host memory for expert weights (same forms as ``memory_budget``); experts of the
+                   layers beyond it stay in the memory-mapped safetensors and are read per swap.
+                   None: every virtualised layer's experts are held in host memory
     plan           a plan file from ``swapmoe plan`` (or a :class:`swapmoe.plan.Plan`): its slots,
                    schedule and strategy, instead of ``memory_budget``; explicit arguments win
     strategy       Masked Gating for missing experts: "exchange" (default) or "skip"
@@ -156,7 +174,11 @@ def load(
     strategy = strategy if strategy is not None else "exchange"
     update_interval = update_interval if update_interval is not None else 16
     swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
+    host = parse_budget(host_budget) if host_budget is not None else None  # malformed: fail before loading
     ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle)
+    if host is not None and not ckpt.use_safetensors:
+        raise CheckpointError("a host budget needs a safetensors checkpoint (experts are read from its files); "
+                              "convert the checkpoint, or drop --host-budget")
     # a malformed budget fails here, before minutes of loading
     budget = parse_budget(memory_budget if memory_budget is not None else "100%") if slots is None else None
     dev = resolve_device(device)
@@ -181,13 +203,23 @@ def load(
 
     rng = random.Random(seed)
     pin = dev.type == "cuda"
+    where = None
+    host_left = 0
+    if host is not None:
+        from swapmoe.mmap_store import weight_files
+
+        host_left = host.resolve(total)
+        where = weight_files(ckpt.weight_files)
     staged = []
-    for la, s in zip(layers, slots, strict=True):
+    for la, s, b in zip(layers, slots, expert_bytes, strict=True):
         if s >= la.num_experts:
             norms = expert_norms([getattr(la.experts, n).detach() for n in la.expert_param_names])
             staged.append((la, None, norms, None, None))
-        else:
-            staged.append((la, *_virtualise(la, s, initial, rng, pin)))
+            continue
+        in_host = where is None or host_left >= b * la.num_experts  # whole layers, first layers first
+        if where is not None and in_host:
+            host_left -= b * la.num_experts
+        staged.append((la, *_virtualise(la, s, initial, rng, pin, None if in_host else where)))
     model.to(dev)  # non-expert weights (and experts of full layers) only
 
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -261,6 +261,10 @@ class VirtualExperts:
                     "hits": hits,
                     "lookups": st.lookups,
                     "hit_rate": hits / st.lookups if st.lookups else 1.0,
+                    # where the layer's experts live off the device: every expert resident ("device"),
+                    # host memory ("host") or the memory-mapped checkpoint files ("checkpoint")
+                    "expert_store": "device" if st.pool is None else (
+                        "checkpoint" if type(st.pool.store).__name__ == "CheckpointStore" else "host"),
                 }
             )
         hits = sum(la["hits"] for la in layers)
@@ -276,5 +280,7 @@ class VirtualExperts:
             "hits": hits,
             "lookups": lookups,
             "hit_rate": hits / lookups if lookups else 1.0,
+            "host_expert_bytes": sum(st.full_bytes for st in self.layers
+                                     if st.pool is not None and type(st.pool.store).__name__ == "HostStore"),
         }
         return {"total": total, "layers": layers}

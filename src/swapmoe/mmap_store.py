@@ -1,0 +1,160 @@
+"""Experts that stay in the checkpoint's safetensors files, read one expert at a time.
+
+When a host budget is set, the experts of the layers that do not fit in it are not kept in host
+memory: a swap reads the one expert it needs straight from the memory-mapped safetensors file
+(``safe_open(...).get_slice(key)[e]`` touches only that expert's bytes).
+
+Which checkpoint tensors make up a fused parameter is *discovered and verified*, not assumed per
+family: right after transformers has loaded the layer (so its fused ``[E, ...]`` tensors are in
+memory once), each fused parameter is matched either to a fused key of the same layer, or to one or
+two per-expert keys (``...experts.{e}.gate_proj.weight`` and ``...up_proj.weight``, concatenated
+along the first dimension, as transformers' conversion does), and the match is checked value for
+value on the first and the last expert. A layer without a verified match keeps its experts in host
+memory (and the loader says so), so a wrong mapping can never produce wrong weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from itertools import permutations
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+# one recipe per fused parameter: key templates whose tensors are concatenated along dim 0; a key
+# without "{e}" is a fused [E, ...] tensor indexed by expert
+Recipe = list[str]
+
+
+class CheckpointStore:
+    """One layer's experts, read from safetensors on demand (same interface as ``HostStore``)."""
+
+    pinned = False
+
+    def __init__(self, recipes: dict[str, Recipe], where: dict[str, Path], shapes: dict[str, torch.Size],
+                 dtypes: dict[str, torch.dtype]):
+        self.recipes = recipes
+        self.where = where  # tensor name -> file (sharded checkpoints spread a layer over files)
+        self.shapes = shapes  # name -> [E, ...]
+        self.dtypes = dtypes
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Shape and dtype stand-ins (meta tensors): nothing of the experts is held in memory."""
+        return {n: torch.empty(s, dtype=self.dtypes[n], device="meta") for n, s in self.shapes.items()}
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.shapes.values()))[0]
+
+    def expert_bytes(self) -> int:
+        return sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=self.dtypes[n]).element_size()
+                   for n, s in self.shapes.items())
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path]
+
+    def expert(self, name: str, e: int) -> torch.Tensor:
+        """Expert ``e`` of parameter ``name``, read from the files (``[...]``, host memory)."""
+        parts = []
+        for key in self.recipes[name]:
+            if "{e}" in key:
+                k = key.format(e=e)
+                parts.append(self._handle(self.where[k]).get_tensor(k))
+            else:
+                parts.append(self._handle(self.where[key]).get_slice(key)[e])
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return t.to(self.dtypes[name])
+
+    def copy_into(self, dests: dict[str, torch.Tensor], expert: int, non_blocking: bool) -> int:
+        n = 0
+        for name, dst in dests.items():
+            src = self.expert(name, expert)
+            dst.copy_(src)
+            n += src.numel() * src.element_size()
+        return n
+
+
+def weight_files(files: Sequence[Path]) -> dict[str, Path]:
+    """Every tensor name of a checkpoint and the file that holds it."""
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
+                where[k] = f
+    return where
+
+
+def _layer_number(module_name: str) -> str | None:
+    m = re.search(r"layers\.(\d+)\.", module_name + ".")
+    return m.group(1) if m else None
+
+
+def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Path]) -> CheckpointStore | None:
+    """Verified recipes for the fused tensors ``host`` (``name -> [E, ...]``) of the layer at
+    ``layer_name``, or None when any of them cannot be matched exactly."""
+    num = _layer_number(layer_name)
+    if num is None:
+        return None
+    mine = [k for k in where if f"layers.{num}." in k]
+    recipes: dict[str, Recipe] = {}
+    cache: dict[str, torch.Tensor] = {}
+
+    def read(key: str) -> torch.Tensor:
+        if key not in cache:
+            with safe_open(str(where[key]), framework="pt") as st:
+                cache[key] = st.get_tensor(key)
+        return cache[key]
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        with safe_open(str(where[key]), framework="pt") as st:
+            return tuple(st.get_slice(key).get_shape())
+
+    def matches(recipe: Recipe, target: torch.Tensor) -> bool:
+        last = target.shape[0] - 1
+        for e in (0, last):
+            parts = []
+            for key in recipe:
+                if "{e}" in key:
+                    k = key.format(e=e)
+                    if k not in where:
+                        return False
+                    parts.append(read(k))
+                else:
+                    parts.append(read(key)[e])
+            got = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            if got.shape != target[e].shape or not torch.equal(got.to(target.dtype), target[e]):
+                return False
+        return True
+
+    per_expert = sorted({re.sub(r"experts\.0\.", "experts.{e}.", k) for k in mine if re.search(r"experts\.0\.", k)})
+    for name, target in host.items():
+        found: Recipe | None = None
+        # fused [E, ...] tensors of this layer with the right shape, under any name (GraniteMoE's
+        # checkpoints call gate_up_proj "input_linear"); the value check decides
+        fused = [k for k in mine if shape_of(k) == tuple(target.shape)]
+        fused.sort(key=lambda k: not k.endswith(f".{name}"))
+        for k in fused:
+            if matches([k], target):
+                found = [k]
+                break
+        if found is None:
+            shape = target.shape[1:]
+            singles = [t for t in per_expert if read(t.format(e=0)).shape == shape]
+            halves = [t for t in per_expert if read(t.format(e=0)).shape[1:] == shape[1:]
+                      and read(t.format(e=0)).shape[0] * 2 == shape[0]]
+            candidates = [[t] for t in singles] + [list(p) for p in permutations(halves, 2)]
+            for cand in candidates:
+                if matches(cand, target):
+                    found = cand
+                    break
+        if found is None:
+            return None
+        recipes[name] = found
+    return CheckpointStore(recipes, {k: where[k] for k in mine}, {n: t.shape for n, t in host.items()},
+                           {n: t.dtype for n, t in host.items()})

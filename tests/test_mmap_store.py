@@ -1,0 +1,51 @@
+"""A host budget: experts beyond it stay in the safetensors files and are read one at a time."""
+
+import pytest
+import torch
+
+import swapmoe
+from tests.tiny_models import FAMILIES, VOCAB, make_checkpoint
+
+
+def _generate(model):
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=12, do_sample=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_checkpoint_backed_experts_give_the_same_model(tmp_path, family, layout):
+    ckpt = make_checkpoint(family, tmp_path / family, layout=layout, sharded=layout == "legacy")
+    kw = {"update_interval": 1, "swaps_per_update": 2}
+    held = swapmoe.load(ckpt, "50%", **kw)
+    mapped = swapmoe.load(ckpt, "50%", host_budget=1, **kw)  # 1 byte: no layer fits in host memory
+    stats = mapped.swapmoe.stats()
+    assert {la["expert_store"] for la in stats["layers"]} == {"checkpoint"}
+    assert stats["total"]["host_expert_bytes"] == 0
+    assert torch.equal(_generate(held), _generate(mapped))
+    assert mapped.swapmoe.stats()["total"]["swaps"] == held.swapmoe.stats()["total"]["swaps"] > 0
+    # every expert read from the files equals what the host store holds
+    for a, b in zip(held.swapmoe.layers, mapped.swapmoe.layers, strict=True):
+        for name, t in a.pool.store.tensors.items():
+            for e in (0, t.shape[0] - 1):
+                assert torch.equal(b.pool.store.expert(name, e), t[e])
+
+
+def test_host_budget_keeps_whole_first_layers_in_memory(tmp_path):
+    ckpt = make_checkpoint("mixtral", tmp_path / "m")  # 2 MoE layers of equal size
+    model = swapmoe.load(ckpt, "50%", host_budget="50%")
+    stats = model.swapmoe.stats()
+    assert [la["expert_store"] for la in stats["layers"]] == ["host", "checkpoint"]
+    assert stats["total"]["host_expert_bytes"] == stats["total"]["total_expert_bytes"] // 2
+    full = swapmoe.load(ckpt, "100%", host_budget=1)  # full layers need no store at all
+    assert {la["expert_store"] for la in full.swapmoe.stats()["layers"]} == {"device"}
+
+
+def test_cli_takes_a_host_budget(tmp_path, capsys):
+    from swapmoe.cli import main
+
+    ckpt = make_checkpoint("qwen3_moe", tmp_path / "q")
+    assert main(["info", str(ckpt)]) == 0
+    assert main(["generate", str(ckpt), "-m", "50%", "--host-budget", "lots", "-p", "a"]) == 2
+    assert "invalid memory budget" in capsys.readouterr().err
