@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from swapmoe.evaluation.perplexity import windows
+from swapmoe.evaluation.perplexity import runtime_counters, windows
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,6 @@ def weight_bytes(model: Any) -> tuple[int, int]:
     return experts, other
 
 
-def _counters(model: Any) -> tuple[int, int, int, int] | None:
-    runtime = getattr(model, "swapmoe", None)
-    if runtime is None:
-        return None
-    t = runtime.stats()["total"]
-    return t["hits"], t["lookups"], t["swaps"], t["bytes_copied"]
-
-
 @torch.inference_mode()
 def evaluate_stream(
     model: Any,
@@ -120,7 +112,7 @@ def evaluate_stream(
         # the peak is this model's: memory held by anything else (the reference model) is subtracted
         foreign = max(torch.cuda.memory_allocated(device) - experts - other, 0)
         torch.cuda.reset_peak_memory_stats(device)
-    before = _counters(model)
+    before = runtime_counters(model)
     # accumulated on the device: no host sync per window
     nll = torch.zeros((), dtype=torch.float64, device=device)
     kl = torch.zeros((), dtype=torch.float64, device=device)
@@ -149,7 +141,7 @@ def evaluate_stream(
         scored += targets.numel()
         if progress is not None:
             progress(targets.numel())
-    after = _counters(model)
+    after = runtime_counters(model)
     decode_s = _decode_latency(model, ids, decode_tokens) if decode_tokens > 0 else None
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) - foreign if device.type == "cuda" else None

@@ -53,7 +53,8 @@ def windows(num_tokens: int, window: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + window, num_tokens - 1)
 
 
-def _counters(model: Any) -> tuple[int, int, int, int] | None:
+def runtime_counters(model: Any) -> tuple[int, int, int, int] | None:
+    """(hits, lookups, swaps, bytes copied) so far, or None for a model without a swapmoe runtime."""
     runtime = getattr(model, "swapmoe", None)
     if runtime is None:
         return None
@@ -79,7 +80,7 @@ def stream_perplexity(
         raise ValueError("need at least 2 tokens to score one")
     device = next(model.parameters()).device
     ids = ids.to(device)
-    before = _counters(model)
+    before = runtime_counters(model)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     scored = 0
     count = 0
@@ -95,7 +96,7 @@ def stream_perplexity(
             progress(targets.numel())
     nll = float(nll_sum.item()) / scored
     seconds = time.perf_counter() - start_time
-    after = _counters(model)
+    after = runtime_counters(model)
     hit_rate = swaps = copied = None
     if before is not None and after is not None:
         hits, lookups = after[0] - before[0], after[1] - before[1]
