@@ -20,15 +20,14 @@ from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import BudgetError, CheckpointError, SwapMoEError, UnsupportedModelError
 from swapmoe.families import supported_families
 from swapmoe.inspect import describe
+from tests.threads import single_torch_thread
 from tests.tiny_models import VOCAB, build_model, make_checkpoint, save_pickle_checkpoint, save_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from swapmoe.errors import UnsupportedModelError
 from swapmoe.families import find_moe_layers, supported_families
 from swapmoe.inspect import describe
 from swapmoe.routing import unpack_router_output
+from tests.threads import single_torch_thread
 from tests.tiny_models import FAMILIES, LAYOUTS, VOCAB, make_checkpoint, make_dense_checkpoint
 
 F32 = torch.float32
@@ -31,10 +32,8 @@ F32 = torch.float32
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models run fastest on one thread (and far faster than several on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 import swapmoe
 from tests.engine.tiny import build_checkpoint
+from tests.threads import single_torch_thread
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +27,8 @@ def tokenizer(engine_checkpoint: Path):
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """Tiny model: intra-op threads only add contention on a 2-core machine (restored after the module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

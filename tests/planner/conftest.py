@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from tests.engine.tiny import SENTENCES, build_checkpoint
+from tests.threads import single_torch_thread
 
 TEXT = " ".join(SENTENCES[:5]) * 3
 
@@ -17,10 +17,8 @@ TEXT = " ".join(SENTENCES[:5]) * 3
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """Tiny model: intra-op threads only add contention on a 2-core machine (restored after the module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +44,7 @@ def tiny_profile(tiny_ckpt: Path, calibration: Path, tmp_path_factory: pytest.Te
     from swapmoe.cli import main
     from swapmoe.planner.profile import read_profile
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("profile") / "profile.json"
-    assert main(["profile", str(tiny_ckpt), "--calibration", str(calibration), "--out", str(out), *SMALL]) == 0
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        assert main(["profile", str(tiny_ckpt), "--calibration", str(calibration), "--out", str(out), *SMALL]) == 0
     return out, read_profile(out)

@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from openai import OpenAI
 from transformers import AutoTokenizer
@@ -21,6 +20,7 @@ from transformers import AutoTokenizer
 import swapmoe
 from swapmoe.server import ServerConfig, create_app
 from tests.engine.tiny import build_checkpoint
+from tests.threads import single_torch_thread
 
 MODEL_NAME = "tiny-moe"
 
@@ -87,10 +87,8 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
 def one_torch_thread() -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads, and on a 2-core CI machine the engine thread's
     OpenMP workers would fight the event loop (and the test's clients) for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
