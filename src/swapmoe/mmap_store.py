@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from itertools import permutations
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,14 +33,15 @@ class CheckpointStore:
     """One layer's experts, read from safetensors on demand (same interface as ``HostStore``)."""
 
     pinned = False
+    location = "checkpoint"
 
     def __init__(self, recipes: dict[str, Recipe], where: dict[str, Path], shapes: dict[str, torch.Size],
-                 dtypes: dict[str, torch.dtype]):
+                 dtypes: dict[str, torch.dtype], handles: dict[Path, Any] | None = None):
         self.recipes = recipes
         self.where = where  # tensor name -> file (sharded checkpoints spread a layer over files)
         self.shapes = shapes  # name -> [E, ...]
         self.dtypes = dtypes
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, Any] = dict(handles or {})  # open files, reused by every swap
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -104,16 +106,21 @@ def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Pa
     mine = [k for k in where if f"layers.{num}." in k]
     recipes: dict[str, Recipe] = {}
     cache: dict[str, torch.Tensor] = {}
+    handles: dict[Path, Any] = {}  # each file's header is parsed once, not once per key
+
+    def handle(key: str) -> Any:
+        path = where[key]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path]
 
     def read(key: str) -> torch.Tensor:
         if key not in cache:
-            with safe_open(str(where[key]), framework="pt") as st:
-                cache[key] = st.get_tensor(key)
+            cache[key] = handle(key).get_tensor(key)
         return cache[key]
 
     def shape_of(key: str) -> tuple[int, ...]:
-        with safe_open(str(where[key]), framework="pt") as st:
-            return tuple(st.get_slice(key).get_shape())
+        return tuple(handle(key).get_slice(key).get_shape())
 
     def matches(recipe: Recipe, target: torch.Tensor) -> bool:
         last = target.shape[0] - 1
@@ -157,4 +164,4 @@ def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Pa
             return None
         recipes[name] = found
     return CheckpointStore(recipes, {k: where[k] for k in mine}, {n: t.shape for n, t in host.items()},
-                           {n: t.dtype for n, t in host.items()})
+                           {n: t.dtype for n, t in host.items()}, handles)

@@ -29,6 +29,8 @@ class HostStore:
     be asynchronous (pageable memory copies at a third of the speed and synchronises).
     """
 
+    location = "host"  # where the experts wait off the device (see stats()["layers"][i]["expert_store"])
+
     def __init__(self, tensors: dict[str, torch.Tensor], pin: bool) -> None:
         self.tensors = {n: (t.pin_memory() if pin else t.contiguous()) for n, t in tensors.items()}
         self.pinned = pin

@@ -263,8 +263,7 @@ class VirtualExperts:
                     "hit_rate": hits / st.lookups if st.lookups else 1.0,
                     # where the layer's experts live off the device: every expert resident ("device"),
                     # host memory ("host") or the memory-mapped checkpoint files ("checkpoint")
-                    "expert_store": "device" if st.pool is None else (
-                        "checkpoint" if type(st.pool.store).__name__ == "CheckpointStore" else "host"),
+                    "expert_store": "device" if st.pool is None else st.pool.store.location,
                 }
             )
         hits = sum(la["hits"] for la in layers)
@@ -281,6 +280,6 @@ class VirtualExperts:
             "lookups": lookups,
             "hit_rate": hits / lookups if lookups else 1.0,
             "host_expert_bytes": sum(st.full_bytes for st in self.layers
-                                     if st.pool is not None and type(st.pool.store).__name__ == "HostStore"),
+                                     if st.pool is not None and st.pool.store.location == "host"),
         }
         return {"total": total, "layers": layers}
