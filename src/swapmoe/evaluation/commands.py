@@ -68,6 +68,14 @@ def _policy_model(args: argparse.Namespace, policy: str, budget: str | None) -> 
     return load_policy(policy, args.model, budget, **kw)
 
 
+def _release_device_memory() -> None:
+    """Free a dropped model's device memory before the next one loads (its hooks make reference
+    cycles, which only the garbage collector breaks)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _reference(args: argparse.Namespace) -> Any:
     from swapmoe.baselines import load_policy
 
@@ -135,9 +143,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{policy} @ {budget}: perplexity {row['perplexity']:.3f}, "
                       f"decode {1e3 * (row['decode_s_per_token'] or float('nan')):.2f} ms/token")
         del model
-        gc.collect()  # hooks make reference cycles: free this cell's device memory before the next
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _release_device_memory()
         return row
 
     if args.warmup and cells:
@@ -150,9 +156,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
         evaluate_stream(model, ids[: 2 * args.window + 1], window=args.window, decode_tokens=8)
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _release_device_memory()
     data = run_sweep(cells, out / "sweep.json", meta, run_cell,
                      on_skip=lambda key: console.print(f"{key}: done already (resumed)"),
                      on_error=lambda key, msg: console.print(f"[red]{key} failed:[/red] {msg}", highlight=False))
