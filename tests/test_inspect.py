@@ -8,13 +8,14 @@ import torch
 from swapmoe import cli
 from swapmoe.families import FAMILY_RULES, find_moe_layers
 from swapmoe.inspect import describe
-from tests.tiny_models import FAMILIES, make_checkpoint
+from tests.tiny_models import FAMILIES, layouts, make_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
-    return {f: make_checkpoint(f, root / f, layout="legacy") for f in FAMILIES}
+    # the published layout: per-expert names where a family has them, else fused (gpt-oss)
+    return {f: make_checkpoint(f, root / f, layout=layouts(f)[0]) for f in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,7 +42,9 @@ def test_describe_matches_the_loaded_model(checkpoints, family, monkeypatch):
         "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe") else 2)
     assert info.num_experts == [8, 8] and info.top_k == [2, 2]
     inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    assert info.expert_bytes == [3 * cfg.hidden_size * inter * 4] * 2  # gate, up, down; float32
+    # gpt-oss experts also carry biases: gate_up [2I] and down [H]; describe counts them like the loader
+    biases = 2 * inter + cfg.hidden_size if family == "gpt_oss" else 0
+    assert info.expert_bytes == [(3 * cfg.hidden_size * inter + biases) * 4] * 2  # gate, up, down; float32
     assert info.expert_bytes == [la.expert_bytes() for la in layers]
     expert_ids = {id(getattr(la.experts, n)) for la in layers for n in la.expert_param_names}
     other = sum(t.numel() * t.element_size() for t in list(plain.parameters()) + list(plain.buffers())

@@ -12,6 +12,7 @@ from swapmoe.routing import (
     substitute,
     to_slots,
     topk_softmax,
+    topk_softmax_same_dtype,
     unpack_router_output,
 )
 
@@ -82,6 +83,15 @@ def test_topk_softmax_over_resident_logits():
     w, idx = topk_softmax(LOGITS, resident, RuleParams(top_k=2))
     assert idx.tolist() == [[3, 1]]
     torch.testing.assert_close(w, torch.softmax(torch.tensor([[3.0, 1.0]]), dim=-1))
+
+
+def test_gpt_oss_rule_softmaxes_the_resident_top_k_in_the_logits_dtype():
+    logits = LOGITS.bfloat16()
+    resident = torch.tensor([True, True, False, True])
+    w, idx = topk_softmax_same_dtype(logits, resident, RuleParams(top_k=2))
+    assert idx.tolist() == [[3, 1]]
+    assert w.dtype == torch.bfloat16  # no float32 result, as GptOssTopKRouter returns
+    assert torch.equal(w, torch.softmax(logits[:, [3, 1]], dim=-1, dtype=torch.bfloat16))
 
 
 def test_grouped_routing_masks_before_group_selection():

@@ -9,6 +9,8 @@ layers, 8 experts), optionally edits its weights, and saves it in one of two lay
   ``experts.gate_up_proj [E, 2I, H]`` names;
 
 each as one file or ``sharded`` over several files with a ``model.safetensors.index.json``.
+A family whose published checkpoints have no per-expert names (gpt-oss) has only the fused layout:
+see :func:`layouts`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,18 @@ FAMILIES = (
     "ernie4_5_moe",
     "granitemoe",
     "phimoe",
+    "gpt_oss",
 )
 LAYOUTS = ("legacy", "fused")
+# Families whose checkpoints exist only with fused names: ``save_pretrained`` writes
+# ``experts.gate_up_proj`` (gpt-oss was published that way, with no per-expert form to convert from).
+_FUSED_ONLY = frozenset({"gpt_oss"})
+
+
+def layouts(family: str) -> tuple[str, ...]:
+    """The checkpoint layouts ``family`` comes in, so that tests cover each that exists."""
+    return ("fused",) if family in _FUSED_ONLY else LAYOUTS
+
 
 VOCAB = 96
 _COMMON: dict[str, Any] = {
@@ -87,6 +99,15 @@ _FAMILY: dict[str, dict[str, Any]] = {
     },
     "granitemoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "phimoe": {"num_local_experts": 8, "num_experts_per_tok": 2, "router_jitter_noise": 0.01},
+    # sliding window (4) shorter than the prompts so that both attention kinds matter; YaRN like the
+    # published models, scaled down; a SwiGLU limit the tiny activations reach, so that the clamp
+    # matters (transformers 5.17 ignores it and clamps at 7.0)
+    "gpt_oss": {
+        "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 24, "head_dim": 8,
+        "sliding_window": 4, "swiglu_limit": 0.25, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32},
+    },
 }
 
 
@@ -98,17 +119,26 @@ def tiny_config(family: str, **overrides: Any):
 
 
 def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> nn.Module:
-    """A seeded random tiny model of ``family``; score-correction biases get random values too."""
+    """A seeded random tiny model of ``family``; score-correction, router and expert biases get random
+    values too (they start at zero or near it, and a zero bias would test nothing)."""
     from transformers import AutoModelForCausalLM
+
+    from swapmoe.families import find_moe_layers
 
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for router in routers(model):
+        for la in find_moe_layers(model):
             # routers start near zero (std 0.02): widen them so routing is decisive rather than near-ties
-            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 0.5)
+            la.router.weight.copy_(torch.randn(la.router.weight.shape, generator=gen) * 0.5)
+            if isinstance(getattr(la.router, "bias", None), torch.Tensor):  # gpt-oss: logits = x W^T + b
+                la.router.bias.copy_(torch.randn(la.router.bias.shape, generator=gen) * 0.5)
+            for n in la.expert_param_names:
+                if n.endswith("_bias"):  # gpt-oss: gate_up_proj_bias [E, 2I], down_proj_bias [E, H]
+                    bias = getattr(la.experts, n)
+                    bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):  # zeros at init: make them matter
                 t.copy_(torch.rand(t.shape, generator=gen) * 0.1)
@@ -140,6 +170,9 @@ def save_checkpoint(model: nn.Module, path: str | Path, layout: str = "legacy", 
     from safetensors.torch import save_file
 
     path = Path(path)
+    family = model.config.model_type
+    if layout not in layouts(family):
+        raise ValueError(f"{family} checkpoints come only in layouts {layouts(family)}, not {layout!r}")
     path.mkdir(parents=True, exist_ok=True)
     if layout == "legacy":
         model.save_pretrained(path, max_shard_size="20KB" if sharded else "10GB")

@@ -142,14 +142,17 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         gen_kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:
         gen_kw.update(do_sample=False)
-    sys.stdout.write(args.prompt)
+    # a decoder-only model continues the prompt; an encoder-decoder (Switch) answers it (text-to-text),
+    # and its output starts from the decoder's start token instead of the prompt
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    sys.stdout.write(f"{args.prompt}\n-> " if seq2seq else args.prompt)
     sys.stdout.flush()
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, **gen_kw)
     end = time.perf_counter()
     sys.stdout.write("\n")
-    new = out.shape[1] - ids.shape[1]
+    new = out.shape[1] - (1 if seq2seq else ids.shape[1])
     # times[0] is the prompt, times[1] the first new token: decode rate excludes the prefill
     first = times[1] if len(times) > 1 else end
     decode_tps = (new - 1) / (end - first) if new > 1 and end > first else float("nan")

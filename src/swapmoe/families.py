@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from swapmoe.adapters import UNADAPTED_EXPERTS
 from swapmoe.errors import UnsupportedModelError
 from swapmoe.routing import RULES, Rule, RuleParams
 
@@ -31,6 +32,11 @@ FAMILY_RULES: dict[str, str] = {
     "ernie4_5_moe": "softmax_bias",
     "granitemoe": "topk_softmax",
     "phimoe": "sparsemixer",
+    "gpt_oss": "topk_softmax_same_dtype",
+    # through an adapter (swapmoe.adapters): converted to the fused layout at load
+    "llama4": "topk_sigmoid",
+    "llama4_text": "topk_sigmoid",
+    "switch_transformers": "softmax_topk",
 }
 
 # Names under which MoE blocks keep their router, in the order we look for them.
@@ -63,6 +69,23 @@ def supported_families() -> list[str]:
     return sorted(FAMILY_RULES)
 
 
+def require_causal_lm(model: nn.Module, what: str) -> None:
+    """Refuse an encoder-decoder model (Switch Transformers) where a decoder-only LM is needed."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{what} needs a decoder-only (causal) LM, and {config.model_type!r} is an encoder-decoder; "
+            "`swapmoe generate` runs it (text-to-text)"
+        )
+
+
+def auto_model_class(config) -> type:
+    """The transformers Auto class for a config: seq2seq for encoder-decoders (Switch), else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
 def _is_fused_experts(module: nn.Module) -> bool:
     num = getattr(module, "num_experts", None)
     if not isinstance(num, int) or num <= 0:
@@ -92,13 +115,19 @@ def _top_k(router: nn.Module, config) -> int:
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
-    """All MoE blocks with a fused experts module and a router, in module order."""
+    """All MoE blocks with a fused experts module and a router, in module order.
+
+    Families that need an adapter (Llama 4, Switch Transformers) are found only after
+    :func:`swapmoe.adapters.adapt` has converted their blocks.
+    """
     layers: list[MoELayer] = []
     config = getattr(model, "config", None)
     for name, block in model.named_modules():
         experts = getattr(block, "experts", None)
         if not isinstance(experts, nn.Module) or not _is_fused_experts(experts):
             continue
+        if type(experts).__name__ in UNADAPTED_EXPERTS:
+            continue  # computed densely by transformers: only its adapter's form is virtualised
         router = _router_of(block, experts.num_experts)
         if router is None:
             continue

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from swapmoe.adapters import adapt
 from swapmoe.budget import allocate_slots, minimum_bytes
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import UnsupportedModelError
-from swapmoe.families import FAMILY_RULES, require_moe_layers, supported_families
+from swapmoe.families import FAMILY_RULES, auto_model_class, require_moe_layers, supported_families
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ModelInfo:
 
 
 def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
     try:
@@ -59,12 +60,13 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError:
             raise UnsupportedModelError(
-                f"model type {config.model_type!r} is not a causal LM swapmoe can load; "
+                f"model type {config.model_type!r} is not a causal or seq2seq LM swapmoe can load; "
                 f"supported MoE families: {', '.join(supported_families())}"
             ) from None
+    adapt(model)
     layers = require_moe_layers(model)
     expert_ids = {id(getattr(la.experts, n)) for la in layers for n in la.expert_param_names}
     seen: set[int] = set()
@@ -79,7 +81,9 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
         path=ckpt.path,
         model_type=config.model_type,
         dtype=str(dtype).replace("torch.", ""),
-        num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
+        # encoder-decoders (Switch) count decoder layers too
+        num_layers=int(getattr(config, "num_hidden_layers", len(layers)))
+        + int(getattr(config, "num_decoder_layers", 0) if getattr(config, "is_encoder_decoder", False) else 0),
         moe_layers=[la.name for la in layers],
         num_experts=[la.num_experts for la in layers],
         top_k=[la.top_k for la in layers],

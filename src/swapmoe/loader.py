@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from swapmoe.adapters import adapt
 from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
-from swapmoe.families import MoELayer, require_moe_layers, rule_for, supported_families
+from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
 from swapmoe.importance import expert_norms
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
@@ -58,7 +59,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 def _load_on_host(path: Path, dtype: torch.dtype | str, use_safetensors: bool, trust_remote_code: bool,
                   experts_implementation: str | None) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -72,16 +73,17 @@ def _load_on_host(path: Path, dtype: torch.dtype | str, use_safetensors: bool, t
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        model = auto_model_class(config).from_pretrained(path, config=config, **kwargs)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             raise UnsupportedModelError(
-                f"model type {config.model_type!r} is not a causal LM swapmoe can load; "
+                f"model type {config.model_type!r} is not a causal or seq2seq LM swapmoe can load; "
                 f"supported MoE families: {', '.join(supported_families())}"
             ) from None
         raise CheckpointError(f"transformers could not load {path}: {e}") from None
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"transformers could not load the weights in {path}: {str(e).splitlines()[0]}") from None
+    adapt(model)  # families outside the fused layout (Llama 4, Switch) get their sparse blocks
     return model.eval()
 
 

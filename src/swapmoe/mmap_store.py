@@ -92,18 +92,20 @@ def weight_files(files: Sequence[Path]) -> dict[str, Path]:
     return where
 
 
-def _layer_number(module_name: str) -> str | None:
-    m = re.search(r"layers\.(\d+)\.", module_name + ".")
+def _layer_key(module_name: str) -> str | None:
+    """The part of a MoE block's module path that its checkpoint keys contain: ``layers.3.``, or
+    ``encoder.block.1.`` / ``decoder.block.1.`` for encoder-decoders (Switch Transformers)."""
+    m = re.search(r"((?:encoder\.|decoder\.)?(?:layers|block)\.\d+\.)", module_name + ".")
     return m.group(1) if m else None
 
 
 def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Path]) -> CheckpointStore | None:
     """Verified recipes for the fused tensors ``host`` (``name -> [E, ...]``) of the layer at
     ``layer_name``, or None when any of them cannot be matched exactly."""
-    num = _layer_number(layer_name)
-    if num is None:
+    part = _layer_key(layer_name)
+    if part is None:
         return None
-    mine = [k for k in where if f"layers.{num}." in k]
+    mine = [k for k in where if part in k]
     recipes: dict[str, Recipe] = {}
     cache: dict[str, torch.Tensor] = {}
     handles: dict[Path, Any] = {}  # each file's header is parsed once, not once per key
@@ -139,7 +141,9 @@ def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Pa
                 return False
         return True
 
-    per_expert = sorted({re.sub(r"experts\.0\.", "experts.{e}.", k) for k in mine if re.search(r"experts\.0\.", k)})
+    # per-expert names: "experts.0.gate_proj.weight", or Switch's "experts.expert_0.wi.weight"
+    first = re.compile(r"experts\.(expert_)?0\.")
+    per_expert = sorted({first.sub(lambda m: f"experts.{m.group(1) or ''}{{e}}.", k) for k in mine if first.search(k)})
     for name, target in host.items():
         found: Recipe | None = None
         # fused [E, ...] tensors of this layer with the right shape, under any name (GraniteMoE's

@@ -73,6 +73,25 @@ def topk_softmax(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tup
     return _cast(torch.softmax(top, dim=-1), p), idx
 
 
+def topk_softmax_same_dtype(
+    logits: torch.Tensor, mask: torch.Tensor, p: RuleParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-OSS: top-k over logits (bias included), softmax over the k chosen in the logits' own dtype.
+
+    Unlike GraniteMoE's router there is no float32 pass: the same call as the router's keeps the
+    rule exact by construction, not only where a float32 softmax cast back happens to round alike.
+    """
+    choice = logits.masked_fill(~mask, NEG_INF)  # [T, E]
+    top, idx = choice.topk(p.top_k, dim=-1)  # [T, K]
+    return torch.softmax(top, dim=-1, dtype=top.dtype), idx
+
+
+def topk_sigmoid(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4: top-k over logits, each gated by its own sigmoid (computed in float32, no renormalisation)."""
+    top, idx = logits.masked_fill(~mask, NEG_INF).topk(p.top_k, dim=-1)  # [T, K]
+    return _cast(torch.sigmoid(top.float()), p), idx
+
+
 def _group_select(choice: torch.Tensor, p: RuleParams, group_score: str) -> torch.Tensor:
     """DeepSeek's group-limited selection: keep the best ``topk_group`` of ``num_group`` groups."""
     t, e = choice.shape
@@ -156,6 +175,8 @@ def sparsemixer(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tupl
 RULES: dict[str, Rule] = {
     "softmax_topk": softmax_topk,
     "topk_softmax": topk_softmax,
+    "topk_softmax_same_dtype": topk_softmax_same_dtype,
+    "topk_sigmoid": topk_sigmoid,
     "sigmoid_grouped": sigmoid_grouped,
     "softmax_grouped": softmax_grouped,
     "softmax_bias": softmax_bias,

@@ -96,7 +96,9 @@ def _sentinel(experts: torch.nn.Module, num_slots: int) -> int:
 
     grouped_mm and batched_mm skip (or clamp and zero) ids >= num_experts, so they get ``num_slots``.
     The "eager" kernel of transformers 5.17 fails on such ids (``one_hot(num_classes=num_experts)``),
-    so under eager the term goes to slot 0 with weight 0: exactly nothing is added (x + 0.0 == x).
+    and so does gpt-oss's own eager forward in 5.23, so under eager the term goes to slot 0 with
+    weight 0: exactly nothing is added (x + 0.0 == x). With biases (gpt-oss) that still holds: the
+    slot's output, biases included, is finite (its SwiGLU is clamped), and finite * 0 is a zero.
     """
     impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
     return 0 if impl == "eager" else num_slots

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from swapmoe.families import require_causal_lm
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -75,6 +77,7 @@ def stream_perplexity(
     model). ``progress`` is called after each window with the number of tokens it scored. With a
     swapmoe model, hit rate, swaps and bytes copied are this call's share of the runtime's counters.
     """
+    require_causal_lm(model, "perplexity of a text stream")
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)  # [N]
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to score one")

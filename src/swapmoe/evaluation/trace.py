@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from swapmoe.evaluation.perplexity import windows
+from swapmoe.families import require_causal_lm
 from swapmoe.routing import unpack_router_output
 
 
@@ -31,6 +32,7 @@ from swapmoe.routing import unpack_router_output
 def record_routing(model: Any, token_ids: Sequence[int], window: int = 256,
                    progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Unmasked top-k expert ids per MoE layer: a list of ``[N', K]`` long tensors (N' scored inputs)."""
+    require_causal_lm(model, "a routing trace of a text stream")
     runtime = model.swapmoe
     records: list[list[torch.Tensor]] = [[] for _ in runtime.layers]
     handles = []

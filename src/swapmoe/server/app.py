@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from swapmoe.engine.generate import FINISH_CANCELLED, context_length, stop_token_ids
 from swapmoe.engine.sampling import SamplingParams
 from swapmoe.engine.worker import EngineWorker, QueueFullError, WorkerClosedError
+from swapmoe.families import require_causal_lm
 from swapmoe.server.chat import chat_prompt
 from swapmoe.server.errors import APIError, from_validation_error, install_handlers
 from swapmoe.server.metrics import ServerMetrics
@@ -404,6 +405,7 @@ class _CountRequests:
 
 def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` (any transformers causal LM) with ``tokenizer``."""
+    require_causal_lm(model, "the OpenAI server")
     config = config or ServerConfig()
     server = _Server(model, tokenizer, config)
 
