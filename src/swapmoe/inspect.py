@@ -44,6 +44,16 @@ class ModelInfo:
         return allocate_slots(max(allowed, self.minimum_budget), self.expert_bytes, self.num_experts, self.top_k)
 
 
+def _num_layers(config, default: int) -> int:
+    """Transformer layers of the model swapmoe loads: the text model of a multimodal config (Llama 4),
+    encoder plus decoder layers of an encoder-decoder (Switch)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = int(getattr(text, "num_hidden_layers", default))
+    if getattr(config, "is_encoder_decoder", False):
+        n += int(getattr(config, "num_decoder_layers", 0) or 0)
+    return n
+
+
 def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
     from transformers import AutoConfig
 
@@ -81,9 +91,7 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
         path=ckpt.path,
         model_type=config.model_type,
         dtype=str(dtype).replace("torch.", ""),
-        # encoder-decoders (Switch) count decoder layers too
-        num_layers=int(getattr(config, "num_hidden_layers", len(layers)))
-        + int(getattr(config, "num_decoder_layers", 0) if getattr(config, "is_encoder_decoder", False) else 0),
+        num_layers=_num_layers(config, len(layers)),
         moe_layers=[la.name for la in layers],
         num_experts=[la.num_experts for la in layers],
         top_k=[la.top_k for la in layers],

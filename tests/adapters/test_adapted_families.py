@@ -446,7 +446,8 @@ def test_llama4_multimodal_checkpoint_runs_its_text_model(tmp_path):
     ids = _prompt(batch=1)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
-    assert describe(path).routing.startswith("topk_sigmoid")
+    info = describe(path)
+    assert info.routing.startswith("topk_sigmoid") and info.num_layers == 3 and len(info.moe_layers) == 2
     virtual = swapmoe.load(path, "50%", device="cpu", dtype=F32, update_interval=1)
     _greedy(virtual, ids, new=8)
     stats = virtual.swapmoe.stats()["total"]
