@@ -26,32 +26,10 @@ from swapmoe.errors import CheckpointError, SwapMoEError
 from swapmoe.families import auto_model_class, find_moe_layers, supported_families
 from swapmoe.inspect import describe
 from swapmoe.routing import unpack_router_output
-from tests.adapters.tiny import ADAPTED, SWITCH_CAPACITY, make_checkpoint, routers
-from tests.threads import single_torch_thread
+from tests.adapters.tiny import ADAPTED, PREFERRED, SWITCH_CAPACITY, make_checkpoint
 from tests.tiny_models import VOCAB, save_tokenizer
 
 F32 = torch.float32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """``checkpoint(family, sharded=False, variant="plain")`` -> a saved tiny checkpoint (built once)."""
-    cache: dict[tuple, object] = {}
-
-    def get(family: str, sharded: bool = False, variant: str = "plain"):
-        key = (family, sharded, variant)
-        if key not in cache:
-            path = tmp_path_factory.mktemp(f"{family}-{'sharded' if sharded else 'single'}-{variant}")
-            cache[key] = make_checkpoint(family, path, sharded=sharded, edit=_skew if variant == "skewed" else None)
-        return cache[key]
-
-    return get
 
 
 def _plain(path, dtype=F32, aligned: bool = True):
@@ -254,19 +232,6 @@ def test_only_resident_experts_are_computed(checkpoint, family, strategy):
 
 
 # ---------------------------------------------------- (d) the resident set follows the router
-# outside the initial resident set {0, 1, 2, 3} ("first", 4 of 8 slots); one expert, as both families
-# route top-1 (with two equally preferred experts, noise decides between them token by token)
-PREFERRED = (6,)
-
-
-def _skew(model) -> None:
-    """Every token embedding gets a large dimension 0, which every router reads as 'prefer expert 6'."""
-    model.get_input_embeddings().weight[:, 0] = 8.0
-    for w in routers(model):
-        w[:, 0] = -4.0
-        w[list(PREFERRED), 0] = 4.0
-
-
 @pytest.mark.parametrize("family", ADAPTED)
 def test_resident_set_moves_to_the_experts_the_router_prefers(checkpoint, family):
     path = checkpoint(family, variant="skewed")

@@ -37,13 +37,26 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# outside the initial resident set {0, 1, 2, 3} ("first", 4 of 8 slots); one expert, as both families
+# route top-1 (with two equally preferred experts, noise decides between them token by token)
+PREFERRED = (6,)
+
+
+def skew(model) -> None:
+    """Every token embedding gets a large dimension 0, which every router reads as 'prefer expert 6'."""
+    model.get_input_embeddings().weight[:, 0] = 8.0
+    for w in routers(model):
+        w[:, 0] = -4.0
+        w[list(PREFERRED), 0] = 4.0
+
+
 def tiny_config(family: str, **overrides: Any):
     from transformers import AutoConfig
 
     return AutoConfig.for_model(family, **{**_CONFIGS[family], **overrides})
 
 
-def routers(model: nn.Module) -> list[nn.Linear | nn.Parameter]:
+def routers(model: nn.Module) -> list[torch.Tensor]:
     """The ``[E, H]`` routing weight of every MoE block of a *plain* transformers model, in order."""
     out = []
     for m in model.modules():

@@ -3,7 +3,7 @@
 Most families need nothing: their experts are one fused module next to a router (see
 :mod:`swapmoe.families`). A family whose experts are separate modules (Switch Transformers) or are
 run densely (Llama 4) gets an *adapter*: a function that replaces each of its MoE blocks, in
-place, by an equivalent block with a :class:`~swapmoe.adapters.experts.SparseExperts` module and
+place, by an equivalent block with a :class:`~swapmoe.adapters.base.SparseExperts` module and
 a router returning ``(logits, weights, indices)``. After :func:`adapt` the model is an ordinary
 fused-layout model to the rest of swapmoe. See docs/families.md for what an adapter must provide.
 """

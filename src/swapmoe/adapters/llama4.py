@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swapmoe.adapters.experts import SparseExperts
+from swapmoe.adapters.base import SparseExperts, replace_blocks
 
 # experts modules that transformers runs densely; swapmoe must not virtualise them as they are
 DENSE_EXPERTS = ("Llama4TextExperts",)
@@ -83,8 +83,4 @@ class Llama4SparseMoe(nn.Module):
 
 def adapt(model: nn.Module) -> int:
     """Replace every ``Llama4TextMoe`` block of ``model`` in place; returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ == "Llama4TextMoe"]
-    for name, block in targets:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, Llama4SparseMoe(block))
-    return len(targets)
+    return replace_blocks(model, "Llama4TextMoe", Llama4SparseMoe)

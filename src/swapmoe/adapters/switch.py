@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swapmoe.adapters.experts import SparseExperts
+from swapmoe.adapters.base import SparseExperts, replace_blocks
 
 
 class SwitchExperts(SparseExperts):
@@ -106,8 +106,4 @@ class SwitchSparseMoe(nn.Module):
 
 def adapt(model: nn.Module) -> int:
     """Replace every ``SwitchTransformersSparseMLP`` of ``model`` in place; returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ == "SwitchTransformersSparseMLP"]
-    for name, block in targets:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, SwitchSparseMoe(block))
-    return len(targets)
+    return replace_blocks(model, "SwitchTransformersSparseMLP", SwitchSparseMoe)

@@ -1,4 +1,4 @@
-"""A sparse experts module for families whose own experts are not in transformers' fused layout.
+"""What every family adapter builds on: a sparse experts module, and swapping blocks in place.
 
 Shape legend
     T = tokens in the call, K = experts per token, H = hidden size, S = experts held (all ``E``
@@ -12,6 +12,8 @@ the loader can swap its parameters for ``[S, ...]`` slot tensors as for any fuse
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -42,3 +44,16 @@ class SparseExperts(nn.Module):
             y = self.expert(e, hidden[token], weights[token, k])  # [N, H]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+def replace_blocks(model: nn.Module, class_name: str, convert: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every submodule of class ``class_name`` by ``convert(it)``, in place; returns how many.
+
+    Matched by class name so that an adapter needs no import of the family's modeling module (and
+    a converted block, of another class, is never converted twice).
+    """
+    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ == class_name]
+    for name, block in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, convert(block))
+    return len(targets)
