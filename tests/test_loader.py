@@ -419,6 +419,29 @@ def test_explicit_slots_and_runtime_controls(checkpoint, family):
 
 
 # ---------------------------------------------------------------------------- unsupported model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncated_or_mismatched_checkpoint_is_rejected_clearly(checkpoint, family, tmp_path):
+    """A damaged shard is named before any loading; weights of another shape are refused by the load."""
+    import json
+    import shutil
+
+    from swapmoe.errors import CheckpointError
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(checkpoint(family, layouts(family)[0], sharded=True), bad)
+    shard = sorted(bad.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=shard.name):
+        swapmoe.load(bad, "50%", device="cpu")
+    other = tmp_path / "mismatched"  # a config that does not match the weights (hidden size)
+    shutil.copytree(checkpoint(family, layouts(family)[0]), other)
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_size"] = 48
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="could not load"):
+        swapmoe.load(other, "50%", device="cpu")
+
+
 def test_dense_model_is_unsupported_and_the_error_lists_the_families(tmp_path):
     path = make_dense_checkpoint(tmp_path / "llama")
     with pytest.raises(UnsupportedModelError) as err:

@@ -350,7 +350,7 @@ def test_describe_matches_the_loaded_model(checkpoint, family):
 
 
 @pytest.mark.parametrize("family", ADAPTED)
-def test_truncated_shard_is_rejected_clearly(checkpoint, family, tmp_path):
+def test_truncated_or_mismatched_checkpoint_is_rejected_clearly(checkpoint, family, tmp_path):
     import shutil
 
     src = checkpoint(family, sharded=True)
@@ -360,6 +360,15 @@ def test_truncated_shard_is_rejected_clearly(checkpoint, family, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=shard.name):
         swapmoe.load(bad, "50%", device="cpu")
+    import json
+
+    other = tmp_path / "mismatched"  # a config that does not match the weights
+    shutil.copytree(checkpoint(family), other)
+    config = json.loads((other / "config.json").read_text())
+    config["d_model" if family == "switch_transformers" else "hidden_size"] = 48
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="could not load"):
+        swapmoe.load(other, "50%", device="cpu")
 
 
 @pytest.fixture(scope="module")
