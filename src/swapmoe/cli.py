@@ -82,7 +82,9 @@ def stats_table(stats: dict[str, Any], title: str = "swapmoe") -> Table:
     for col in ("layer", "slots/experts", "resident bytes", "swaps", "bytes copied", "hit rate"):
         t.add_column(col, justify="right")
     for la in stats["layers"]:
-        t.add_row(str(la["layer"]), f"{la['slots']}/{la['num_experts']}", format_bytes(la["resident_bytes"]),
+        part = la["module"].split(".")[0]  # an encoder-decoder's MoE layers are numbered across both
+        label = f"{la['layer']} ({part})" if part in ("encoder", "decoder") else str(la["layer"])
+        t.add_row(label, f"{la['slots']}/{la['num_experts']}", format_bytes(la["resident_bytes"]),
                   str(la["swaps"]), format_bytes(la["bytes_copied"]), f"{la['hit_rate']:.3f}")
     tot = stats["total"]
     t.add_row("total", str(tot["slots"]), format_bytes(tot["resident_bytes"]), str(tot["swaps"]),

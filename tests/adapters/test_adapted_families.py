@@ -386,6 +386,7 @@ def test_cli_generate_text_to_text_on_switch(switch_with_tokenizer, capsys):
     lines = captured.out.splitlines()  # the text on stdout, the counters on stderr
     assert lines[0] == prompt and lines[1].startswith("-> ") and len(lines[1]) > len("-> ")
     assert "6 new tokens" in captured.err and "decode" in captured.err
+    assert "0 (encoder)" in captured.err and "3 (decoder)" in captured.err  # one budget, both stacks
 
 
 @pytest.mark.parametrize("family", ADAPTED)
