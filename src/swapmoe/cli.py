@@ -76,6 +76,22 @@ def load_tokenizer(model_path: Any, trust_remote_code: bool = False) -> Any:
         ) from None
 
 
+def require_causal_checkpoint(model_path: Any, what: str, trust_remote_code: bool = False) -> None:
+    """Refuse an encoder-decoder checkpoint up front, from its config alone (no weights read)."""
+    from transformers import AutoConfig
+
+    from swapmoe.checkpoint import check_checkpoint
+    from swapmoe.families import require_causal_lm
+    from swapmoe.loader import default_model_path
+
+    ckpt = check_checkpoint(model_path if model_path is not None else default_model_path(), allow_pickle=True)
+    try:
+        config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=trust_remote_code)
+    except ValueError:
+        return  # the loader explains an unreadable config
+    require_causal_lm(config, what)
+
+
 def stats_table(stats: dict[str, Any], title: str = "swapmoe") -> Table:
     """Per-layer and total counters as a rich table."""
     t = Table(title=title)
@@ -178,6 +194,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         raise SwapMoEError("--request-timeout must be >= 0 (0: no limit)")
     api_key = args.api_key or os.environ.get("SWAPMOE_API_KEY") or None
     check_checkpoint(args.model or default_model_path(), allow_pickle=args.allow_pickle)  # before the tokenizer
+    require_causal_checkpoint(args.model, "the OpenAI server", args.trust_remote_code)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_from_args(args)
     name = args.served_model_name or Path(args.model or default_model_path()).expanduser().resolve().name

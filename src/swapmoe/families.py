@@ -12,6 +12,7 @@ per-family knowledge is the routing rule used by Masked Gating's *exchange* stra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,9 +70,13 @@ def supported_families() -> list[str]:
     return sorted(FAMILY_RULES)
 
 
-def require_causal_lm(model: nn.Module, what: str) -> None:
-    """Refuse an encoder-decoder model (Switch Transformers) where a decoder-only LM is needed."""
-    config = getattr(model, "config", None)
+def require_causal_lm(model: Any, what: str) -> None:
+    """Refuse an encoder-decoder (Switch Transformers) where a decoder-only LM is needed.
+
+    ``model`` is a loaded model or just its transformers config, so commands can refuse before
+    spending minutes on loading.
+    """
+    config = getattr(model, "config", model)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"{what} needs a decoder-only (causal) LM, and {config.model_type!r} is an encoder-decoder; "

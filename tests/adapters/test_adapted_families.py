@@ -396,15 +396,28 @@ def test_cli_info(checkpoint, family, capsys):
     assert family in out and "8 experts per MoE layer, top-1" in out
 
 
-def test_switch_is_refused_clearly_where_a_causal_lm_is_needed(switch_with_tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("command", [
+    ["eval-ppl", "{m}", "--text", "{t}", "--device", "cpu"],
+    ["eval", "{m}", "--text", "{t}", "-m", "50%", "--device", "cpu"],
+    ["sweep", "{m}", "--text", "{t}", "--budgets", "50%", "--out", "{o}", "--device", "cpu"],
+    ["trace", "{m}", "--text", "{t}", "--out", "{o}", "--device", "cpu"],
+    ["profile", "{m}", "--calibration", "{t}", "--out", "{o}/p.json", "--device", "cpu"],
+    ["serve", "{m}", "--port", "1"],
+], ids=lambda c: c[0])
+def test_switch_is_refused_up_front_where_a_causal_lm_is_needed(switch_with_tokenizer, tmp_path, capsys, command):
     text = tmp_path / "t.txt"
     text.write_text("w1 w2 w3 " * 40)
-    assert cli.main(["eval-ppl", str(switch_with_tokenizer), "--text", str(text), "--device", "cpu"]) == 2
+    argv = [a.format(m=switch_with_tokenizer, t=text, o=tmp_path / "out") for a in command]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "encoder-decoder" in err and "swapmoe generate" in err
-    model = swapmoe.load(switch_with_tokenizer, "50%", device="cpu")
+    assert "encoder-decoder" in err and "swapmoe generate" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_stream_perplexity_refuses_an_encoder_decoder(switch_with_tokenizer):
     from swapmoe.evaluation.perplexity import stream_perplexity
 
+    model = swapmoe.load(switch_with_tokenizer, "50%", device="cpu")
     with pytest.raises(SwapMoEError, match="encoder-decoder"):
         stream_perplexity(model, list(range(2, 40)))
 

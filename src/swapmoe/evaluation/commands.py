@@ -24,9 +24,10 @@ def _progress(console: Console) -> Progress:
 
 
 def _stream(args: argparse.Namespace) -> tuple[Any, list[int]]:
-    from swapmoe.cli import load_tokenizer
+    from swapmoe.cli import load_tokenizer, require_causal_checkpoint
     from swapmoe.evaluation.perplexity import tokenize_text
 
+    require_causal_checkpoint(args.model, "reading a text stream", args.trust_remote_code)
     path = Path(args.text)
     if not path.is_file():
         raise SwapMoEError(f"text file {path} does not exist: pass --text FILE with the text to evaluate on")

@@ -59,7 +59,7 @@ def load_dense(path: Path, args: argparse.Namespace) -> Any:
 
 def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
     from swapmoe.checkpoint import check_checkpoint
-    from swapmoe.cli import load_from_args, load_tokenizer, stats_table
+    from swapmoe.cli import load_from_args, load_tokenizer, require_causal_checkpoint, stats_table
     from swapmoe.evaluation.perplexity import stream_perplexity, tokenize_text
     from swapmoe.loader import default_model_path
 
@@ -71,6 +71,7 @@ def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
         raise SwapMoEError(f"cannot read {args.text} as UTF-8 text: {e}") from None
     path = Path(args.model) if args.model is not None else default_model_path()
     moe = is_moe_config(check_checkpoint(path, allow_pickle=args.allow_pickle).config)
+    require_causal_checkpoint(path, "perplexity of a text stream", args.trust_remote_code)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     ids = tokenize_text(tok, text, args.max_tokens)
     if len(ids) < 2:

@@ -60,11 +60,12 @@ def _strategies(text: str) -> tuple[str, ...]:
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from transformers.utils import logging as hf_logging
 
-    from swapmoe.cli import load_tokenizer
+    from swapmoe.cli import load_tokenizer, require_causal_checkpoint
     from swapmoe.evaluation.perplexity import tokenize_text
     from swapmoe.planner.perfmodel import error_table, fit, prediction_errors
     from swapmoe.planner.profile import ProfileSettings, holdout_runs, profile, summary
 
+    require_causal_checkpoint(args.model, "profiling on calibration text", args.trust_remote_code)
     path = Path(args.calibration)
     if not path.is_file():
         raise SwapMoEError(f"calibration file {path} does not exist: pass --calibration FILE (UTF-8 text like "
