@@ -136,8 +136,12 @@ class VirtualExperts:
         # [T, E], [T, K], [T, K]: the router's unmasked decision
         logits, weights, indices, order = unpack_router_output(output, st.layer.num_experts)
         tokens = indices.shape[0]
-        if st.pool is not None:
-            self._maybe_update(st)  # before routing: this call sees the new maps
+        st.lookups += indices.numel()
+        if st.pool is None:
+            # every expert resident: nothing to score or route, and every choice is a hit (counted on
+            # the host: no device work at all, so a 100% budget runs at plain transformers' speed)
+            return None
+        self._maybe_update(st)  # before routing: this call sees the new maps
         if self.observe:
             hidden2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
             if self.config.importance == "paper":
@@ -145,11 +149,7 @@ class VirtualExperts:
             else:
                 inc = token_counts(indices, st.layer.num_experts)
             accumulate(st.importance, inc, self.config.decay, tokens)
-        st.lookups += indices.numel()
         st.tokens_since_update += tokens
-        if st.pool is None:
-            st.hits += indices.numel()
-            return None  # every expert resident: the router's own output, bit for bit
         pool = st.pool
         st.hits += pool.resident[indices].sum()
         w, slots = masked_route(
@@ -249,7 +249,7 @@ class VirtualExperts:
         """Counters per layer and in total (reads device counters: one sync)."""
         layers = []
         for st in self.layers:
-            hits = int(st.hits.item())
+            hits = st.lookups if st.pool is None else int(st.hits.item())
             layers.append(
                 {
                     "layer": st.layer.index,
