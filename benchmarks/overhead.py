@@ -1,0 +1,104 @@
+"""What swapmoe's router hooks cost per decode token, against plain transformers on the same model.
+
+Loads one checkpoint (default: the bundled reference model) as plain transformers and through
+``swapmoe.load`` at several settings, and measures batch-1 greedy decode milliseconds per token
+after a 32-token prompt. The runs alternate over ``--rounds`` rounds and each setting reports its
+best round, so a busy machine (or a GPU still clocking up) does not decide the comparison. The
+ratio column is against plain transformers.
+
+    python benchmarks/overhead.py --device cpu --threads 1 --out runs/overhead
+    python benchmarks/overhead.py --device cuda --out runs/overhead        # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import swapmoe
+from swapmoe.loader import default_model_path, resolve_dtype
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "swapmoe 100%": {"memory_budget": "100%"},
+    "swapmoe 50%, no swaps": {"memory_budget": "50%", "swaps_per_update": 0},
+    "swapmoe 50%, exchange": {"memory_budget": "50%"},
+    "swapmoe 50%, skip": {"memory_budget": "50%", "strategy": "skip"},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def decode_ms(model: Any, tokens: int, warmup: int = 8) -> float:
+    """Milliseconds per token of batch-1 greedy decode after a 32-token prompt."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = DynamicCache(config=model.config)
+    tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    for _ in range(warmup):
+        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    _sync(device)
+    return 1e3 * (time.perf_counter() - start) / tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, help="checkpoint (default: the bundled reference model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--tokens", type=int, default=96, help="decode tokens timed per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("runs/overhead"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    path = Path(args.model) if args.model else default_model_path()
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    best: dict[str, float] = {}
+    for _ in range(args.rounds):
+        plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        best["plain transformers"] = min(best.get("plain transformers", float("inf")), decode_ms(plain, args.tokens))
+        del plain
+        for name, kw in SETTINGS.items():
+            model = swapmoe.load(path, device=device, dtype=dtype, **kw)
+            best[name] = min(best.get(name, float("inf")), decode_ms(model, args.tokens))
+            del model
+            gc.collect()
+    base = best["plain transformers"]
+    table = Table(title=f"decode ms/token, batch 1, best of {args.rounds} ({path.name}, {device}, {args.dtype})")
+    for col in ("setting", "ms/token", "vs plain"):
+        table.add_column(col, justify="right")
+    for name, ms in best.items():
+        table.add_row(name, f"{ms:.2f}", f"{ms / base:.3f}")
+    Console().print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"model": str(path), "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "tokens": args.tokens, "rounds": args.rounds, "ms_per_token": best,
+              "ratio_to_plain": {k: v / base for k, v in best.items()}}
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out / 'overhead.json'}")
+
+
+if __name__ == "__main__":
+    main()
