@@ -59,22 +59,25 @@ class OnDemand:
 
         def forward(_self: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-            needed = torch.unique(top_k_index).tolist()  # host sync: loading on demand needs the ids
+            num_experts = st.layer.num_experts
+            # host sync: loading on demand needs the ids; ids >= E carry no term (a token an adapter
+            # dropped, e.g. over Switch's expert capacity) and need no expert
+            needed = [e for e in torch.unique(top_k_index).tolist() if e < num_experts]
+            ids = top_k_index.clamp(max=num_experts - 1)  # [T, K], indexable; dropped terms never kept
             where = {e: s for s, e in enumerate(pool.expert_in) if e >= 0}
             needed.sort(key=lambda e: e not in where)  # resident experts first: fewer loads
             out = None
             for i in range(0, len(needed), num_slots):
                 group = needed[i : i + num_slots]
                 self._ensure(st, group, last_used)
-                in_group = torch.zeros(st.layer.num_experts, dtype=torch.bool, device=top_k_index.device)
+                in_group = torch.zeros(num_experts, dtype=torch.bool, device=top_k_index.device)
                 in_group[group] = True
-                keep = in_group[top_k_index]  # [T, K]
-                slots = pool.slot_of[top_k_index].masked_fill(~keep, sentinel)  # [T, K]
+                keep = in_group[ids] & (top_k_index < num_experts)  # [T, K]
+                slots = pool.slot_of[ids].masked_fill(~keep, sentinel)  # [T, K]
                 weights = top_k_weights.masked_fill(~keep, 0)  # a sentinel term adds exactly nothing
                 part = inner(hidden, slots, weights)
                 out = part if out is None else out + part
-            assert out is not None
-            return out
+            return out if out is not None else torch.zeros_like(hidden)  # every term dropped
 
         return forward
 

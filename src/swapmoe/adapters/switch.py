@@ -99,7 +99,9 @@ class SwitchSparseMoe(nn.Module):
         b, s, d = hidden_states.shape
         _, weights, indices = self.router(hidden_states)  # [T, 1], [T, 1] (slot ids under swapmoe)
         dropped = self.router.dropped[:, None]  # [T, 1]: over capacity, whatever Masked Gating chose
-        indices = indices.masked_fill(dropped, self.experts.num_experts)  # the "no term" id
+        # "no term": E is past every id the experts module accepts, whether it receives slot ids
+        # (S <= E slots, under swapmoe's router hook) or logical ids (on-demand loading)
+        indices = indices.masked_fill(dropped, self.router.num_experts)
         weights = weights.masked_fill(dropped, 0)
         return self.experts(hidden_states.reshape(-1, d), indices, weights).reshape(b, s, d)
 
