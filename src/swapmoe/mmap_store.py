@@ -99,73 +99,85 @@ def _layer_key(module_name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Path]) -> CheckpointStore | None:
-    """Verified recipes for the fused tensors ``host`` (``name -> [E, ...]``) of the layer at
-    ``layer_name``, or None when any of them cannot be matched exactly."""
-    part = _layer_key(layer_name)
-    if part is None:
-        return None
-    mine = [k for k in where if part in k]
-    recipes: dict[str, Recipe] = {}
-    cache: dict[str, torch.Tensor] = {}
-    handles: dict[Path, Any] = {}  # each file's header is parsed once, not once per key
+class RecipeFinder:
+    """Finds and verifies the recipe of each fused parameter of one MoE layer.
 
-    def handle(key: str) -> Any:
-        path = where[key]
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt")
-        return handles[path]
+    Only the first and the last expert are read to verify a candidate (``get_slice(key)[e]`` for a
+    fused ``[E, ...]`` key), so matching costs two experts' bytes per candidate, not the layer's.
+    The open files are kept and handed to the store built from the recipes.
+    """
 
-    def read(key: str) -> torch.Tensor:
-        if key not in cache:
-            cache[key] = handle(key).get_tensor(key)
-        return cache[key]
+    def __init__(self, layer_name: str, where: dict[str, Path]) -> None:
+        part = _layer_key(layer_name)
+        self.where = where
+        self.mine = [k for k in where if part is not None and part in k]
+        self.handles: dict[Path, Any] = {}  # each file's header is parsed once, not once per key
+        # per-expert names: "experts.0.gate_proj.weight", or Switch's "experts.expert_0.wi.weight"
+        first = re.compile(r"experts\.(expert_)?0\.")
+        self.per_expert = sorted({first.sub(lambda m: f"experts.{m.group(1) or ''}{{e}}.", k)
+                                  for k in self.mine if first.search(k)})
 
-    def shape_of(key: str) -> tuple[int, ...]:
-        return tuple(handle(key).get_slice(key).get_shape())
+    def _handle(self, key: str) -> Any:
+        path = self.where[key]
+        if path not in self.handles:
+            self.handles[path] = safe_open(str(path), framework="pt")
+        return self.handles[path]
 
-    def matches(recipe: Recipe, target: torch.Tensor) -> bool:
-        last = target.shape[0] - 1
-        for e in (0, last):
-            parts = []
-            for key in recipe:
-                if "{e}" in key:
-                    k = key.format(e=e)
-                    if k not in where:
-                        return False
-                    parts.append(read(k))
-                else:
-                    parts.append(read(key)[e])
-            got = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            if got.shape != target[e].shape or not torch.equal(got.to(target.dtype), target[e]):
+    def _shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def _expert(self, recipe: Recipe, e: int) -> torch.Tensor | None:
+        parts = []
+        for key in recipe:
+            if "{e}" in key:
+                k = key.format(e=e)
+                if k not in self.where:
+                    return None
+                parts.append(self._handle(k).get_tensor(k))
+            else:
+                parts.append(self._handle(key).get_slice(key)[e])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def _matches(self, recipe: Recipe, target: torch.Tensor) -> bool:
+        for e in (0, target.shape[0] - 1):
+            got = self._expert(recipe, e)
+            if got is None or got.shape != target[e].shape or not torch.equal(got.to(target.dtype), target[e]):
                 return False
         return True
 
-    # per-expert names: "experts.0.gate_proj.weight", or Switch's "experts.expert_0.wi.weight"
-    first = re.compile(r"experts\.(expert_)?0\.")
-    per_expert = sorted({first.sub(lambda m: f"experts.{m.group(1) or ''}{{e}}.", k) for k in mine if first.search(k)})
-    for name, target in host.items():
-        found: Recipe | None = None
+    def recipe(self, name: str, target: torch.Tensor) -> Recipe | None:
+        """The verified recipe of fused parameter ``name`` whose loaded value is ``target [E, ...]``."""
         # fused [E, ...] tensors of this layer with the right shape, under any name (GraniteMoE's
         # checkpoints call gate_up_proj "input_linear"); the value check decides
-        fused = [k for k in mine if shape_of(k) == tuple(target.shape)]
+        fused = [k for k in self.mine if self._shape(k) == tuple(target.shape)]
         fused.sort(key=lambda k: not k.endswith(f".{name}"))
         for k in fused:
-            if matches([k], target):
-                found = [k]
-                break
-        if found is None:
-            shape = target.shape[1:]
-            singles = [t for t in per_expert if read(t.format(e=0)).shape == shape]
-            halves = [t for t in per_expert if read(t.format(e=0)).shape[1:] == shape[1:]
-                      and read(t.format(e=0)).shape[0] * 2 == shape[0]]
-            candidates = [[t] for t in singles] + [list(p) for p in permutations(halves, 2)]
-            for cand in candidates:
-                if matches(cand, target):
-                    found = cand
-                    break
+            if self._matches([k], target):
+                return [k]
+        shape = target.shape[1:]
+        first_shapes = {t: self._shape(t.format(e=0)) for t in self.per_expert if t.format(e=0) in self.where}
+        singles = [t for t, sh in first_shapes.items() if sh == tuple(shape)]
+        halves = [t for t, sh in first_shapes.items() if sh[1:] == tuple(shape[1:]) and sh[0] * 2 == shape[0]]
+        for cand in [[t] for t in singles] + [list(p) for p in permutations(halves, 2)]:
+            if self._matches(cand, target):
+                return cand
+        return None
+
+    def store(self, recipes: dict[str, Recipe], shapes: dict[str, torch.Size],
+              dtypes: dict[str, torch.dtype]) -> CheckpointStore:
+        return CheckpointStore(recipes, {k: self.where[k] for k in self.mine}, shapes, dtypes, self.handles)
+
+
+def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Path]) -> CheckpointStore | None:
+    """Verified recipes for the fused tensors ``host`` (``name -> [E, ...]``) of the layer at
+    ``layer_name``, or None when any of them cannot be matched exactly."""
+    if _layer_key(layer_name) is None:
+        return None
+    finder = RecipeFinder(layer_name, where)
+    recipes: dict[str, Recipe] = {}
+    for name, target in host.items():
+        found = finder.recipe(name, target)
         if found is None:
             return None
         recipes[name] = found
-    return CheckpointStore(recipes, {k: where[k] for k in mine}, {n: t.shape for n, t in host.items()},
-                           {n: t.dtype for n, t in host.items()}, handles)
+    return finder.store(recipes, {n: t.shape for n, t in host.items()}, {n: t.dtype for n, t in host.items()})
