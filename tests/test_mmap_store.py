@@ -50,3 +50,46 @@ def test_cli_takes_a_host_budget(tmp_path, capsys):
     assert main(["info", str(ckpt)]) == 0
     assert main(["generate", str(ckpt), "-m", "50%", "--host-budget", "lots", "-p", "a"]) == 2
     assert "invalid memory budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("family", "layout"), [(f, lo) for f in FAMILIES for lo in layouts(f)])
+def test_experts_beyond_the_host_budget_are_never_kept_while_loading(tmp_path, family, layout):
+    """The streamer hands transformers a meta tensor for each expert parameter of a layer beyond the
+    host budget, so the loaded model never holds those experts; the loader then builds the stores
+    from the recipes verified during the load."""
+    from swapmoe.budget import parse_budget
+    from swapmoe.checkpoint import check_checkpoint
+    from swapmoe.families import find_moe_layers
+    from swapmoe.loader import _expert_streamer, _load_on_host
+    from swapmoe.mmap_store import weight_files
+
+    ckpt = check_checkpoint(make_checkpoint(family, tmp_path / family, layout=layout))
+    streamer = _expert_streamer(ckpt, parse_budget("50%"), parse_budget("50%"), None, torch.float32, False,
+                                weight_files(ckpt.weight_files))
+    with streamer:
+        model = _load_on_host(ckpt.path, torch.float32, True, False, None)
+    layers = find_moe_layers(model)
+    # a 50% host budget keeps the first of the two (equal) MoE layers; the second is streamed
+    assert sorted(streamer.streamed) == [layers[-1].name]
+    for la in layers:
+        devices = {getattr(la.experts, n).device.type for n in la.expert_param_names}
+        assert devices == ({"meta"} if la is layers[-1] else {"cpu"})
+    assert streamer.streamed_bytes == layers[-1].expert_bytes() * layers[-1].num_experts
+    # and transformers' loader is as it was
+    import transformers.core_model_loading as loading
+
+    assert loading.set_param_for_module.__module__ == "transformers.core_model_loading"
+
+
+def test_without_the_loading_hook_the_checkpoint_is_loaded_whole(tmp_path, monkeypatch, caplog):
+    """A transformers release without the per-parameter hook still loads, with the experts held."""
+    import swapmoe.streaming
+
+    ckpt = make_checkpoint("mixtral", tmp_path / "m")
+    reference = _generate(swapmoe.load(ckpt, "50%", host_budget=1))
+    monkeypatch.setattr(swapmoe.streaming, "loading_hook_module", lambda: None)
+    with caplog.at_level("WARNING"):
+        model = swapmoe.load(ckpt, "50%", host_budget=1)
+    assert "loaded whole" in caplog.text
+    assert {la["expert_store"] for la in model.swapmoe.stats()["layers"]} == {"checkpoint"}
+    assert torch.equal(_generate(model), reference)

@@ -13,14 +13,23 @@ from __future__ import annotations
 import torch
 
 
+def expert_sq_norms(param: torch.Tensor, chunk_experts: int = 1) -> torch.Tensor:
+    """``[E]``: each expert's squared Frobenius norm in one ``[E, ...]`` weight tensor.
+
+    Computed a few experts at a time, so a float32 copy of the whole tensor (twice a bf16 layer)
+    never exists; the loader and the checkpoint streamer use this same function, so both paths give
+    the same norms to the last bit.
+    """
+    e = param.shape[0]
+    parts = [param[i : i + chunk_experts].detach().float().reshape(min(chunk_experts, e - i), -1).pow(2).sum(dim=1)
+             for i in range(0, e, chunk_experts)]
+    return torch.cat(parts)
+
+
 def expert_norms(params: list[torch.Tensor]) -> torch.Tensor:
     """``||E_i||``: Frobenius norm over all weight tensors of each expert. Inputs are ``[E, ...]``."""
-    sq = None
-    for p in params:
-        s = p.detach().float().reshape(p.shape[0], -1).pow(2).sum(dim=1)  # [E]
-        sq = s if sq is None else sq + s
-    assert sq is not None, "an experts module has at least one weight tensor"
-    return sq.sqrt()
+    assert params, "an experts module has at least one weight tensor"
+    return torch.stack([expert_sq_norms(p) for p in params]).sum(dim=0).sqrt()
 
 
 def importance_increment(

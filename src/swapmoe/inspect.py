@@ -54,20 +54,25 @@ def _num_layers(config, default: int) -> int:
     return n
 
 
-def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
+def meta_model(path: Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of the checkpoint at ``path`` built on the meta device (no weight read, no memory),
+    with its family's adapter applied: its MoE layers, names and byte sizes are the loaded model's.
+
+    ``dtype`` defaults to the checkpoint's own (the config's ``dtype``, else float32).
+    """
     from transformers import AutoConfig
 
-    ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
     try:
-        config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise UnsupportedModelError(
-            f"transformers cannot read the config in {ckpt.path} ({str(e).splitlines()[0]}); "
+            f"transformers cannot read the config in {path} ({str(e).splitlines()[0]}); "
             f"swapmoe supports MoE families: {', '.join(supported_families())}"
         ) from None
-    dtype = getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
     with torch.device("meta"):
         try:
             model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -77,6 +82,14 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
                 f"supported MoE families: {', '.join(supported_families())}"
             ) from None
     adapt(model)
+    return model
+
+
+def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
+    ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
+    model = meta_model(ckpt.path, trust_remote_code)
+    config = model.config
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = require_moe_layers(model)
     expert_ids = {id(getattr(la.experts, n)) for la in layers for n in la.expert_param_names}
     seen: set[int] = set()

@@ -9,6 +9,7 @@ to the device. At no point are all experts on the device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from pathlib import Path
@@ -22,7 +23,7 @@ from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
-from swapmoe.importance import expert_norms
+from swapmoe.importance import expert_norms, expert_sq_norms
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
 
@@ -126,6 +127,75 @@ def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Rando
     return store, norms, first, dtypes
 
 
+def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, streamed: dict[str, Any],
+                 finder: Any) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
+    """A layer whose experts were streamed past host memory during the load (swapmoe.streaming):
+    a checkpoint store from the recipes verified then, with any parameter that could not be verified
+    held in memory."""
+    ex = layer.experts
+    held = {n: ex._parameters[n].detach() for n in layer.expert_param_names if n not in streamed}
+    if held:
+        log.warning("MoE layer %s: %s could not be matched to checkpoint tensors exactly; they stay in host "
+                    "memory (over the host budget)", layer.name, ", ".join(held))
+    shapes = {n: streamed[n].shape if n in streamed else held[n].shape for n in layer.expert_param_names}
+    dtypes = {n: streamed[n].dtype if n in streamed else held[n].dtype for n in layer.expert_param_names}
+    sq = [streamed[n].norm_sq if n in streamed else expert_sq_norms(held[n]) for n in layer.expert_param_names]
+    norms = torch.stack(sq).sum(dim=0).sqrt()  # [E], as expert_norms computes it
+    first = _initial_experts(norms, num_slots, initial, rng)
+    store = finder.store({n: p.recipe for n, p in streamed.items()}, shapes, dtypes, held)
+    for n in layer.expert_param_names:
+        ex._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
+    return store, norms, first, dtypes
+
+
+def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None) -> tuple[list[int], int, int]:
+    """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots."""
+    expert_bytes = [la.expert_bytes() for la in layers]
+    total = sum(b * la.num_experts for b, la in zip(expert_bytes, layers, strict=True))
+    if budget is not None:
+        budget_bytes = budget.resolve(total)
+        return (allocate_slots(budget_bytes, expert_bytes, [la.num_experts for la in layers],
+                               [la.top_k for la in layers]), budget_bytes, total)
+    from swapmoe.plan import check_slots
+
+    assert slots is not None
+    check_slots(slots, layers)
+    return slots, sum(s * b for s, b in zip(slots, expert_bytes, strict=True)), total
+
+
+def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None) -> list[bool]:
+    """Per layer: are its experts kept in host memory? Whole layers that fit the host budget, first
+    layers first (None: no host budget, all of them). Layers kept whole on the device need neither."""
+    out = []
+    left = host_bytes
+    for la, s in zip(layers, slots, strict=True):
+        size = la.expert_bytes() * la.num_experts
+        keep = s >= la.num_experts or left is None or left >= size
+        if left is not None and s < la.num_experts and keep:
+            left -= size
+        out.append(keep)
+    return out
+
+
+def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
+                     dtype: torch.dtype | str, trust_remote_code: bool, where: dict[str, Path]) -> Any:
+    """Which expert parameters need never be held in host memory (the layers beyond the host
+    budget), worked out on a meta-device skeleton before anything is read."""
+    from swapmoe.inspect import meta_model
+    from swapmoe.streaming import ExpertStreamer
+
+    skeleton = meta_model(ckpt.path, trust_remote_code, dtype if isinstance(dtype, torch.dtype) else None)
+    layers = require_moe_layers(skeleton)
+    per_layer, _, total = _slots(layers, budget, slots)
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    targets = {
+        f"{names[id(la.experts)]}.{p}": (la.name, p)
+        for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total)), strict=True)
+        if not keep for p in la.expert_param_names
+    }
+    return ExpertStreamer(targets, where)
+
+
 def load(
     path: str | Path | None = None,
     memory_budget: str | int | float | Budget | None = None,
@@ -188,40 +258,33 @@ def load(
         update_interval=update_interval, swaps_per_update=swaps_per_update, decay=decay,
         strategy=strategy, importance=importance, async_swaps=async_swaps,
     )
-    model = _load_on_host(ckpt.path, resolve_dtype(dtype), ckpt.use_safetensors, trust_remote_code,
-                          experts_implementation)
-    layers = require_moe_layers(model)
-    expert_bytes = [la.expert_bytes() for la in layers]
-    total = sum(b * la.num_experts for b, la in zip(expert_bytes, layers, strict=True))
-    if budget is not None:
-        budget_bytes = budget.resolve(total)
-        slots = allocate_slots(budget_bytes, expert_bytes, [la.num_experts for la in layers],
-                               [la.top_k for la in layers])
-    else:
-        from swapmoe.plan import check_slots
-
-        check_slots(slots, layers)
-        budget_bytes = sum(s * b for s, b in zip(slots, expert_bytes, strict=True))
-
-    rng = random.Random(seed)
-    pin = dev.type == "cuda"
     where = None
-    host_left = 0
+    streamer = None
     if host is not None:
         from swapmoe.mmap_store import weight_files
 
-        host_left = host.resolve(total)
         where = weight_files(ckpt.weight_files)
+        streamer = _expert_streamer(ckpt, host, budget, slots, resolve_dtype(dtype), trust_remote_code, where)
+    with streamer if streamer is not None else contextlib.nullcontext():
+        model = _load_on_host(ckpt.path, resolve_dtype(dtype), ckpt.use_safetensors, trust_remote_code,
+                              experts_implementation)
+    layers = require_moe_layers(model)
+    slots, budget_bytes, total = _slots(layers, budget, slots)
+    expert_bytes = [la.expert_bytes() for la in layers]
+
+    rng = random.Random(seed)
+    pin = dev.type == "cuda"
+    in_host = _in_host(layers, slots, host.resolve(total) if host is not None else None)
     staged = []
-    for la, s, b in zip(layers, slots, expert_bytes, strict=True):
+    for la, s, keep in zip(layers, slots, in_host, strict=True):
         if s >= la.num_experts:
             norms = expert_norms([getattr(la.experts, n).detach() for n in la.expert_param_names])
             staged.append((la, None, norms, None, None))
-            continue
-        in_host = where is None or host_left >= b * la.num_experts  # whole layers, first layers first
-        if where is not None and in_host:
-            host_left -= b * la.num_experts
-        staged.append((la, *_virtualise(la, s, initial, rng, pin, None if in_host else where)))
+        elif streamer is not None and la.name in streamer.streamed:
+            staged.append((la, *_from_stream(la, s, initial, rng, streamer.streamed[la.name],
+                                             streamer.finders[la.name])))
+        else:
+            staged.append((la, *_virtualise(la, s, initial, rng, pin, None if keep else where)))
     model.to(dev)  # non-expert weights (and experts of full layers) only
 
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())

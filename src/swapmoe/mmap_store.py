@@ -36,8 +36,11 @@ class CheckpointStore:
     location = "checkpoint"
 
     def __init__(self, recipes: dict[str, Recipe], where: dict[str, Path], shapes: dict[str, torch.Size],
-                 dtypes: dict[str, torch.dtype], handles: dict[Path, Any] | None = None):
+                 dtypes: dict[str, torch.dtype], handles: dict[Path, Any] | None = None,
+                 held: dict[str, torch.Tensor] | None = None):
         self.recipes = recipes
+        # parameters whose checkpoint tensors could not be verified stay in memory ([E, ...])
+        self.held = dict(held or {})
         self.where = where  # tensor name -> file (sharded checkpoints spread a layer over files)
         self.shapes = shapes  # name -> [E, ...]
         self.dtypes = dtypes
@@ -63,6 +66,8 @@ class CheckpointStore:
 
     def expert(self, name: str, e: int) -> torch.Tensor:
         """Expert ``e`` of parameter ``name``, read from the files (``[...]``, host memory)."""
+        if name in self.held:
+            return self.held[name][e]
         parts = []
         for key in self.recipes[name]:
             if "{e}" in key:
@@ -163,9 +168,9 @@ class RecipeFinder:
                 return cand
         return None
 
-    def store(self, recipes: dict[str, Recipe], shapes: dict[str, torch.Size],
-              dtypes: dict[str, torch.dtype]) -> CheckpointStore:
-        return CheckpointStore(recipes, {k: self.where[k] for k in self.mine}, shapes, dtypes, self.handles)
+    def store(self, recipes: dict[str, Recipe], shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype],
+              held: dict[str, torch.Tensor] | None = None) -> CheckpointStore:
+        return CheckpointStore(recipes, {k: self.where[k] for k in self.mine}, shapes, dtypes, self.handles, held)
 
 
 def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Path]) -> CheckpointStore | None:
