@@ -148,6 +148,26 @@ def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Rand
     return store, norms, first, dtypes
 
 
+def _return_freed_host_memory() -> None:
+    """Hand the heap memory the load freed back to the operating system.
+
+    Loading frees whole checkpoints' worth of temporaries (fused copies of per-expert tensors,
+    experts moved to stores or streamed past), and glibc keeps freed blocks below its mmap threshold
+    in the process, where they still count as resident memory. ``malloc_trim`` returns them; on
+    other C libraries this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None) -> tuple[list[int], int, int]:
     """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots."""
     expert_bytes = [la.expert_bytes() for la in layers]
@@ -307,4 +327,5 @@ def load(
             )
         )
     model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
+    _return_freed_host_memory()
     return model

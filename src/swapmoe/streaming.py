@@ -14,6 +14,9 @@ and 5.23). When a fused expert parameter of such a layer arrives, it:
 3. hands transformers a meta tensor of the same shape instead, so the value is freed as soon as
    transformers lets go of it (one layer's parameter at a time, not the whole checkpoint).
 
+While it streams, transformers reads tensors in order rather than on worker threads ahead of use
+(its ``HF_DEACTIVATE_ASYNC_LOAD`` switch), which is what bounds the peak; loading is slower for it.
+
 A parameter whose recipe cannot be verified is kept as loaded, and the loader keeps it in host
 memory: a wrong mapping can never produce wrong weights.
 """
@@ -21,6 +24,7 @@ memory: a wrong mapping can never produce wrong weights.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # transformers' loader is patched for the duration of one load; two loads in one process take turns
 _PATCH_LOCK = threading.Lock()
+_ASYNC_SWITCH = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers at each load (5.17 and 5.23)
 
 
 def loading_hook_module() -> Any:
@@ -69,6 +74,7 @@ class ExpertStreamer:
     streamed: dict[str, dict[str, StreamedParam]] = field(default_factory=dict)  # block -> name -> param
     finders: dict[str, RecipeFinder] = field(default_factory=dict)
     _restore: tuple[Any, Any] | None = None
+    _async_env: str | None = None
 
     def __enter__(self) -> ExpertStreamer:
         loading = loading_hook_module()
@@ -78,6 +84,11 @@ class ExpertStreamer:
             return self
         original = loading.set_param_for_module
         _PATCH_LOCK.acquire()
+        # transformers reads checkpoint tensors on worker threads ahead of the main thread that hands
+        # them over; under a host budget they must not all be in memory at once, so it loads them
+        # one by one (its own switch, which it also uses to bound memory while quantising)
+        self._async_env = os.environ.get(_ASYNC_SWITCH)
+        os.environ[_ASYNC_SWITCH] = "1"
 
         def set_param_for_module(model: Any, target_name: str, param_value: Any, *args: Any, **kwargs: Any) -> Any:
             return original(model, target_name, self._intercept(target_name, param_value), *args, **kwargs)
@@ -91,6 +102,10 @@ class ExpertStreamer:
             loading, original = self._restore
             loading.set_param_for_module = original
             self._restore = None
+            if self._async_env is None:
+                os.environ.pop(_ASYNC_SWITCH, None)
+            else:
+                os.environ[_ASYNC_SWITCH] = self._async_env
             _PATCH_LOCK.release()
 
     def _intercept(self, target_name: str, value: Any) -> Any:
