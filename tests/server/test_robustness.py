@@ -206,10 +206,11 @@ def test_api_key_and_full_queue(tiny_checkpoint):
         assert client.completions.create(model=MODEL_NAME, prompt="x y", max_tokens=2).usage.completion_tokens == 2
 
         # occupy the engine, fill the one queue place, and the next request gets 429 + Retry-After
-        gate = threading.Event()
-        blocker = srv.worker.submit(lambda ctx: gate.wait(30))
-        while not srv.worker.busy:
-            time.sleep(0.01)
+        # (wait for the blocker itself to start: `busy` can still be the previous request's tail,
+        # with the blocker waiting in the queue place the next request needs)
+        gate, started = threading.Event(), threading.Event()
+        blocker = srv.worker.submit(lambda ctx: (started.set(), gate.wait(30)))
+        assert started.wait(30) and srv.worker.busy and srv.worker.queue_length == 0
         waiting = {}
         thread = threading.Thread(target=lambda: waiting.setdefault(
             "out", client.completions.create(model=MODEL_NAME, prompt="x y", max_tokens=2)))
