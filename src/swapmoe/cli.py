@@ -186,7 +186,6 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
     from swapmoe.checkpoint import check_checkpoint
     from swapmoe.loader import default_model_path
-    from swapmoe.server import ServerConfig, create_app, serve
 
     if args.max_queue < 0:
         raise SwapMoEError("--max-queue must be >= 0")
@@ -195,6 +194,11 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     api_key = args.api_key or os.environ.get("SWAPMOE_API_KEY") or None
     check_checkpoint(args.model or default_model_path(), allow_pickle=args.allow_pickle)  # before the tokenizer
     require_causal_checkpoint(args.model, "the OpenAI server", args.trust_remote_code)
+    try:
+        from swapmoe.server import ServerConfig, create_app, serve
+    except ImportError as e:
+        raise SwapMoEError(f"the server needs fastapi, uvicorn and pydantic ({e}); install swapmoe with its "
+                           "dependencies (pip install -e .) on this machine") from None
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_from_args(args)
     name = args.served_model_name or Path(args.model or default_model_path()).expanduser().resolve().name
