@@ -93,3 +93,24 @@ def test_without_the_loading_hook_the_checkpoint_is_loaded_whole(tmp_path, monke
     assert "loaded whole" in caplog.text
     assert {la["expert_store"] for la in model.swapmoe.stats()["layers"]} == {"checkpoint"}
     assert torch.equal(_generate(model), reference)
+
+
+def test_streaming_plans_with_the_dtype_the_load_will_have(tmp_path):
+    """A config without a dtype, bf16 weights, dtype "auto": the plan made before loading must count
+    bf16 bytes (as the loaded model will) so that exactly the layers beyond the host budget stream."""
+    import json
+
+    from swapmoe.inspect import describe
+
+    ckpt = make_checkpoint("mixtral", tmp_path / "m", dtype=torch.bfloat16)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    one_layer_bf16 = describe(ckpt).total_expert_bytes // 2 // 2  # describe sees float32: halve it
+    model = swapmoe.load(ckpt, "50%", host_budget=one_layer_bf16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    stats = model.swapmoe.stats()
+    assert [la["expert_store"] for la in stats["layers"]] == ["host", "checkpoint"]
+    assert stats["total"]["host_expert_bytes"] == one_layer_bf16
+    _generate(model)
