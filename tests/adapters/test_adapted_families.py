@@ -456,3 +456,21 @@ def test_ondemand_baseline_equals_the_full_model(checkpoint, family):
     assert torch.equal(_greedy(od, ids, 10), _greedy(full, ids, 10))
     stats = od.swapmoe.stats()["total"]
     assert stats["swaps"] > 0 and stats["resident_bytes"] <= stats["budget_bytes"] < stats["total_expert_bytes"]
+
+
+@pytest.mark.parametrize("family", ADAPTED)
+def test_which_adapted_families_stream_experts_past_host_memory(checkpoint, family):
+    """Llama 4's experts keep their names through the adapter, so a host budget streams them while
+    loading; Switch's are stacked only after loading, so they load whole (docs/families.md)."""
+    from swapmoe.budget import parse_budget
+    from swapmoe.checkpoint import check_checkpoint
+    from swapmoe.loader import _expert_streamer, _load_on_host
+    from swapmoe.mmap_store import weight_files
+
+    ckpt = check_checkpoint(checkpoint(family))
+    streamer = _expert_streamer(ckpt, parse_budget("1"), parse_budget("50%"), None, F32, False,
+                                weight_files(ckpt.weight_files))
+    with streamer:
+        _load_on_host(ckpt.path, F32, True, False, None)
+    streamed = sum(len(params) for params in streamer.streamed.values())
+    assert streamed == (4 if family == "llama4_text" else 0)
