@@ -5,12 +5,12 @@ memory: a swap reads the one expert it needs straight from the memory-mapped saf
 (``safe_open(...).get_slice(key)[e]`` touches only that expert's bytes).
 
 Which checkpoint tensors make up a fused parameter is *discovered and verified*, not assumed per
-family: right after transformers has loaded the layer (so its fused ``[E, ...]`` tensors are in
-memory once), each fused parameter is matched either to a fused key of the same layer, or to one or
-two per-expert keys (``...experts.{e}.gate_proj.weight`` and ``...up_proj.weight``, concatenated
+family: as transformers hands each fused ``[E, ...]`` parameter to the model (swapmoe.streaming),
+or right after loading, the parameter is matched either to a fused key of the same layer, or to one
+or two per-expert keys (``...experts.{e}.gate_proj.weight`` and ``...up_proj.weight``, concatenated
 along the first dimension, as transformers' conversion does), and the match is checked value for
-value on the first and the last expert. A layer without a verified match keeps its experts in host
-memory (and the loader says so), so a wrong mapping can never produce wrong weights.
+value on the first and the last expert. A parameter without a verified match stays in host memory
+(and the loader says so), so a wrong mapping can never produce wrong weights.
 """
 
 from __future__ import annotations
