@@ -29,22 +29,52 @@ from safetensors import safe_open
 Recipe = list[str]
 
 
+class SafetensorsFiles:
+    """A checkpoint's safetensors files by tensor name, each opened once (its header parsed once) and
+    kept open for every later read; shared by the recipe search and the store it builds."""
+
+    def __init__(self, where: dict[str, Path]) -> None:
+        self.where = where  # tensor name -> file (sharded checkpoints spread a layer over files)
+        self._open: dict[Path, Any] = {}
+
+    def _file(self, key: str) -> Any:
+        path = self.where[key]
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file(key).get_slice(key).get_shape())
+
+    def read_expert(self, recipe: Recipe, e: int) -> torch.Tensor | None:
+        """Expert ``e`` as ``recipe`` assembles it (``[...]``, host memory); None when one of its
+        per-expert tensors is not in the checkpoint."""
+        parts = []
+        for key in recipe:
+            if "{e}" in key:
+                k = key.format(e=e)
+                if k not in self.where:
+                    return None
+                parts.append(self._file(k).get_tensor(k))
+            else:
+                parts.append(self._file(key).get_slice(key)[e])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
 class CheckpointStore:
     """One layer's experts, read from safetensors on demand (same interface as ``HostStore``)."""
 
     pinned = False
     location = "checkpoint"
 
-    def __init__(self, recipes: dict[str, Recipe], where: dict[str, Path], shapes: dict[str, torch.Size],
-                 dtypes: dict[str, torch.dtype], handles: dict[Path, Any] | None = None,
-                 held: dict[str, torch.Tensor] | None = None):
+    def __init__(self, recipes: dict[str, Recipe], files: SafetensorsFiles, shapes: dict[str, torch.Size],
+                 dtypes: dict[str, torch.dtype], held: dict[str, torch.Tensor] | None = None):
         self.recipes = recipes
         # parameters whose checkpoint tensors could not be verified stay in memory ([E, ...])
         self.held = dict(held or {})
-        self.where = where  # tensor name -> file (sharded checkpoints spread a layer over files)
+        self.files = files  # open files, reused by every swap
         self.shapes = shapes  # name -> [E, ...]
         self.dtypes = dtypes
-        self._handles: dict[Path, Any] = dict(handles or {})  # open files, reused by every swap
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -59,23 +89,12 @@ class CheckpointStore:
         return sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=self.dtypes[n]).element_size()
                    for n, s in self.shapes.items())
 
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
-
     def expert(self, name: str, e: int) -> torch.Tensor:
         """Expert ``e`` of parameter ``name``, read from the files (``[...]``, host memory)."""
         if name in self.held:
             return self.held[name][e]
-        parts = []
-        for key in self.recipes[name]:
-            if "{e}" in key:
-                k = key.format(e=e)
-                parts.append(self._handle(self.where[k]).get_tensor(k))
-            else:
-                parts.append(self._handle(self.where[key]).get_slice(key)[e])
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        t = self.files.read_expert(self.recipes[name], e)
+        assert t is not None, "a recipe is verified before a store is built from it"
         return t.to(self.dtypes[name])
 
     def copy_into(self, dests: dict[str, torch.Tensor], expert: int, non_blocking: bool) -> int:
@@ -114,38 +133,16 @@ class RecipeFinder:
 
     def __init__(self, layer_name: str, where: dict[str, Path]) -> None:
         part = _layer_key(layer_name)
-        self.where = where
+        self.files = SafetensorsFiles(where)
         self.mine = [k for k in where if part is not None and part in k]
-        self.handles: dict[Path, Any] = {}  # each file's header is parsed once, not once per key
         # per-expert names: "experts.0.gate_proj.weight", or Switch's "experts.expert_0.wi.weight"
         first = re.compile(r"experts\.(expert_)?0\.")
         self.per_expert = sorted({first.sub(lambda m: f"experts.{m.group(1) or ''}{{e}}.", k)
                                   for k in self.mine if first.search(k)})
 
-    def _handle(self, key: str) -> Any:
-        path = self.where[key]
-        if path not in self.handles:
-            self.handles[path] = safe_open(str(path), framework="pt")
-        return self.handles[path]
-
-    def _shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
-
-    def _expert(self, recipe: Recipe, e: int) -> torch.Tensor | None:
-        parts = []
-        for key in recipe:
-            if "{e}" in key:
-                k = key.format(e=e)
-                if k not in self.where:
-                    return None
-                parts.append(self._handle(k).get_tensor(k))
-            else:
-                parts.append(self._handle(key).get_slice(key)[e])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
     def _matches(self, recipe: Recipe, target: torch.Tensor) -> bool:
         for e in (0, target.shape[0] - 1):
-            got = self._expert(recipe, e)
+            got = self.files.read_expert(recipe, e)
             if got is None or got.shape != target[e].shape or not torch.equal(got.to(target.dtype), target[e]):
                 return False
         return True
@@ -154,13 +151,14 @@ class RecipeFinder:
         """The verified recipe of fused parameter ``name`` whose loaded value is ``target [E, ...]``."""
         # fused [E, ...] tensors of this layer with the right shape, under any name (GraniteMoE's
         # checkpoints call gate_up_proj "input_linear"); the value check decides
-        fused = [k for k in self.mine if self._shape(k) == tuple(target.shape)]
+        fused = [k for k in self.mine if self.files.shape(k) == tuple(target.shape)]
         fused.sort(key=lambda k: not k.endswith(f".{name}"))
         for k in fused:
             if self._matches([k], target):
                 return [k]
         shape = target.shape[1:]
-        first_shapes = {t: self._shape(t.format(e=0)) for t in self.per_expert if t.format(e=0) in self.where}
+        first_shapes = {t: self.files.shape(t.format(e=0)) for t in self.per_expert
+                        if t.format(e=0) in self.files.where}
         singles = [t for t, sh in first_shapes.items() if sh == tuple(shape)]
         halves = [t for t, sh in first_shapes.items() if sh[1:] == tuple(shape[1:]) and sh[0] * 2 == shape[0]]
         for cand in [[t] for t in singles] + [list(p) for p in permutations(halves, 2)]:
@@ -170,7 +168,7 @@ class RecipeFinder:
 
     def store(self, recipes: dict[str, Recipe], shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype],
               held: dict[str, torch.Tensor] | None = None) -> CheckpointStore:
-        return CheckpointStore(recipes, {k: self.where[k] for k in self.mine}, shapes, dtypes, self.handles, held)
+        return CheckpointStore(recipes, self.files, shapes, dtypes, held)
 
 
 def discover(layer_name: str, host: dict[str, torch.Tensor], where: dict[str, Path]) -> CheckpointStore | None:
