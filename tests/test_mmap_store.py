@@ -107,7 +107,9 @@ def test_streaming_plans_with_the_dtype_the_load_will_have(tmp_path):
     config.pop("dtype", None)
     config.pop("torch_dtype", None)
     (ckpt / "config.json").write_text(json.dumps(config))
-    one_layer_bf16 = describe(ckpt).total_expert_bytes // 2 // 2  # describe sees float32: halve it
+    info = describe(ckpt)  # describes what the load will have, in the same dtype
+    assert info.dtype == "bfloat16"
+    one_layer_bf16 = info.total_expert_bytes // 2
     model = swapmoe.load(ckpt, "50%", host_budget=one_layer_bf16)
     assert next(model.parameters()).dtype == torch.bfloat16
     stats = model.swapmoe.stats()

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from swapmoe.errors import CheckpointError
@@ -35,6 +36,21 @@ class CheckpointFiles:
 
     def weight_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files)
+
+    def auto_dtype(self) -> torch.dtype:
+        """The dtype ``dtype="auto"`` loads in, as transformers decides it: the config's ``dtype`` (or
+        ``torch_dtype``), else the first floating-point tensor's in the safetensors files, else float32."""
+        named = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+            return getattr(torch, named)
+        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        for f in self.weight_files if self.use_safetensors else []:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    found = table.get(st.get_slice(k).get_dtype())
+                    if found is not None:
+                        return found
+        return torch.float32
 
 
 def _check_safetensors(f: Path) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 
 from swapmoe.adapters import adapt
 from swapmoe.budget import allocate_slots, minimum_bytes
-from swapmoe.checkpoint import check_checkpoint
+from swapmoe.checkpoint import CheckpointFiles, check_checkpoint
 from swapmoe.errors import UnsupportedModelError
 from swapmoe.families import FAMILY_RULES, auto_model_class, require_moe_layers, supported_families
 
@@ -54,14 +54,16 @@ def _num_layers(config, default: int) -> int:
     return n
 
 
-def meta_model(path: Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The model of the checkpoint at ``path`` built on the meta device (no weight read, no memory),
-    with its family's adapter applied: its MoE layers, names and byte sizes are the loaded model's.
+def meta_model(ckpt: CheckpointFiles, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+               ) -> torch.nn.Module:
+    """The model of a checked checkpoint built on the meta device (no weight read, no memory), with
+    its family's adapter applied: its MoE layers, names and byte sizes are the loaded model's.
 
-    ``dtype`` defaults to the checkpoint's own (the config's ``dtype``, else float32).
+    ``dtype`` defaults to the one ``swapmoe.load(dtype="auto")`` loads in (:meth:`CheckpointFiles.auto_dtype`).
     """
     from transformers import AutoConfig
 
+    path = ckpt.path
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -70,9 +72,7 @@ def meta_model(path: Path, trust_remote_code: bool = False, dtype: torch.dtype |
             f"swapmoe supports MoE families: {', '.join(supported_families())}"
         ) from None
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = ckpt.auto_dtype()
     with torch.device("meta"):
         try:
             model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -87,7 +87,7 @@ def meta_model(path: Path, trust_remote_code: bool = False, dtype: torch.dtype |
 
 def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
     ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
-    model = meta_model(ckpt.path, trust_remote_code)
+    model = meta_model(ckpt, trust_remote_code)
     config = model.config
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = require_moe_layers(model)

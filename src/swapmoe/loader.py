@@ -197,24 +197,6 @@ def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None) -
     return out
 
 
-def _checkpoint_dtype(ckpt: Any) -> torch.dtype:
-    """The dtype ``dtype="auto"`` loads in, as transformers decides it: the config's ``dtype`` (or
-    ``torch_dtype``), else the first floating-point tensor's in the safetensors files."""
-    from safetensors import safe_open
-
-    named = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
-    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
-        return getattr(torch, named)
-    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    for f in ckpt.weight_files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():  # noqa: SIM118 (safe_open is not iterable)
-                found = table.get(st.get_slice(k).get_dtype())
-                if found is not None:
-                    return found
-    return torch.float32
-
-
 def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
                      dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path]) -> Any:
     """Which expert parameters need never be held in host memory (the layers beyond the host
@@ -222,7 +204,7 @@ def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list
     from swapmoe.inspect import meta_model
     from swapmoe.streaming import ExpertStreamer
 
-    skeleton = meta_model(ckpt.path, trust_remote_code, dtype)  # the dtype the load will use: same bytes
+    skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
     per_layer, _, total = _slots(layers, budget, slots)
     names = {id(m): n for n, m in skeleton.named_modules()}
@@ -304,7 +286,7 @@ def load(
 
         where = weight_files(ckpt.weight_files)
         # the plan made before loading must see the bytes the load will have: no "auto" left to decide
-        load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else _checkpoint_dtype(ckpt)
+        load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else ckpt.auto_dtype()
         streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where)
     with streamer if streamer is not None else contextlib.nullcontext():
         model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation)
