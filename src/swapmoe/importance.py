@@ -26,10 +26,15 @@ def expert_sq_norms(param: torch.Tensor, chunk_experts: int = 1) -> torch.Tensor
     return torch.cat(parts)
 
 
+def norms_from_squares(squares: list[torch.Tensor]) -> torch.Tensor:
+    """``||E_i||`` ``[E]`` from each weight tensor's per-expert squared norms (``[E]`` each)."""
+    assert squares, "an experts module has at least one weight tensor"
+    return torch.stack(squares).sum(dim=0).sqrt()
+
+
 def expert_norms(params: list[torch.Tensor]) -> torch.Tensor:
     """``||E_i||``: Frobenius norm over all weight tensors of each expert. Inputs are ``[E, ...]``."""
-    assert params, "an experts module has at least one weight tensor"
-    return torch.stack([expert_sq_norms(p) for p in params]).sum(dim=0).sqrt()
+    return norms_from_squares([expert_sq_norms(p) for p in params])
 
 
 def importance_increment(

@@ -23,7 +23,7 @@ from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
-from swapmoe.importance import expert_norms, expert_sq_norms
+from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
 
@@ -122,8 +122,7 @@ def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Rando
                         "they stay in host memory (over the host budget)", layer.name)
     if store is None:
         store = HostStore(host, pin=pin)
-    for n in layer.expert_param_names:
-        ex._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
+    _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
 
 
@@ -139,13 +138,18 @@ def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Rand
                     "memory (over the host budget)", layer.name, ", ".join(held))
     shapes = {n: streamed[n].shape if n in streamed else held[n].shape for n in layer.expert_param_names}
     dtypes = {n: streamed[n].dtype if n in streamed else held[n].dtype for n in layer.expert_param_names}
-    sq = [streamed[n].norm_sq if n in streamed else expert_sq_norms(held[n]) for n in layer.expert_param_names]
-    norms = torch.stack(sq).sum(dim=0).sqrt()  # [E], as expert_norms computes it
+    norms = norms_from_squares([streamed[n].norm_sq if n in streamed else expert_sq_norms(held[n])
+                                for n in layer.expert_param_names])  # [E], as expert_norms computes it
     first = _initial_experts(norms, num_slots, initial, rng)
     store = finder.store({n: p.recipe for n, p in streamed.items()}, shapes, dtypes, held)
-    for n in layer.expert_param_names:
-        ex._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
+    _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
+
+
+def _leave_placeholders(layer: MoELayer, dtypes: dict[str, torch.dtype]) -> None:
+    """Empty parameters where a virtualised layer's experts were; the slot tensors replace them."""
+    for n in layer.expert_param_names:
+        layer.experts._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
 
 
 def _return_freed_host_memory() -> None:
@@ -299,15 +303,15 @@ def load(
     in_host = _in_host(layers, slots, host.resolve(total) if host is not None else None)
     staged = []
     for la, s, keep in zip(layers, slots, in_host, strict=True):
-        if streamer is not None and la.name in streamer.streamed and s >= la.num_experts:
+        streamed = streamer.streamed.get(la.name) if streamer is not None else None
+        if streamed and s >= la.num_experts:
             raise RuntimeError(f"{la.name} was streamed past host memory but is to be kept whole on the device: "
                                "the plan made before loading disagrees with the loaded model (a bug)")
         if s >= la.num_experts:
             norms = expert_norms([getattr(la.experts, n).detach() for n in la.expert_param_names])
             staged.append((la, None, norms, None, None))
-        elif streamer is not None and la.name in streamer.streamed:
-            staged.append((la, *_from_stream(la, s, initial, rng, streamer.streamed[la.name],
-                                             streamer.finders[la.name])))
+        elif streamed:
+            staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name])))
         else:
             staged.append((la, *_virtualise(la, s, initial, rng, pin, None if keep else where)))
     model.to(dev)  # non-expert weights (and experts of full layers) only
