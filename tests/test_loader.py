@@ -24,8 +24,9 @@ from swapmoe.families import find_moe_layers, supported_families
 from swapmoe.inspect import describe
 from swapmoe.routing import unpack_router_output
 from tests.adapters.tiny import ADAPTED
+from tests.matrix import block_out, distinct_weight_bytes, greedy, nbytes, prompt
 from tests.threads import single_torch_thread
-from tests.tiny_models import FAMILIES, VOCAB, build_model, layouts, make_checkpoint, make_dense_checkpoint
+from tests.tiny_models import FAMILIES, build_model, layouts, make_checkpoint, make_dense_checkpoint
 
 F32 = torch.float32
 
@@ -62,22 +63,9 @@ def _plain(path, dtype=F32, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
 
 
-def _prompt(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _greedy(model, ids: torch.Tensor, new: int = 8) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-
-
 def _expert_tensors(model) -> list[list[torch.Tensor]]:
     """The per-expert parameters each MoE layer's experts module computes with right now."""
     return [[getattr(st.layer.experts, n) for n in st.layer.expert_param_names] for st in model.swapmoe.layers]
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 # --------------------------------------------------------------------------- (a) exactness at 100%
@@ -100,10 +88,10 @@ def test_full_budget_is_bit_identical_to_transformers(checkpoint, family, layout
     ref = _plain(path)
     model = swapmoe.load(path, "100%", device="cpu", dtype=F32)
     assert model.swapmoe.stats()["total"]["slots"] == sum(la.num_experts for la in find_moe_layers(ref))
-    ids = _prompt()
+    ids = prompt()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
-    assert torch.equal(_greedy(model, ids), _greedy(ref, ids))
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
     assert model.swapmoe.stats()["total"]["hit_rate"] == 1.0
 
 
@@ -124,10 +112,10 @@ def test_full_budget_is_bit_identical_in_bfloat16(checkpoint, family):
     path = checkpoint(family)
     ref = _plain(path, torch.bfloat16)
     model = swapmoe.load(path, "100%", device="cpu", dtype="bfloat16")
-    ids = _prompt(seed=1)
+    ids = prompt(seed=1)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
-    assert torch.equal(_greedy(model, ids), _greedy(ref, ids))
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
 
 
 # ------------------------------------------------------------------ (b) budget while swapping
@@ -143,10 +131,10 @@ def test_resident_bytes_never_exceed_budget_while_swapping(checkpoint, family, s
     seen: list[int] = []
 
     def measure(*_):
-        seen.append(sum(_nbytes(t) for ts in _expert_tensors(model) for t in ts))
+        seen.append(sum(nbytes(t) for ts in _expert_tensors(model) for t in ts))
 
     handles = [st.layer.experts.register_forward_pre_hook(measure) for st in ve.layers]
-    _greedy(model, _prompt(), new=12)
+    greedy(model, prompt(), new=12)
     for h in handles:
         h.remove()
 
@@ -161,12 +149,7 @@ def test_resident_bytes_never_exceed_budget_while_swapping(checkpoint, family, s
         assert all(t.shape[0] == st.pool.num_slots for t in tensors)
         assert len(set(st.pool.expert_in)) == st.pool.num_slots and min(st.pool.expert_in) >= 0
     # and no other tensor of the model holds expert weights: parameters + buffers = non-expert + slots
-    ptrs, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in ptrs:
-            ptrs.add(t.data_ptr())
-            total += _nbytes(t)
-    assert total == info.other_bytes + stats["resident_bytes"]
+    assert distinct_weight_bytes(model) == info.other_bytes + stats["resident_bytes"]
 
 
 # ------------------------------------------------------ (c) only resident experts are computed
@@ -236,7 +219,7 @@ def test_only_resident_experts_are_computed(checkpoint, family, strategy):
                          update_interval=2, swaps_per_update=1, initial="first")
     calls: list[tuple] = []
     _spy_on_experts(model, full_experts, calls)
-    _greedy(model, _prompt(), new=6)
+    greedy(model, prompt(), new=6)
     assert model.swapmoe.stats()["total"]["swaps"] > 0
     assert model.swapmoe.stats()["total"]["hit_rate"] < 1.0
 
@@ -273,7 +256,7 @@ def test_every_experts_kernel_handles_skipped_terms(checkpoint, family, impl):
     assert {st.layer.experts.config._experts_implementation for st in model.swapmoe.layers} == {impl}
     calls: list[tuple] = []
     _spy_on_experts(model, full_experts, calls)
-    ids = _prompt(seed=2)
+    ids = prompt(seed=2)
     with torch.no_grad():
         out, ref = model(ids).logits, ref_model(ids).logits
     assert model.swapmoe.stats()["total"]["hit_rate"] < 1.0
@@ -316,7 +299,7 @@ def test_resident_set_moves_to_the_experts_the_router_prefers(checkpoint, family
         lambda m, a, out, la=la: chosen.append(unpack_router_output(out, la.num_experts)[2]))
         for la in find_moe_layers(ref)]
     with torch.no_grad():
-        ref(_prompt())
+        ref(prompt())
     for h in hooks:
         h.remove()
     assert all(set(c.unique().tolist()) == set(PREFERRED) for c in chosen)
@@ -324,12 +307,12 @@ def test_resident_set_moves_to_the_experts_the_router_prefers(checkpoint, family
     model = swapmoe.load(path, "50%", device="cpu", dtype=F32, initial="first",
                          update_interval=1, swaps_per_update=1)
     assert all(set(s) == {0, 1, 2, 3} for s in model.swapmoe.resident_sets())
-    _greedy(model, _prompt(), new=4)
+    greedy(model, prompt(), new=4)
     assert all(set(PREFERRED) <= set(s) for s in model.swapmoe.resident_sets())
     assert model.swapmoe.stats()["total"]["swaps"] >= len(PREFERRED) * len(model.swapmoe.layers)
     # once there, every choice of the router is resident
     model.swapmoe.reset_stats()
-    _greedy(model, _prompt(seed=3), new=4)
+    greedy(model, prompt(seed=3), new=4)
     assert model.swapmoe.stats()["total"]["hit_rate"] == 1.0
 
 
@@ -375,17 +358,12 @@ def test_masking_changes_only_tokens_with_non_resident_choices(checkpoint, famil
         x = torch.randn(48, hidden_size, generator=gen)  # [T, H]
         with torch.no_grad():
             _, _, unmasked, _ = unpack_router_output(la.router(x), la.num_experts)  # [T, K]
-            full = torch.cat([_block_out(la.block, t) for t in x])  # [T, H]
-            masked = torch.cat([_block_out(st.layer.block, t) for t in x])
+            full = torch.cat([block_out(la.block, t) for t in x])  # [T, H]
+            masked = torch.cat([block_out(st.layer.block, t) for t in x])
         hit = st.pool.resident[unmasked].all(dim=-1)  # [T]: all of the token's top-k choices resident
         assert 0 < int(hit.sum()) < hit.numel(), "need tokens of both kinds"
         assert torch.equal(masked[hit], full[hit])
         assert (masked != full).any(dim=-1)[~hit].all()
-
-
-def _block_out(block, token: torch.Tensor) -> torch.Tensor:
-    out = block(token.view(1, 1, -1))
-    return (out[0] if isinstance(out, tuple) else out).reshape(1, -1)
 
 
 # --------------------------------------------------------------- explicit slots, run-time controls
@@ -399,7 +377,7 @@ def test_explicit_slots_and_runtime_controls(checkpoint, family):
     assert [st.num_slots for st in ve.layers] == [2, 8]
     assert ve.layers[1].pool is None  # a full layer is not virtualised at all
     assert ve.stats()["total"]["resident_bytes"] == ve.budget_bytes == 10 * ve.layers[0].layer.expert_bytes()
-    ids = _prompt(seed=6)
+    ids = prompt(seed=6)
     skip_model = swapmoe.load(path, slots=[2, 8], device="cpu", dtype=F32, strategy="skip", swaps_per_update=0)
     with torch.no_grad():
         exchanged = model(ids).logits
@@ -407,10 +385,10 @@ def test_explicit_slots_and_runtime_controls(checkpoint, family):
         assert torch.equal(model(ids).logits, skip_model(ids).logits)
         assert not torch.equal(exchanged, skip_model(ids).logits)
     before = ve.resident_sets()
-    _greedy(model, ids, new=4)
+    greedy(model, ids, new=4)
     assert ve.resident_sets() == before and ve.stats()["total"]["swaps"] == 0  # swaps_per_update=0
     ve.set_updates(update_interval=1, swaps_per_update=1)
-    _greedy(model, ids, new=4)
+    greedy(model, ids, new=4)
     assert ve.stats()["total"]["swaps"] > 0
     with pytest.raises(PlanError, match="top-k=2"):
         swapmoe.load(path, slots=[1, 8], device="cpu")

@@ -27,6 +27,7 @@ from swapmoe.families import auto_model_class, find_moe_layers, supported_famili
 from swapmoe.inspect import describe
 from swapmoe.routing import unpack_router_output
 from tests.adapters.tiny import ADAPTED, PREFERRED, SWITCH_CAPACITY, make_checkpoint
+from tests.matrix import block_out, distinct_weight_bytes, greedy, nbytes, prompt
 from tests.tiny_models import VOCAB, save_tokenizer
 
 F32 = torch.float32
@@ -50,25 +51,12 @@ def _plain(path, dtype=F32, aligned: bool = True):
     return model
 
 
-def _prompt(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
-    return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         if model.config.is_encoder_decoder:
             dec = torch.randint(2, VOCAB, (ids.shape[0], 5), generator=torch.Generator().manual_seed(9))
             return model(input_ids=ids, decoder_input_ids=dec).logits
         return model(ids).logits
-
-
-def _greedy(model, ids: torch.Tensor, new: int = 8) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _plain_experts(model) -> list[list[torch.Tensor]]:
@@ -102,13 +90,13 @@ def test_full_budget_matches_transformers(checkpoint, family, sharded):
     model = swapmoe.load(path, "100%", device="cpu", dtype=F32)
     stats = model.swapmoe.stats()["total"]
     assert stats["slots"] == 8 * (2 if family == "llama4_text" else 4)  # 2 MoE layers, or 2 + 2 (enc + dec)
-    ids = _prompt()
+    ids = prompt()
     out, expected = _logits(model, ids), _logits(ref, ids)
     if family == "switch_transformers":
         assert torch.equal(out, expected)
     else:  # per-expert products instead of one batched product: float rounding only
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(_greedy(model, ids), _greedy(ref, ids))
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
     assert model.swapmoe.stats()["total"]["hit_rate"] == 1.0
 
 
@@ -117,13 +105,13 @@ def test_full_budget_in_bfloat16(checkpoint, family):
     path = checkpoint(family)
     ref = _plain(path, torch.bfloat16)
     model = swapmoe.load(path, "100%", device="cpu", dtype="bfloat16")
-    ids = _prompt(seed=1)
+    ids = prompt(seed=1)
     out, expected = _logits(model, ids), _logits(ref, ids)
     if family == "switch_transformers":
         assert torch.equal(out, expected)
     else:
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
-    assert torch.equal(_greedy(model, ids), _greedy(ref, ids))
+    assert torch.equal(greedy(model, ids), greedy(ref, ids))
 
 
 def test_switch_capacity_drops_tokens_as_transformers_does(checkpoint):
@@ -140,7 +128,7 @@ def test_switch_capacity_drops_tokens_as_transformers_does(checkpoint):
         if type(m).__name__ == "SwitchTransformersTop1Router":
             m.register_forward_hook(count)
     model = swapmoe.load(path, "100%", device="cpu", dtype=F32)
-    ids = _prompt(batch=1, length=16, seed=3)
+    ids = prompt(batch=1, length=16, seed=3)
     assert torch.equal(_logits(model, ids), _logits(ref, ids))
     swap_drops = [int(st.layer.router.dropped.sum()) for st in model.swapmoe.layers]
     assert swap_drops == plain_drops
@@ -165,9 +153,9 @@ def test_resident_bytes_never_exceed_budget_while_swapping(checkpoint, family, s
         return [getattr(st.layer.experts, n) for st in ve.layers for n in st.layer.expert_param_names]
 
     handles = [st.layer.experts.register_forward_pre_hook(lambda *_: seen.append(
-        sum(_nbytes(t) for t in experts_tensors()))) for st in ve.layers]
+        sum(nbytes(t) for t in experts_tensors()))) for st in ve.layers]
     for seed in range(2):  # Switch's encoder layers update between calls: run two requests
-        _greedy(model, _prompt(seed=seed), new=10)
+        greedy(model, prompt(seed=seed), new=10)
     for h in handles:
         h.remove()
     stats = ve.stats()["total"]
@@ -177,12 +165,7 @@ def test_resident_bytes_never_exceed_budget_while_swapping(checkpoint, family, s
     for st in ve.layers:
         for n in st.layer.expert_param_names:
             assert getattr(st.layer.experts, n).data_ptr() == st.pool.slots[n].data_ptr()
-    ptrs, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in ptrs:
-            ptrs.add(t.data_ptr())
-            total += _nbytes(t)
-    assert total == info.other_bytes + stats["resident_bytes"]
+    assert distinct_weight_bytes(model) == info.other_bytes + stats["resident_bytes"]
 
 
 # ------------------------------------------------------ (c) only resident experts are computed
@@ -210,7 +193,7 @@ def test_only_resident_experts_are_computed(checkpoint, family, strategy):
     for st, full in zip(model.swapmoe.layers, originals, strict=True):
         st.layer.experts.register_forward_hook(spy(st, full))
     for seed in range(2):
-        _greedy(model, _prompt(seed=seed), new=6)
+        greedy(model, prompt(seed=seed), new=6)
     stats = model.swapmoe.stats()["total"]
     assert stats["swaps"] > 0 and stats["hit_rate"] < 1.0
 
@@ -244,11 +227,11 @@ def test_resident_set_moves_to_the_experts_the_router_prefers(checkpoint, family
         st.layer.router.register_forward_hook(
             lambda m, a, out, i=i: chosen[i].update(m.forward(a[0])[2].unique().tolist()))
     for seed in range(2):  # Switch's encoder layers update at the next call
-        _greedy(model, _prompt(seed=seed), new=4)
+        greedy(model, prompt(seed=seed), new=4)
     assert all(c == set(PREFERRED) for c in chosen), chosen  # the router prefers it
     assert all(c <= set(s) for c, s in zip(chosen, model.swapmoe.resident_sets(), strict=True))
     model.swapmoe.reset_stats()
-    _greedy(model, _prompt(seed=3), new=4)
+    greedy(model, prompt(seed=3), new=4)
     assert model.swapmoe.stats()["total"]["hit_rate"] == 1.0
 
 
@@ -272,11 +255,6 @@ def test_family_rule_with_nothing_masked_is_the_router(checkpoint, family, dtype
         assert torch.equal(w[keep], weights.reshape(w.shape)[keep])
 
 
-def _block_out(block, token: torch.Tensor) -> torch.Tensor:
-    out = block(token.view(1, 1, -1))
-    return (out[0] if isinstance(out, tuple) else out).reshape(1, -1)
-
-
 @pytest.mark.parametrize("strategy", ["exchange", "skip"])
 @pytest.mark.parametrize("family", ADAPTED)
 def test_masking_changes_only_tokens_with_non_resident_choices(checkpoint, family, strategy):
@@ -291,8 +269,8 @@ def test_masking_changes_only_tokens_with_non_resident_choices(checkpoint, famil
             unmasked = torch.cat([unpack_router_output(full.layer.router(t.view(1, 1, -1)),
                                                        full.layer.num_experts)[2].reshape(1, -1)
                                   for t in x])  # [T, K]
-            plain = torch.cat([_block_out(full.layer.block, t) for t in x])  # [T, H]
-            masked = torch.cat([_block_out(st.layer.block, t) for t in x])
+            plain = torch.cat([block_out(full.layer.block, t) for t in x])  # [T, H]
+            masked = torch.cat([block_out(st.layer.block, t) for t in x])
         hit = st.pool.resident[unmasked].all(dim=-1)  # [T]
         assert 0 < int(hit.sum()) < hit.numel()
         assert torch.equal(masked[hit], plain[hit])
@@ -321,7 +299,7 @@ def test_llama4_shared_expert_stays_resident_and_is_outside_the_budget(checkpoin
         shared = st.layer.block.shared_expert
         assert all(p.numel() > 0 for p in shared.parameters())
     assert model.swapmoe.stats()["total"]["resident_bytes"] <= 0.5 * info.total_expert_bytes
-    shared_bytes = sum(_nbytes(p) for st in model.swapmoe.layers for p in st.layer.block.shared_expert.parameters())
+    shared_bytes = sum(nbytes(p) for st in model.swapmoe.layers for p in st.layer.block.shared_expert.parameters())
     assert shared_bytes > 0 and info.other_bytes > shared_bytes
 
 
@@ -333,7 +311,7 @@ def test_experts_read_from_the_checkpoint_files_give_the_same_generation(checkpo
     mapped = swapmoe.load(path, "50%", host_budget="1", **kw)
     assert {la["expert_store"] for la in mapped.swapmoe.stats()["layers"]} == {"checkpoint"}
     for seed in range(2):
-        assert torch.equal(_greedy(host, _prompt(seed=seed), 12), _greedy(mapped, _prompt(seed=seed), 12))
+        assert torch.equal(greedy(host, prompt(seed=seed), 12), greedy(mapped, prompt(seed=seed), 12))
     assert mapped.swapmoe.stats()["total"]["swaps"] == host.swapmoe.stats()["total"]["swaps"] > 0
 
 
@@ -380,12 +358,12 @@ def switch_with_tokenizer(tmp_path_factory):
 
 
 def test_cli_generate_text_to_text_on_switch(switch_with_tokenizer, capsys):
-    prompt = "summarize : w1 w2 w3 w4 w5 w6 w7 w8 a b c"
-    assert cli.main(["generate", str(switch_with_tokenizer), "-m", "50%", "--device", "cpu", "-p", prompt,
+    text = "summarize : w1 w2 w3 w4 w5 w6 w7 w8 a b c"
+    assert cli.main(["generate", str(switch_with_tokenizer), "-m", "50%", "--device", "cpu", "-p", text,
                      "-n", "6"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()  # the text on stdout, the counters on stderr
-    assert lines[0] == prompt and lines[1].startswith("-> ") and len(lines[1]) > len("-> ")
+    assert lines[0] == text and lines[1].startswith("-> ") and len(lines[1]) > len("-> ")
     assert "6 new tokens" in captured.err and "decode" in captured.err
     assert "0 (encoder)" in captured.err and "3 (decoder)" in captured.err  # one budget, both stacks
 
@@ -432,13 +410,13 @@ def test_llama4_multimodal_checkpoint_runs_its_text_model(tmp_path):
     path = make_llama4_multimodal_checkpoint(tmp_path / "scout")
     plain = Llama4ForConditionalGeneration.from_pretrained(path, dtype=F32).eval()
     model = swapmoe.load(path, "100%", device="cpu", dtype=F32)
-    ids = _prompt(batch=1)
+    ids = prompt(batch=1)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     info = describe(path)
     assert info.routing.startswith("topk_sigmoid") and info.num_layers == 3 and len(info.moe_layers) == 2
     virtual = swapmoe.load(path, "50%", device="cpu", dtype=F32, update_interval=1)
-    _greedy(virtual, ids, new=8)
+    greedy(virtual, ids, new=8)
     stats = virtual.swapmoe.stats()["total"]
     assert stats["slots"] == 8 and stats["swaps"] > 0
 
@@ -451,9 +429,9 @@ def test_ondemand_baseline_equals_the_full_model(checkpoint, family):
     path = checkpoint(family)
     full = swapmoe.load(path, "100%", device="cpu", dtype=F32)
     od = load_policy("ondemand", path, "25%", device="cpu", dtype=F32)
-    ids = _prompt(batch=1, length=16, seed=6)
+    ids = prompt(batch=1, length=16, seed=6)
     torch.testing.assert_close(_logits(od, ids), _logits(full, ids), rtol=1e-5, atol=1e-5)
-    assert torch.equal(_greedy(od, ids, 10), _greedy(full, ids, 10))
+    assert torch.equal(greedy(od, ids, 10), greedy(full, ids, 10))
     stats = od.swapmoe.stats()["total"]
     assert stats["swaps"] > 0 and stats["resident_bytes"] <= stats["budget_bytes"] < stats["total_expert_bytes"]
 
