@@ -8,8 +8,13 @@ layer), Masked Gating (tokens routed only to resident experts) and amortised asy
     model.swapmoe.stats()
 """
 
+import transformers as _transformers
+
+from swapmoe.compat import warn_if_untested_transformers
 from swapmoe.errors import SwapMoEError
 from swapmoe.loader import load
+
+warn_if_untested_transformers(_transformers.__version__)
 
 __all__ = ["SwapMoEError", "load"]
 __version__ = "0.1.0"

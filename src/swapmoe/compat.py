@@ -1,0 +1,41 @@
+"""Which transformers releases swapmoe is tested with, and a warning outside them.
+
+swapmoe leans on transformers internals (the fused experts layout, the experts-kernel registry,
+router output layouts, the loader's per-parameter hand-over; tests/test_drift.py names each one).
+A release outside the tested range may have moved one of them, so importing swapmoe with it warns
+once. The range is what CI runs (requirements/lock.txt) and what the GPU machine ships.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from packaging.version import Version
+
+# Oldest and newest transformers releases the whole suite passed on (README "Set-up").
+TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+
+
+def transformers_in_tested_range(version: str) -> bool:
+    """True when ``version`` lies within :data:`TESTED_TRANSFORMERS` (pre-releases of a tested
+    release count as untested)."""
+    low, high = (Version(v) for v in TESTED_TRANSFORMERS)
+    return low <= Version(version) <= high
+
+
+def warn_if_untested_transformers(version: str) -> bool:
+    """Warn (once per process, as Python's warnings do) when ``version`` is outside the tested range.
+
+    Returns whether it warned, so the check itself can be tested.
+    """
+    if transformers_in_tested_range(version):
+        return False
+    low, high = TESTED_TRANSFORMERS
+    warnings.warn(
+        f"swapmoe is tested with transformers {low} to {high}; this is transformers {version}. "
+        "It may work; if something breaks, install a tested release "
+        f"(pip install 'transformers>={low},<={high}') or run 'make test-latest' to see what moved.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
