@@ -63,8 +63,9 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
     if name == "ondemand":
         from swapmoe.ondemand import OnDemand
 
-        kw = {k: v for k, v in kw.items() if k not in ("update_interval", "swaps_per_update", "strategy")}
-        model = swapmoe.load(path, memory_budget, swaps_per_update=0, **kw)
+        kw = {k: v for k, v in kw.items() if k not in ("update_interval", "swaps_per_update", "strategy", "cuda_graph")}
+        # copies decided inside the forward cannot be captured: the exact baseline decodes eagerly
+        model = swapmoe.load(path, memory_budget, swaps_per_update=0, cuda_graph=False, **kw)
         model.swapmoe_ondemand = OnDemand(model.swapmoe)
         return model
     if name == "static":

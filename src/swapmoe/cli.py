@@ -37,6 +37,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights: only for trusted files")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped in the model directory")
 
@@ -52,7 +54,7 @@ def load_from_args(args: argparse.Namespace) -> Any:
             args.model, args.memory_budget, plan=args.plan, host_budget=args.host_budget, decay=args.decay,
             device=args.device,
             dtype=args.dtype, async_swaps=not args.sync_swaps, allow_pickle=args.allow_pickle,
-            trust_remote_code=args.trust_remote_code, **kw,
+            trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph, **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig
         raise SwapMoEError(str(e)) from None

@@ -39,3 +39,13 @@ def warn_if_untested_transformers(version: str) -> bool:
         stacklevel=3,
     )
     return True
+
+
+def cache_argument(model: object) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.24 on
+    (``past_key_values`` still works there, with a deprecation warning, until 5.40), ``past_key_values``
+    before."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters  # type: ignore[attr-defined]
+    return "cache" if "cache" in params else "past_key_values"

@@ -235,6 +235,7 @@ def load(
     initial: str = "magnitude",
     seed: int = 0,
     async_swaps: bool = True,
+    cuda_graph: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     experts_implementation: str | None = None,
@@ -256,6 +257,8 @@ def load(
     strategy       Masked Gating for missing experts: "exchange" (default) or "skip"
     update_interval, swaps_per_update   the update schedule (default 16 tokens, 1 swap per layer)
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
+    cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
+                   for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
     """
     if plan is not None:
         from swapmoe.plan import Plan, read_plan
@@ -336,5 +339,22 @@ def load(
             )
         )
     model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
+    _use_decoder(model, cuda_graph)
     _return_freed_host_memory()
     return model
+
+
+def _use_decoder(model: nn.Module, cuda_graph: bool) -> None:
+    """Choose how the model decodes: on CUDA by default one graph replay per token, through the
+    engine's decoder and through ``model.generate`` (swapmoe.engine.hf_generate)."""
+    from swapmoe.engine.decoder import graph_blocker
+    from swapmoe.engine.hf_generate import install
+
+    if not cuda_graph:
+        model.swapmoe_decode_mode = "dynamic"
+        return
+    why = graph_blocker(model)
+    if why is None:
+        install(model, "graph")
+    elif model.device.type == "cuda":
+        log.info("decoding with eager forwards: the decode step cannot be captured (%s)", why)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from swapmoe.routing import unpack_router_output
-from swapmoe.runtime import LayerState, VirtualExperts, _sentinel
+from swapmoe.runtime import LayerState, VirtualExperts, sentinel_slot
 
 
 class OnDemand:
@@ -29,6 +29,7 @@ class OnDemand:
 
     def __init__(self, runtime: VirtualExperts) -> None:
         runtime.remove()  # no masked routing, no importance-driven updates
+        runtime.host_driven = True  # copies decided inside the forward: no graph capture
         self.runtime = runtime
         self.clock = 0
         self._restore: list[tuple[torch.nn.Module, Any]] = []
@@ -55,7 +56,7 @@ class OnDemand:
         pool = st.pool
         assert pool is not None
         num_slots = pool.num_slots
-        sentinel = _sentinel(st.layer.experts, num_slots)
+        sentinel = sentinel_slot(st.layer.experts, pool)
 
         def forward(_self: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,7 @@ class OnDemand:
     def remove(self) -> None:
         """Detach: hooks off, experts modules back to their own forward."""
         self.runtime.remove()
+        self.runtime.host_driven = False
         for experts, original in self._restore:
             if original is None:
                 experts.__dict__.pop("forward", None)

@@ -102,16 +102,18 @@ class SlotPool:
     def resident_experts(self) -> list[int]:
         return sorted(e for e in self.expert_in if e >= 0)
 
+    # The device maps change through fill_ on one-element views: a kernel with the value as argument,
+    # enqueued on the current stream, where ``t[i] = v`` would copy a host scalar (a host sync on CUDA).
     def _map(self, slot: int, expert: int) -> None:
-        self.slot_of[expert] = slot
-        self.resident[expert] = True
+        self.slot_of[expert].fill_(slot)
+        self.resident[expert].fill_(True)
         self.expert_in[slot] = expert
 
     def _unmap(self, slot: int) -> None:
         old = self.expert_in[slot]
         if old >= 0:
-            self.slot_of[old] = -1
-            self.resident[old] = False
+            self.slot_of[old].fill_(-1)
+            self.resident[old].fill_(False)
         self.expert_in[slot] = -1
 
 

@@ -1,6 +1,7 @@
 """Batch-1 generation in three layers, as in mlx-lm: step -> stream -> whole.
 
-* :func:`step` / :func:`prefill`: one forward pass with a ``transformers.DynamicCache``.
+* :func:`prefill` / :func:`step`: one forward pass through the model's
+  :class:`~swapmoe.engine.decoder.Decoder` (on CUDA a decode step is one CUDA graph replay).
 * :func:`stream_generate` (or :func:`stream_from_prefill`): a generator of :class:`TokenEvent`,
   one per sampled token, applying sampling, stop tokens, stop strings, incremental detokenisation,
   log-probabilities, cancellation and a deadline.
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
+from swapmoe.engine.decoder import Decoder, decoder_for
 from swapmoe.engine.detokenize import IncrementalDetokenizer
 from swapmoe.engine.sampling import SamplingParams, make_generator, sample_token, top_logprobs
 from swapmoe.engine.stops import StopStringMatcher
@@ -63,9 +64,10 @@ class PromptScores:
 
 @dataclass
 class Prefill:
-    """State after the prompt's forward pass: the cache, the next-token logits ``[V]`` and scores."""
+    """State after the prompt's forward pass: the decoder holding the sequence, the next-token logits
+    ``[V]`` (host, float32) and the prompt's scores."""
 
-    cache: DynamicCache
+    decoder: Decoder
     next_logits: torch.Tensor
     scores: PromptScores | None = None
 
@@ -105,52 +107,41 @@ def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _model_device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    return device if isinstance(device, torch.device) else torch.device("cpu")
+def step(state: Prefill, token: int) -> torch.Tensor:
+    """Feed ``token`` after the sequence ``state`` holds; return the next-token logits ``[V]`` (CPU float32).
+
+    CPU float32 logits make sampling independent of device and dtype (see sampling.py).
+    """
+    dec = state.decoder
+    return dec.read_logits(dec.step(token))
 
 
-def _new_cache(model: Any) -> DynamicCache:
-    # With the config the cache knows each layer's kind (sliding window or full attention).
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers without the config argument
-        return DynamicCache()
-
-
-@torch.inference_mode()
-def _forward(model: Any, token_ids: Sequence[int], cache: DynamicCache, *, all_logits: bool) -> torch.Tensor:
-    ids = torch.tensor([list(token_ids)], dtype=torch.long, device=_model_device(model))  # [1, T]
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
-    # CPU float32 logits make sampling independent of device and dtype (see sampling.py).
-    return out.logits[0].float().cpu()  # [T or 1, V]
-
-
-def step(model: Any, token_ids: Sequence[int], cache: DynamicCache) -> torch.Tensor:
-    """Feed ``token_ids`` after what ``cache`` holds; return the next-token logits ``[V]`` (CPU float32)."""
-    return _forward(model, token_ids, cache, all_logits=False)[-1]
-
-
-def prefill(model: Any, prompt_ids: Sequence[int], *, score_top_k: int | None = None) -> Prefill:
+def prefill(
+    model: Any, prompt_ids: Sequence[int], *, score_top_k: int | None = None, max_new_tokens: int | None = None
+) -> Prefill:
     """Run the prompt through the model in one forward pass.
 
-    With ``score_top_k`` set, the same pass also scores the prompt (each token's log-probability given
-    the tokens before it, plus the ``score_top_k`` best alternatives): this is what ``echo`` with
-    ``logprobs`` needs, and costs no extra forward.
+    ``max_new_tokens`` sizes the decode cache (a static cache on CUDA); more tokens still work (the
+    sequence is re-prefilled into a larger cache), fewer waste memory. With ``score_top_k`` set, the
+    same pass also scores the prompt (each token's log-probability given the tokens before it, plus
+    the ``score_top_k`` best alternatives): this is what ``echo`` with ``logprobs`` needs, and costs
+    no extra forward.
     """
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")
-    cache = _new_cache(model)
+    dec = decoder_for(model)
+    room = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if score_top_k is None:
-        return Prefill(cache, step(model, prompt_ids, cache))
-    logits = _forward(model, prompt_ids, cache, all_logits=True)  # [T, V]
+        logits = dec.prefill(list(prompt_ids), **room)  # [V] on the device
+        return Prefill(dec, dec.read_logits(logits))
+    logits = dec.prefill(list(prompt_ids), all_logits=True, **room).cpu()  # [T, V]
     logprobs = torch.log_softmax(logits[:-1], dim=-1)  # [T-1, V]: row i predicts token i+1
     targets = torch.tensor(list(prompt_ids[1:]), dtype=torch.long)  # [T-1]
     chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()  # [T-1]
     tops: list[list[tuple[int, float]] | None] = [None]
     tops += [top_logprobs(row, score_top_k) for row in logprobs]
     scores = PromptScores(list(prompt_ids), [None, *chosen], tops)
-    return Prefill(cache, logits[-1], scores)
+    return Prefill(dec, logits[-1], scores)
 
 
 def _expired(deadline: float | None) -> bool:
@@ -217,7 +208,7 @@ def stream_from_prefill(
             yield TokenEvent(token, text + tail, logprob, alternatives, reason)
             return
         yield TokenEvent(token, text, logprob, alternatives)
-        logits = step(model, [token], state.cache)
+        logits = step(state, token)
 
 
 def stream_generate(
@@ -230,7 +221,7 @@ def stream_generate(
     deadline: float | None = None,
 ) -> Iterator[TokenEvent]:
     """Prefill ``prompt_ids`` and stream tokens (see :func:`stream_from_prefill`)."""
-    state = prefill(model, prompt_ids)
+    state = prefill(model, prompt_ids, max_new_tokens=params.max_tokens)
     yield from stream_from_prefill(model, tokenizer, prompt_ids, state, params, cancel=cancel, deadline=deadline)
 
 

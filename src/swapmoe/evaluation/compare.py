@@ -163,19 +163,13 @@ def evaluate_stream(
 
 
 def _decode_latency(model: Any, ids: torch.Tensor, steps: int) -> float:
-    """Seconds per teacher-forced decode step with a KV cache, over the first tokens of the stream."""
-    from transformers import DynamicCache
+    """Seconds per teacher-forced decode step over the first tokens of the stream, through the one
+    decode path (swapmoe.engine.timing; a CUDA graph replay per step where the model allows it)."""
+    from swapmoe.engine.timing import time_decode
 
-    device = next(model.parameters()).device
-    steps = min(steps, ids.numel() - 1)
-    prompt = ids[:1].view(1, 1).to(device)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    for _ in range(3):  # untimed warm-up of the single-token kernels, on a throwaway cache
-        model(input_ids=prompt, use_cache=False)
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(1, steps + 1):
-        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
-    _sync(device)
-    return (time.perf_counter() - t0) / steps
+    warmup = 3  # untimed: the first steps capture the graph and select kernels
+    steps = min(steps, ids.numel() - 1 - warmup)
+    if steps < 1:
+        return float("nan")
+    tokens = ids.tolist()
+    return time_decode(model, tokens[:1], steps, feed=tokens[1:], warmup=warmup).mean_s

@@ -214,22 +214,14 @@ def score(model: Any, ids: torch.Tensor, window: int, ref: Sequence[torch.Tensor
 def decode_steps(model: Any, ids: torch.Tensor, steps: int) -> dict[str, float]:
     """Teacher-forced decode steps with a KV cache: seconds per token (mean over the steps that were
     not stalled) and swaps per token per virtualised layer."""
-    from transformers import DynamicCache
+    from swapmoe.engine.timing import time_decode
 
-    device = next(model.parameters()).device
     runtime = model.swapmoe
     steps = max(1, min(steps, ids.numel() - 1 - WARMUP_STEPS))
-    cache = DynamicCache(config=model.config)
-    for i in range(WARMUP_STEPS + 1):  # untimed: the first steps pay one-off costs (kernel selection on CUDA)
-        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
+    # untimed warm-up steps pay one-off costs (graph capture, kernel selection on CUDA)
     before = runtime.stats()["total"]["swaps"]
-    times = []
-    for i in range(WARMUP_STEPS + 1, WARMUP_STEPS + steps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    tokens = ids.tolist()
+    times = time_decode(model, tokens[:1], steps, feed=tokens[1:], warmup=WARMUP_STEPS).step_s
     # A step slower than STALL x the median was stalled by something else on the machine (another
     # process on a shared CPU); an update's own cost is far below that on CPU and CUDA alike.
     cut = STALL * statistics.median(times)
@@ -237,7 +229,8 @@ def decode_steps(model: Any, ids: torch.Tensor, steps: int) -> dict[str, float]:
     seconds = sum(kept) / len(kept)
     virtual = sum(1 for st in runtime.layers if st.pool is not None)
     swaps = runtime.stats()["total"]["swaps"] - before
-    return {"decode_s_per_token": seconds, "decode_swaps_per_token": swaps / steps / virtual if virtual else 0.0,
+    fed = 1 + WARMUP_STEPS + steps  # every token the runtime saw since `before`
+    return {"decode_s_per_token": seconds, "decode_swaps_per_token": swaps / fed / virtual if virtual else 0.0,
             "decode_stalled_steps": len(times) - len(kept)}
 
 

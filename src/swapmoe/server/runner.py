@@ -62,7 +62,7 @@ def generation_job(model: Any, tokenizer: Any, req: PreparedRequest, stop_ids: f
                 return
             if index > 0 and ctx.deadline is not None and time.monotonic() >= ctx.deadline:
                 raise TimeLimitError(f"the time limit passed after {index} of {len(req.prompts)} prompts")
-            state = prefill(model, ids, score_top_k=req.score_top_k)
+            state = prefill(model, ids, score_top_k=req.score_top_k, max_new_tokens=req.params.max_tokens)
             emit(PromptDone(index, state.scores, time.monotonic()))
             for event in stream_from_prefill(model, tokenizer, ids, state, req.params, cancel=ctx.cancel,
                                              deadline=ctx.deadline, stop_ids=stop_ids):

@@ -1,0 +1,207 @@
+"""Batch-1 decode speed: plain transformers, swapmoe with one CUDA graph replay per token, and the baselines.
+
+Builds a model of a published MoE architecture with random weights (benchmarks/budgets.py ARCHS),
+loads every setting side by side in one process, and times them in alternating rounds through the
+one decode timing of the package (swapmoe.engine.timing.time_decode), teacher-forced on the same
+token stream. Per setting: ms/token (min and median over rounds), tokens/s, share of the roofline
+(weight bytes read per token over measured device bandwidth), and from the profiler over a few
+tokens: GPU-busy ms/token, kernels/token and host syncs/token; hit rate and swaps over the timed
+tokens; device memory split. A table on stdout and a JSON with torch, transformers, GPU and commit.
+
+    python benchmarks/decode.py --arch olmoe-1b-7b --out runs/decode       # on the GPU machine
+    python benchmarks/decode.py --arch tiny --device cpu --out runs/tiny     # smoke test anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from budgets import ARCHS, build_checkpoint, bytes_per_token, copy_bandwidth, weight_split  # noqa: E402
+
+import swapmoe  # noqa: E402
+from swapmoe.engine.decoder import Decoder  # noqa: E402
+from swapmoe.engine.timing import time_decode  # noqa: E402
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+               "aten::_local_scalar_dense", "cudaMemcpy")
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "commit": commit}
+
+
+def settings(arch_experts: int) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(name, loader, load kwargs, decode mode)."""
+    return [
+        ("plain transformers, eager", "plain", {}, "dynamic"),
+        ("plain transformers, graph", "plain", {}, "graph"),
+        ("swapmoe 100%, graph", "swapmoe", {"memory_budget": "100%"}, "graph"),
+        ("swapmoe 50%, graph", "swapmoe", {"memory_budget": "50%"}, "graph"),
+        ("swapmoe 50% skip, graph", "swapmoe", {"memory_budget": "50%", "strategy": "skip"}, "graph"),
+        ("swapmoe 25%, graph", "swapmoe", {"memory_budget": "25%"}, "graph"),
+        ("swapmoe 50%, eager", "swapmoe", {"memory_budget": "50%"}, "dynamic"),
+        ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
+    ]
+
+
+def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype: torch.dtype,
+         cache: dict[tuple, Any]) -> Any:
+    key = (kind, tuple(sorted(kw.items())))
+    if key in cache:
+        return cache[key]
+    if kind == "plain":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    elif kind == "swapmoe":
+        model = swapmoe.load(path, device=device, dtype=dtype, **kw)
+    else:
+        from swapmoe.baselines import load_policy
+
+        model = load_policy(kind, path, kw["memory_budget"], device=device, dtype=dtype)
+    cache[key] = model
+    return model
+
+
+def profile_counts(dec: Decoder, prompt: list[int], feed: list[int], tokens: int) -> dict[str, float]:
+    """GPU-busy ms, kernels and host syncs per token, from the profiler (noise does not move them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_decode(dec.model, prompt, 2, feed=feed, warmup=2, decoder=dec)  # graph captured before profiling
+    dec.prefill(prompt, max_new_tokens=tokens + 1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(tokens):
+            dec.read_logits(dec.step(feed[i]))
+    kernels = busy = 0.0
+    syncs = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            busy += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        elif ev.name in SYNC_EVENTS:
+            syncs += 1
+    return {"gpu_busy_ms": busy / 1e3 / tokens, "kernels": kernels / tokens, "host_syncs": syncs / tokens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="olmoe-1b-7b", choices=sorted(ARCHS))
+    p.add_argument("--layers", type=int, default=None, help="keep only this many layers (a shaped model)")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokens", type=int, default=32, help="timed decode tokens per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--profile-tokens", type=int, default=8)
+    p.add_argument("--only", default=None, help="';'-separated setting names to run (default: all)")
+    p.add_argument("--out", type=Path, default=Path("runs/decode"))
+    args = p.parse_args()
+    console = Console()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.layers:
+        ARCHS[args.arch] = {**ARCHS[args.arch], "num_hidden_layers": args.layers}
+    path = Path(args.model_dir or f"/tmp/swapmoe-bench-{args.arch}-{args.layers or 'all'}")
+    built = build_checkpoint(args.arch, path, dtype, device, console)
+    bandwidth = copy_bandwidth(device)
+    rng = torch.Generator().manual_seed(0)
+    vocab = ARCHS[args.arch]["vocab_size"]
+    prompt = torch.randint(0, vocab, (32,), generator=rng).tolist()
+    feed = torch.randint(0, vocab, (args.tokens + 8,), generator=rng).tolist()
+    chosen = settings(ARCHS[args.arch]["num_experts"])
+    if args.only:
+        wanted = {s.strip() for s in args.only.split(";")}
+        chosen = [c for c in chosen if c[0] in wanted]
+    loaded: dict[tuple, Any] = {}
+    decoders: dict[str, Decoder] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    t_load = time.perf_counter()
+    for name, kind, kw, mode in chosen:
+        model = load(kind, path, kw, device, dtype, loaded)
+        # on a CPU (a smoke test) the graph settings run the graph path without the capture
+        decoders[name] = Decoder(model, mode if device.type == "cuda" or mode != "graph" else "static")
+        rows[name] = {"setting": name, "mode": mode, "ms": []}
+    console.print(f"built {built:.0f}s, loaded {len(loaded)} models in {time.perf_counter() - t_load:.0f}s")
+    for r in range(args.rounds):
+        order = list(rows) if r % 2 == 0 else list(reversed(rows))
+        for name in order:
+            dec = decoders[name]
+            runtime = getattr(dec.model, "swapmoe", None)
+            before = runtime.stats()["total"] if runtime is not None else None
+            timing = time_decode(dec.model, prompt, args.tokens, feed=feed, warmup=2, decoder=dec)
+            rows[name]["ms"].append(1e3 * statistics.median(timing.step_s))
+            if runtime is not None and r == args.rounds - 1:
+                after = runtime.stats()["total"]
+                looked = after["lookups"] - before["lookups"]
+                rows[name]["hit_rate"] = (after["hits"] - before["hits"]) / looked if looked else None
+                rows[name]["swaps"] = after["swaps"] - before["swaps"]
+        console.print(f"round {r + 1}/{args.rounds} done")
+    for name, dec in decoders.items():
+        row = rows[name]
+        row["ms_min"], row["ms_median"] = min(row["ms"]), statistics.median(row["ms"])
+        row["tokens_per_s"] = 1e3 / row["ms_median"]
+        model = dec.model
+        if hasattr(model, "swapmoe"):
+            experts, other = weight_split(model)
+            row.update(expert_bytes=experts, other_bytes=other)
+            read = bytes_per_token(model, other)
+            row["roofline_ms"] = 1e3 * read / bandwidth if bandwidth == bandwidth else None
+            row["roofline_share"] = row["roofline_ms"] / row["ms_median"] if row["roofline_ms"] else None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            if "ondemand" not in name:
+                row.update(profile_counts(dec, prompt, feed, args.profile_tokens))
+            row["decode_transient_bytes"] = torch.cuda.max_memory_allocated(device) - base
+            row["graphs_captured"] = dec.graphs_captured
+    gc.collect()
+    show(list(rows.values()), console)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"arch": args.arch, "layers": args.layers, "spec": ARCHS[args.arch], "tokens": args.tokens,
+              "rounds": args.rounds, "bandwidth_bytes_per_s": bandwidth, **provenance(device),
+              "rows": list(rows.values())}
+    out = args.out / f"decode-{args.arch}{'-' + str(args.layers) + 'l' if args.layers else ''}.json"
+    out.write_text(json.dumps(result, indent=1))
+    console.print(f"wrote {out}")
+
+
+def show(rows: list[dict[str, Any]], console: Console) -> None:
+    t = Table(title="batch-1 decode")
+    for col in ("setting", "ms/token min", "median", "tok/s", "roofline", "GPU busy ms", "kernels", "syncs",
+                "hit rate", "swaps"):
+        t.add_column(col)
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        t.add_row(r["setting"], f(r["ms_min"], ".2f"), f(r["ms_median"], ".2f"), f(r["tokens_per_s"], ".0f"),
+                  f(r.get("roofline_share"), ".0%"), f(r.get("gpu_busy_ms"), ".2f"), f(r.get("kernels"), ".0f"),
+                  f(r.get("host_syncs"), ".1f"), f(r.get("hit_rate"), ".2f"), f(r.get("swaps"), "d"))
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The one batch-1 decode path: a prefill, then one step per token; on CUDA each step is one graph replay.
+
+Every command that decodes goes through a :class:`Decoder` (the engine's streams, ``model.generate``
+on a ``swapmoe.load`` model, ``eval``/``sweep``/``profile`` decode timing, benchmarks/decode.py).
+
+Modes
+    graph    CUDA: a ``StaticCache`` of fixed capacity and fixed input/output buffers; the first decode
+             step after a (re)allocation runs eagerly, then the step is captured once with
+             ``torch.cuda.CUDAGraph`` and every later step is one replay. A replay runs no Python, so
+             the runtime's host side (mapping finished copies, starting updates, counting lookups) is
+             called before each replay (:meth:`VirtualExperts.before_replay`), and the router hooks
+             were captured doing only in-graph tensor work (:mod:`swapmoe.runtime.step`).
+    static   the graph path without the capture, on any device: the same ``StaticCache``, and each decode
+             step split as a replay splits it (the runtime's host side first, then a forward whose
+             hooks do only in-graph work). CPU tests check the graph path's bookkeeping with it.
+    dynamic  a ``DynamicCache``, every step an eager forward (CPU; models a graph cannot capture).
+
+Prefill is always eager (one forward of the whole prompt): prompts vary in length, a captured
+prefill would need one graph per length. The decode graph is kept across requests: a new request
+resets the cache in place (same addresses), so the graph stays valid; only a request that needs a
+longer cache allocates a larger one (capacities are powers of two, never shrinking) and captures anew.
+
+    T = tokens of a forward, V = vocabulary size, L = cache capacity (tokens)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from swapmoe.compat import cache_argument
+
+log = logging.getLogger(__name__)
+
+MODES = ("graph", "static", "dynamic")
+
+
+def _plain_no_grad() -> contextlib.ExitStack:
+    """No autograd, and no inference tensors even inside a caller's ``torch.inference_mode()``: the
+    cache and graph buffers are kept across calls, some made under ``inference_mode`` (the CLI) and
+    some not (``model.generate``, which uses ``no_grad``), and an inference tensor cannot be updated
+    in place outside inference mode."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+MIN_CAPACITY = 256  # smallest static cache (tokens): keeps short requests from re-capturing
+
+
+def model_device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def graph_blocker(model: Any) -> str | None:
+    """Why a model's decode step cannot be captured in a CUDA graph, or None when it can."""
+    from swapmoe.runtime.step import uses_eager_kernel
+
+    if model_device(model).type != "cuda":
+        return "not on a CUDA device"
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "sliding_window", None) is not None and any(
+        t == "sliding_attention" for t in getattr(text, "layer_types", None) or ["sliding_attention"]
+    ):
+        return "sliding-window attention (transformers' static sliding cache keeps a host-side length)"
+    runtime = getattr(model, "swapmoe", None)
+    if runtime is not None:
+        from swapmoe.adapters.base import SparseExperts
+
+        for st in runtime.layers:
+            if uses_eager_kernel(st.layer.experts):
+                return "the 'eager' experts kernel (data-dependent nonzero); use grouped_mm or batched_mm"
+            if _grouped_mm_off_bf16(st.layer):
+                return ("grouped_mm on non-bfloat16 expert weights (it reads group offsets on the host); "
+                        "load in bfloat16 or with experts_implementation='batched_mm'")
+            if isinstance(st.layer.experts, SparseExperts):
+                return "an adapted family (its experts dispatch on data-dependent shapes)"
+        if getattr(runtime, "host_driven", False):
+            return "on-demand loading (copies decided on the host inside the forward)"
+    return None
+
+
+def _grouped_mm_off_bf16(layer: Any) -> bool:
+    impl = getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
+    if impl not in (None, "grouped_mm"):
+        return False
+    weight = getattr(layer.experts, layer.expert_param_names[0], None)
+    return weight is not None and weight.dtype != torch.bfloat16
+
+
+def _capacity(need: int, limit: int | None, smallest: int = MIN_CAPACITY) -> int:
+    cap = smallest
+    while cap < need:
+        cap *= 2
+    return min(cap, limit) if limit is not None else cap
+
+
+class Decoder:
+    """Batch-1 decoding of one model; see the module docstring for the modes.
+
+    ``prefill`` and ``step`` return next-token logits on the device as float32 (``[T, V]`` for a
+    prefill with ``all_logits``, else ``[V]``); :meth:`read_logits` brings a ``[V]`` row to the host
+    through pinned memory (the one transfer a streamed token needs).
+    """
+
+    def __init__(self, model: Any, mode: str | None = None, min_capacity: int = MIN_CAPACITY) -> None:
+        if mode is None:
+            mode = "graph" if graph_blocker(model) is None else "dynamic"
+        if mode not in MODES:
+            raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
+        if mode == "graph" and (why := graph_blocker(model)) is not None:
+            raise ValueError(f"this model's decode step cannot be captured in a CUDA graph: {why}")
+        self.model = model
+        self.mode = mode
+        self.device = model_device(model)
+        self.cache_kw = cache_argument(model)
+        self.limit = _context_length(model)
+        self.min_capacity = min_capacity
+        self.cache: Any = None
+        self.capacity = 0
+        # tokens in the cache (re-prefilled if the capacity runs out); device tensors for model.generate
+        self.history: list[Any] = []
+        self.hf_active = False  # a model.generate call is decoding through this decoder (hf_generate.py)
+        self.graph: Any = None
+        self.graphs_captured = 0
+        self._input: torch.Tensor | None = None  # [1, 1] long: the captured step's input
+        self._output: torch.Tensor | None = None  # [V] float32: the captured step's output
+        self._host: torch.Tensor | None = None  # [V] float32 pinned: read-back of a streamed token
+        self._read_done: Any = None
+
+    # ------------------------------------------------------------------ cache
+    def _new_cache(self, need: int) -> Any:
+        from transformers import DynamicCache, StaticCache
+
+        if self.mode == "dynamic":
+            try:
+                return DynamicCache(config=self.model.config)
+            except TypeError:  # older transformers without the config argument
+                return DynamicCache()
+        self.capacity = _capacity(need, self.limit, self.min_capacity)
+        self.graph = None  # a new cache has new addresses: capture again
+        return StaticCache(config=self.model.config, max_cache_len=self.capacity)
+
+    def start(self, need: int) -> None:
+        """Start a new sequence that will hold up to ``need`` tokens (prompt + generated)."""
+        self.history = []
+        if self.mode == "dynamic" or self.cache is None or need > self.capacity:
+            self.cache = self._new_cache(need)
+        else:
+            self.cache.reset()  # in place: the captured graph keeps reading the same tensors
+
+    # ---------------------------------------------------------------- forwards
+    def _forward(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        # the model's own forward, also where model.generate's wrapper is installed (hf_generate.py)
+        forward = self.model.__dict__.get("_swapmoe_plain_forward", self.model)
+        with _plain_no_grad():
+            out = forward(input_ids=ids, **{self.cache_kw: self.cache}, use_cache=True,
+                             logits_to_keep=0 if all_logits else 1)
+            return out.logits[0].float()  # [T or 1, V]
+
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False, max_new_tokens: int = MIN_CAPACITY
+                ) -> torch.Tensor:
+        """A new sequence: the prompt in one eager forward. Returns ``[V]`` (or ``[T, V]``) float32 logits."""
+        if not token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        self.start(len(token_ids) + max(max_new_tokens, 1))
+        return self._extend(list(token_ids), all_logits)
+
+    def _extend(self, token_ids: list[int | torch.Tensor], all_logits: bool) -> torch.Tensor:
+        if isinstance(token_ids[0], torch.Tensor):
+            ids = torch.stack([t.reshape(()) for t in token_ids]).view(1, -1).to(self.device)  # [1, T]
+        else:
+            ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
+        logits = self._forward(ids, all_logits)
+        self.history.extend(token_ids)
+        return logits if all_logits else logits[-1]
+
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token; return the next-token logits ``[V]`` float32 on the device.
+
+        ``token`` is a host int, or a device tensor of one id (``model.generate``'s sampled token: no
+        host read). In graph mode the returned tensor is the graph's output buffer: read it (or copy
+        it) before the next step.
+        """
+        if self.mode != "dynamic" and len(self.history) + 1 > self.capacity:
+            self._grow()
+        if self.mode == "static" and self.history:
+            runtime = getattr(self.model, "swapmoe", None)
+            if runtime is None:
+                return self._extend([token], all_logits=False)
+            runtime.before_replay(1)
+            with runtime.capturing():
+                return self._extend([token], all_logits=False)
+        if self.mode != "graph" or self.graph is None:
+            logits = self._extend([token], all_logits=False)
+            if self.mode == "graph":
+                self._capture()  # after an eager step, which warmed up what the capture records
+            return logits
+        assert self._input is not None and self._output is not None
+        with _plain_no_grad():
+            if isinstance(token, torch.Tensor):
+                self._input.copy_(token.view(1, 1))  # device to device: no host sync
+            else:
+                self._input.fill_(token)  # a kernel with the id as argument: no host sync
+        runtime = getattr(self.model, "swapmoe", None)
+        if runtime is not None:
+            runtime.before_replay(1)
+        self.graph.replay()
+        self.history.append(token)
+        return self._output
+
+    def _grow(self) -> None:
+        """The cache is full: re-prefill the sequence into a cache twice as large (rare: callers size
+        the cache from the request's max_tokens)."""
+        if self.limit is not None and self.capacity >= self.limit:
+            raise ValueError(f"the sequence reached the model's context length ({self.limit} tokens)")
+        history = self.history
+        log.info("decode cache full at %d tokens: re-prefilling into a larger cache", len(history))
+        self.cache = self._new_cache(2 * self.capacity)
+        self.history = []
+        self._extend(history, all_logits=False)
+
+    def _capture(self) -> None:
+        """Capture one decode step at the current cache addresses (no kernel runs: nothing changes)."""
+        runtime = getattr(self.model, "swapmoe", None)
+        with _plain_no_grad():
+            self._input = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        hooks = runtime.capturing() if runtime is not None else contextlib.nullcontext()
+        try:
+            with hooks, torch.cuda.graph(graph):
+                self._output = self._forward(self._input, all_logits=False)[-1]  # [V]
+        except RuntimeError as e:  # a kernel that reads device values on the host cannot be captured
+            log.warning("could not capture the decode step (%s); decoding with eager forwards",
+                        str(e).splitlines()[0])
+            self.mode = "static"
+            torch.cuda.synchronize(self.device)
+            return
+        self.graph = graph
+        self.graphs_captured += 1
+
+    # ---------------------------------------------------------------- read-back
+    def read_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[V]`` logits on the host as float32: a non-blocking copy into pinned memory and a wait on
+        its event (one transfer per token; no stream-wide synchronisation)."""
+        if logits.device.type != "cuda":
+            return logits.float().clone()
+        if self._host is None or self._host.shape != logits.shape:
+            self._host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+            self._read_done = torch.cuda.Event()
+        self._host.copy_(logits, non_blocking=True)
+        self._read_done.record()
+        self._read_done.synchronize()
+        return self._host.clone()
+
+
+def _context_length(model: Any) -> int | None:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def decoder_for(model: Any, mode: str | None = None) -> Decoder:
+    """The model's decoder, created on first use and kept on the model (its graph and cache are reused
+    by every request). ``mode`` None: the model's default (``model.swapmoe_decode_mode`` if set by
+    ``swapmoe.load(cuda_graph=...)``, else graph where possible)."""
+    mode = mode or getattr(model, "swapmoe_decode_mode", None)
+    dec = model.__dict__.get("_swapmoe_decoder")
+    if dec is None or (mode is not None and dec.mode != mode):
+        dec = Decoder(model, mode)
+        model.__dict__["_swapmoe_decoder"] = dec
+    return dec

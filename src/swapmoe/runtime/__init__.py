@@ -1,0 +1,170 @@
+"""The Virtual Experts runtime: hooks on every router, scheduling, counters (``model.swapmoe``).
+
+For every MoE layer a forward hook on the router replaces the router's output ``(logits, weights,
+indices)`` with Masked-Gating weights and *slot* ids, so transformers' own experts kernels compute
+only resident experts out of the compact ``[S, ...]`` slot tensors. The runtime is split in three:
+
+* :mod:`~swapmoe.runtime.state`: the device tensors a forward (or a graph replay) reads and writes;
+* :mod:`~swapmoe.runtime.step`: the in-graph tensor work of one router call (importance, hits,
+  Masked Gating), the same in an eager forward and inside a captured CUDA graph;
+* :mod:`~swapmoe.runtime.scheduler`: the host side between forwards or replays (every
+  ``update_interval`` tokens: importance snapshot -> :func:`swapmoe.policy.plan_swaps` -> swapper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from swapmoe.pool import Swapper
+from swapmoe.runtime.scheduler import before_tokens
+from swapmoe.runtime.state import IMPORTANCE_KINDS, STRATEGIES, LayerState, RuntimeConfig
+from swapmoe.runtime.step import route, sentinel_slot
+
+__all__ = ["IMPORTANCE_KINDS", "STRATEGIES", "LayerState", "RuntimeConfig", "VirtualExperts", "sentinel_slot"]
+
+
+class VirtualExperts:
+    """Virtual Experts for one model: attached as ``model.swapmoe``."""
+
+    def __init__(
+        self,
+        layers: list[LayerState],
+        config: RuntimeConfig,
+        device: torch.device,
+        budget_bytes: int,
+        total_expert_bytes: int,
+    ) -> None:
+        self.layers = layers
+        self.config = config
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.total_expert_bytes = total_expert_bytes
+        self.swapper = Swapper(device, config.async_swaps)
+        self.observe = True
+        self.in_graph = False  # True while a decode step is being captured (see capturing())
+        self.host_driven = False  # True while a baseline decides copies inside the forward (ondemand)
+        for st in layers:
+            st.handle = st.layer.router.register_forward_hook(self._make_hook(st))
+
+    # ------------------------------------------------------------------ hook
+    def _make_hook(self, st: LayerState):
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            return self._on_route(st, args[0], output)
+
+        return hook
+
+    def _on_route(self, st: LayerState, hidden: torch.Tensor, output: Any) -> Any:
+        if not self.in_graph:
+            # an eager forward schedules here, per layer, before routing; a graph decoder calls
+            # before_replay() instead, since a replay runs no Python
+            tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            before_tokens(st, tokens, self.config, self.swapper, self.device)
+        if st.pool is None:
+            # every expert resident: nothing to score or route, and every choice is a hit (counted on
+            # the host: no device work at all, so a 100% budget runs at plain transformers' speed)
+            return None
+        return route(st, self.config, hidden, output, self.observe)
+
+    # ------------------------------------------------------------ scheduling
+    def before_replay(self, tokens: int = 1) -> None:
+        """What the router hooks' host side would do for a forward of ``tokens`` tokens, for every
+        layer: map finished copies, start due updates, count lookups. A graph decoder calls it before
+        each replay (the replay itself runs the in-graph work of :mod:`swapmoe.runtime.step`)."""
+        for st in self.layers:
+            before_tokens(st, tokens, self.config, self.swapper, self.device)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Within this block the router hooks do in-graph work only (for capturing a decode step)."""
+        previous, self.in_graph = self.in_graph, True
+        try:
+            yield
+        finally:
+            self.in_graph = previous
+
+    # ------------------------------------------------------------ controls
+    def set_strategy(self, strategy: str) -> None:
+        """Switch between "exchange" and "skip" at run time."""
+        self.config = RuntimeConfig(**{**asdict(self.config), "strategy": strategy})
+
+    def set_updates(self, update_interval: int | None = None, swaps_per_update: int | None = None) -> None:
+        changes = {k: v for k, v in (("update_interval", update_interval), ("swaps_per_update", swaps_per_update))
+                   if v is not None}
+        self.config = RuntimeConfig(**{**asdict(self.config), **changes})
+
+    def set_async_swaps(self, enabled: bool) -> None:
+        """Overlap copies with compute on a side CUDA stream (True) or copy synchronously (False).
+
+        Copies in flight finish first. Used to show the overlap (``--sync-swaps``); no effect on CPU.
+        """
+        self.synchronize()
+        self.config = RuntimeConfig(**{**asdict(self.config), "async_swaps": enabled})
+        self.swapper = Swapper(self.device, enabled)
+
+    def synchronize(self) -> None:
+        """Finish every copy in flight and map its expert."""
+        for st in self.layers:
+            if st.pool is not None:
+                self.swapper.poll(st.pool, wait=True)
+
+    def reset_stats(self) -> None:
+        for st in self.layers:
+            st.hits.zero_()
+            st.lookups = st.swaps = st.bytes_copied = 0
+
+    def remove(self) -> None:
+        """Detach the hooks (the model keeps its slot tensors)."""
+        for st in self.layers:
+            if st.handle is not None:
+                st.handle.remove()
+                st.handle = None
+
+    def resident_sets(self) -> list[list[int]]:
+        return [st.resident_experts() for st in self.layers]
+
+    # --------------------------------------------------------------- counters
+    def stats(self) -> dict[str, Any]:
+        """Counters per layer and in total (reads device counters: one sync)."""
+        layers = []
+        for st in self.layers:
+            hits = st.lookups if st.pool is None else int(st.hits.item())
+            layers.append(
+                {
+                    "layer": st.layer.index,
+                    "module": st.layer.name,
+                    "num_experts": st.layer.num_experts,
+                    "slots": st.num_slots,
+                    "resident_experts": len(st.resident_experts()),
+                    "resident_bytes": st.resident_bytes(),
+                    "swaps": st.swaps,
+                    "bytes_copied": st.bytes_copied,
+                    "hits": hits,
+                    "lookups": st.lookups,
+                    "hit_rate": hits / st.lookups if st.lookups else 1.0,
+                    # where the layer's experts live off the device: every expert resident ("device"),
+                    # host memory ("host") or the memory-mapped checkpoint files ("checkpoint")
+                    "expert_store": "device" if st.pool is None else st.pool.store.location,
+                }
+            )
+        hits = sum(la["hits"] for la in layers)
+        lookups = sum(la["lookups"] for la in layers)
+        total = {
+            "resident_experts": sum(la["resident_experts"] for la in layers),
+            "slots": sum(la["slots"] for la in layers),
+            "resident_bytes": sum(la["resident_bytes"] for la in layers),
+            "budget_bytes": self.budget_bytes,
+            "total_expert_bytes": self.total_expert_bytes,
+            "swaps": sum(la["swaps"] for la in layers),
+            "bytes_copied": sum(la["bytes_copied"] for la in layers),
+            "hits": hits,
+            "lookups": lookups,
+            "hit_rate": hits / lookups if lookups else 1.0,
+            "host_expert_bytes": sum(st.full_bytes for st in self.layers
+                                     if st.pool is not None and st.pool.store.location == "host"),
+        }
+        return {"total": total, "layers": layers}

@@ -1,0 +1,102 @@
+"""The one decode path (swapmoe.engine.decoder) on the CPU: the static-cache path that the CUDA graph
+replays, split as a replay splits it, against eager forwards with a dynamic cache.
+
+The CUDA graph itself is tested in tests/test_cuda.py (run on the GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swapmoe
+from swapmoe.engine import SamplingParams, generate
+from swapmoe.engine.decoder import Decoder, graph_blocker
+from swapmoe.engine.hf_generate import install
+
+PROMPT = [5, 17, 42, 9, 33, 12, 7, 61]
+
+
+def _greedy(dec: Decoder, prompt: list[int], new: int) -> tuple[list[int], list[torch.Tensor]]:
+    logits = dec.prefill(prompt, max_new_tokens=new)
+    tokens, rows = [], []
+    for _ in range(new):
+        rows.append(dec.read_logits(logits))
+        token = int(rows[-1].argmax())
+        tokens.append(token)
+        logits = dec.step(token)
+    return tokens, rows
+
+
+def test_cpu_has_no_graph_and_says_why(model):
+    assert graph_blocker(model) == "not on a CUDA device"
+    assert Decoder(model).mode == "dynamic"
+    with pytest.raises(ValueError, match="cannot be captured in a CUDA graph: not on a CUDA device"):
+        Decoder(model, "graph")
+
+
+def test_static_split_steps_equal_eager_steps_while_swapping(engine_checkpoint):
+    """The graph path's bookkeeping (scheduler before each step, hooks doing in-graph work only) routes,
+    swaps and counts exactly as eager forwards do, with swaps every 2 tokens."""
+    kw = dict(device="cpu", update_interval=2, swaps_per_update=1)
+    runs = {}
+    for mode in ("dynamic", "static"):
+        model = swapmoe.load(engine_checkpoint, "50%", **kw)
+        tokens, rows = _greedy(Decoder(model, mode), PROMPT, 40)
+        runs[mode] = (tokens, rows, model.swapmoe.stats()["total"], model.swapmoe.resident_sets())
+    (t_dyn, r_dyn, s_dyn, sets_dyn), (t_sta, r_sta, s_sta, sets_sta) = runs["dynamic"], runs["static"]
+    assert s_dyn["swaps"] > 0, "the schedule must swap for this test to mean anything"
+    assert t_sta == t_dyn
+    for a, b in zip(r_sta, r_dyn, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for key in ("swaps", "bytes_copied", "hits", "lookups"):
+        assert s_sta[key] == s_dyn[key], key
+    assert sets_sta == sets_dyn
+
+
+def test_static_cache_is_reused_in_place_and_grows_when_a_sequence_outruns_it(engine_checkpoint):
+    model = swapmoe.load(engine_checkpoint, "100%", device="cpu")
+    static, dynamic = Decoder(model, "static", min_capacity=32), Decoder(model, "dynamic")
+    first, _ = _greedy(static, PROMPT, 8)
+    cache = static.cache
+    again, _ = _greedy(static, PROMPT, 8)
+    assert static.cache is cache and again == first  # a new request resets the same cache
+    # prefill sized for 1 new token, then decode past the capacity: re-prefilled into a larger cache
+    long_prompt = (PROMPT * 4)[:30]
+    logits = static.prefill(long_prompt, max_new_tokens=1)
+    ref = dynamic.prefill(long_prompt)
+    assert static.capacity == 32
+    for _ in range(6):
+        token = int(static.read_logits(logits).argmax())
+        assert token == int(ref.argmax())
+        logits, ref = static.step(token), dynamic.step(token)
+    assert static.capacity == 64 and static.cache is not cache
+    torch.testing.assert_close(static.read_logits(logits), dynamic.read_logits(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_engine_generation_is_the_same_through_either_cache(engine_checkpoint, tokenizer):
+    model = swapmoe.load(engine_checkpoint, "50%", device="cpu", swaps_per_update=0)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    model.swapmoe_decode_mode = "dynamic"
+    eager = generate(model, tokenizer, PROMPT, params)
+    model.swapmoe_decode_mode = "static"
+    static = generate(model, tokenizer, PROMPT, params)
+    assert model.__dict__["_swapmoe_decoder"].mode == "static"
+    assert static.token_ids == eager.token_ids and len(eager.token_ids) > 0
+
+
+@pytest.mark.parametrize("budget", ["100%", "50%"])
+def test_model_generate_through_the_decoder_equals_plain_generate(engine_checkpoint, budget):
+    """model.generate keeps transformers' semantics when its decode steps go through the decoder."""
+    plain = swapmoe.load(engine_checkpoint, budget, device="cpu", swaps_per_update=0)
+    routed = swapmoe.load(engine_checkpoint, budget, device="cpu", swaps_per_update=0)
+    dec = install(routed, "static")
+    ids = torch.tensor([PROMPT])
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    out_plain = plain.generate(ids, **kw)
+    out_routed = routed.generate(ids, **kw)
+    assert torch.equal(out_routed, out_plain)
+    assert dec.cache is not None and len(dec.history) == len(PROMPT) + 19  # the last token is not fed
+    assert routed.swapmoe.stats()["total"]["lookups"] == plain.swapmoe.stats()["total"]["lookups"]
+    # padding, batches and beams run as plain transformers (the static path derives positions itself)
+    two = torch.tensor([PROMPT, PROMPT])
+    assert torch.equal(routed.generate(two, **kw), plain.generate(two, **kw))
