@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 import swapmoe
+from swapmoe.compat import cache_kwargs
 from swapmoe.loader import default_model_path, resolve_dtype
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -47,13 +48,13 @@ def decode_ms(model: Any, tokens: int, warmup: int = 8) -> float:
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     cache = DynamicCache(config=model.config)
-    tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    tok = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     for _ in range(warmup):
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     _sync(device)
     start = time.perf_counter()
     for _ in range(tokens):
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     _sync(device)
     return 1e3 * (time.perf_counter() - start) / tokens
 

@@ -148,7 +148,7 @@ def evaluate_stream(
     hit_rate = swaps = copied = None
     if before is not None and after is not None:
         lookups = after[1] - before[1]
-        hit_rate = (after[0] - before[0]) / lookups if lookups else 1.0
+        hit_rate = (after[0] - before[0]) / lookups if lookups else None
         swaps, copied = after[2] - before[2], after[3] - before[3]
     mean_nll = float(nll) / scored
     return EvalResult(
@@ -166,16 +166,18 @@ def _decode_latency(model: Any, ids: torch.Tensor, steps: int) -> float:
     """Seconds per teacher-forced decode step with a KV cache, over the first tokens of the stream."""
     from transformers import DynamicCache
 
+    from swapmoe.compat import cache_kwargs
+
     device = next(model.parameters()).device
     steps = min(steps, ids.numel() - 1)
     prompt = ids[:1].view(1, 1).to(device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True)
     for _ in range(3):  # untimed warm-up of the single-token kernels, on a throwaway cache
         model(input_ids=prompt, use_cache=False)
     _sync(device)
     t0 = time.perf_counter()
     for i in range(1, steps + 1):
-        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
+        model(input_ids=ids[i : i + 1].view(1, 1).to(device), **cache_kwargs(model, cache), use_cache=True)
     _sync(device)
     return (time.perf_counter() - t0) / steps

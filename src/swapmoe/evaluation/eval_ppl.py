@@ -59,7 +59,13 @@ def load_dense(path: Path, args: argparse.Namespace) -> Any:
 
 def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
     from swapmoe.checkpoint import check_checkpoint
-    from swapmoe.cli import load_from_args, load_tokenizer, require_causal_checkpoint, stats_table
+    from swapmoe.cli import (
+        format_rate,
+        load_from_args,
+        load_tokenizer,
+        require_causal_checkpoint,
+        stats_table,
+    )
     from swapmoe.evaluation.perplexity import stream_perplexity, tokenize_text
     from swapmoe.loader import default_model_path
 
@@ -95,7 +101,7 @@ def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
         share = budget["resident_bytes"] / budget["total_expert_bytes"] if budget["total_expert_bytes"] else 1.0
         where = (f"{format_bytes(budget['resident_bytes'])} of {format_bytes(budget['total_expert_bytes'])} "
                  f"expert weights resident ({share:.0%})")
-        extra = (f"hit rate {result.hit_rate:.3f}, swaps {result.swaps} "
+        extra = (f"hit rate {format_rate(result.hit_rate)}, swaps {result.swaps} "
                  f"({format_bytes(result.bytes_copied or 0)} copied)")
     else:
         where, extra = "dense model, all weights resident", "hit rate n/a, swaps 0"

@@ -206,7 +206,7 @@ def score(model: Any, ids: torch.Tensor, window: int, ref: Sequence[torch.Tensor
     after = runtime.stats()["total"]
     lookups = after["lookups"] - before["lookups"]
     return {"kl": max(kl / n, 0.0), "nll": nll / n, "top1": agree / n,
-            "hit_rate": (after["hits"] - before["hits"]) / lookups if lookups else 1.0,
+            "hit_rate": (after["hits"] - before["hits"]) / lookups if lookups else None,
             "swaps": after["swaps"] - before["swaps"], "tokens": n, "prefill_s_per_token": prefill / n}
 
 
@@ -216,18 +216,20 @@ def decode_steps(model: Any, ids: torch.Tensor, steps: int) -> dict[str, float]:
     not stalled) and swaps per token per virtualised layer."""
     from transformers import DynamicCache
 
+    from swapmoe.compat import cache_kwargs
+
     device = next(model.parameters()).device
     runtime = model.swapmoe
     steps = max(1, min(steps, ids.numel() - 1 - WARMUP_STEPS))
     cache = DynamicCache(config=model.config)
     for i in range(WARMUP_STEPS + 1):  # untimed: the first steps pay one-off costs (kernel selection on CUDA)
-        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
+        model(input_ids=ids[i : i + 1].view(1, 1).to(device), **cache_kwargs(model, cache), use_cache=True)
     before = runtime.stats()["total"]["swaps"]
     times = []
     for i in range(WARMUP_STEPS + 1, WARMUP_STEPS + steps + 1):
         _sync(device)
         t0 = time.perf_counter()
-        model(input_ids=ids[i : i + 1].view(1, 1).to(device), past_key_values=cache, use_cache=True)
+        model(input_ids=ids[i : i + 1].view(1, 1).to(device), **cache_kwargs(model, cache), use_cache=True)
         _sync(device)
         times.append(time.perf_counter() - t0)
     # A step slower than STALL x the median was stalled by something else on the machine (another
