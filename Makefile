@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint mutate
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -21,3 +21,8 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest -q
+
+# Mutation check (scripts/mutate.py): one-line breaks of Eq. 1, the policy, Masked Gating and the
+# scheduler, each applied to a temporary copy of the tree; every one must turn its tests red.
+mutate: $(STAMP)
+	$(VENV)/bin/python scripts/mutate.py
