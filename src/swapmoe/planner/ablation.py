@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref, nll_full = reference_logprobs(full, ids, args.window)
     if "full" not in data["cells"]:
         row = score(full, ids, args.window, ref)
-        row.update(decode_steps(full, ids, args.decode_tokens), nll=nll_full, kl=0.0, variant="full", budget="100%",
+        row.update(decode_steps(full, ids, args.decode_tokens), variant="full", budget="100%",
                    expert_bytes=full.swapmoe.stats()["total"]["resident_bytes"])
         data["cells"]["full"] = row
         save_profile(results_path, data)
