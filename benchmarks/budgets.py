@@ -34,6 +34,7 @@ from rich.table import Table
 import swapmoe
 from swapmoe.budget import format_bytes
 from swapmoe.compat import cache_kwargs
+from swapmoe.provenance import provenance
 
 # Published dimensions (DESIGN.md); "tiny" keeps the same shape at toy size for CPU smoke tests.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -228,6 +229,7 @@ def measure(args: argparse.Namespace, path: Path, budget: str, interval: int, sw
         "roofline_tokens_per_s": bw / read if bw == bw else float("nan"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "provenance": provenance(device),
     }
     del model
     return row

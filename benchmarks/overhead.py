@@ -26,6 +26,7 @@ from rich.table import Table
 import swapmoe
 from swapmoe.compat import cache_kwargs
 from swapmoe.loader import default_model_path, resolve_dtype
+from swapmoe.provenance import provenance
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "swapmoe 100%": {"memory_budget": "100%"},
@@ -96,7 +97,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(path), "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
               "tokens": args.tokens, "rounds": args.rounds, "ms_per_token": best,
-              "ratio_to_plain": {k: v / base for k, v in best.items()}}
+              "ratio_to_plain": {k: v / base for k, v in best.items()}, "provenance": provenance(device)}
     (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / 'overhead.json'}")
 

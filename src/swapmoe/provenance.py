@@ -31,9 +31,12 @@ def git_commit(where: Path | None = None) -> str | None:
 
 
 def device_name(device: torch.device | str | None = None) -> str:
-    """The GPU's name for a CUDA device, else the host CPU as the OS reports it."""
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+    """The GPU's name for a CUDA device, else the host CPU as the OS reports it. ``None`` means what
+    swapmoe's commands default to: the GPU when there is one."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev)
     return f"cpu: {platform.processor() or platform.machine()}"
 

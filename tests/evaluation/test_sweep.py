@@ -78,7 +78,9 @@ def test_sweep_command_writes_json_table_and_plots(ckpt, tmp_path, capsys):
     data = json.loads((out / "sweep.json").read_text())
     assert set(data["cells"]) == {"full", "swapmoe@25%", "swapmoe@50%", "ondemand@25%", "ondemand@50%"}
     full = data["cells"]["full"]
+    assert full["kl"] == 0.0 and full["top1_agreement"] == 1.0  # measured against the reference model
     for key, row in data["cells"].items():
+        assert row["provenance"]["transformers"] and row["provenance"]["device"].startswith("cpu")
         if key.startswith("ondemand"):  # exact: the full model's perplexity, at a fraction of the memory
             assert row["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
             assert row["expert_bytes"] < full["expert_bytes"]

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
+from swapmoe.provenance import provenance
 
 # config keys that give a model's experts per layer, across the families transformers knows
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -110,6 +111,7 @@ def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
     print(f"{where}; {result.seconds:.1f}s, {result.tokens_per_second:.0f} tokens/s on {model.device}")
     if args.json:
         record = {"model": str(path), "text": str(args.text), "memory_budget": args.memory_budget,
-                  "moe": moe, **{k: getattr(result, k) for k in result.__dataclass_fields__}}
+                  "moe": moe, **{k: getattr(result, k) for k in result.__dataclass_fields__},
+                  "provenance": provenance(model.device)}
         print(json.dumps(record))
     return 0

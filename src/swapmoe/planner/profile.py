@@ -45,6 +45,7 @@ from swapmoe.budget import allocate_slots
 from swapmoe.errors import SwapMoEError
 from swapmoe.evaluation.perplexity import windows
 from swapmoe.planner.perfmodel import Config
+from swapmoe.provenance import provenance
 
 PROFILE_VERSION = 1
 REF_CACHE_LIMIT = 2 * 2**30  # bytes of cached full-model log-probabilities (N x V float32)
@@ -425,6 +426,7 @@ def profile(
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "provenance": provenance(dev),  # of the latest run that wrote to the file (a profile may be resumed)
     }
     out = Path(out)
     data = _open(out, meta)
