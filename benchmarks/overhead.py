@@ -2,11 +2,11 @@
 
 Loads one checkpoint (default: the bundled reference model) as plain transformers and through
 ``swapmoe.load`` at several settings, and measures batch-1 greedy decode milliseconds per token
-after a 32-token prompt. The runs alternate over ``--rounds`` rounds and each setting reports its
-best round, so a busy machine (or a GPU still clocking up) does not decide the comparison. The
+after a 32-token prompt. The runs alternate over ``--rounds`` rounds (the order rotating, after one
+untimed model) and each setting reports its best round, so a busy machine (or a GPU still clocking up) does not decide the comparison. The
 ratio column is against plain transformers.
 
-    python benchmarks/overhead.py --device cpu --threads 1 --out runs/overhead
+    python benchmarks/overhead.py --device cpu --threads 1 --rounds 5 --out docs/results/overhead
     python benchmarks/overhead.py --device cuda --out runs/overhead        # on the GPU machine
 """
 
@@ -77,16 +77,23 @@ def main() -> None:
     path = Path(args.model) if args.model else default_model_path()
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype)
-    best: dict[str, float] = {}
-    for _ in range(args.rounds):
-        plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        best["plain transformers"] = min(best.get("plain transformers", float("inf")), decode_ms(plain, args.tokens))
-        del plain
-        for name, kw in SETTINGS.items():
-            model = swapmoe.load(path, device=device, dtype=dtype, **kw)
-            best[name] = min(best.get(name, float("inf")), decode_ms(model, args.tokens))
+    def load(name: str) -> Any:
+        if name == "plain transformers":
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        return swapmoe.load(path, device=device, dtype=dtype, **SETTINGS[name])
+
+    names = ["plain transformers", *SETTINGS]
+    # an untimed first model: the first one a process runs measures slow (one-off set-up costs), and
+    # the order rotates each round, so that no setting always runs first
+    decode_ms(load(names[0]), 16)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model = load(name)
+            times[name].append(decode_ms(model, args.tokens))
             del model
             gc.collect()
+    best = {n: min(t) for n, t in times.items()}
     base = best["plain transformers"]
     table = Table(title=f"decode ms/token, batch 1, best of {args.rounds} ({path.name}, {device}, {args.dtype})")
     for col in ("setting", "ms/token", "vs plain"):
@@ -97,7 +104,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(path), "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
               "tokens": args.tokens, "rounds": args.rounds, "ms_per_token": best,
-              "ratio_to_plain": {k: v / base for k, v in best.items()}, "provenance": provenance(device)}
+              "ratio_to_plain": {k: v / base for k, v in best.items()}, "all_rounds_ms": times,
+              "provenance": provenance(device)}
     (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / 'overhead.json'}")
 
