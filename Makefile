@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup demo test lint lock test-latest
+.PHONY: setup demo test lint lock test-latest mutate
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -43,3 +43,8 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest -q
+
+# Mutation check (scripts/mutate.py): one-line breaks of Eq. 1, the policy, Masked Gating and the
+# scheduler, each applied to a temporary copy of the tree; every one must turn its tests red.
+mutate: $(STAMP)
+	$(VENV)/bin/python scripts/mutate.py

@@ -33,6 +33,8 @@ from rich.table import Table
 
 import swapmoe
 from swapmoe.budget import format_bytes
+from swapmoe.compat import cache_kwargs
+from swapmoe.provenance import provenance
 
 # Published dimensions (DESIGN.md); "tiny" keeps the same shape at toy size for CPU smoke tests.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -112,12 +114,12 @@ def decode(model: Any, prompt: torch.Tensor, new_tokens: int, feed: torch.Tensor
     cache = DynamicCache(config=model.config)
     sync(dev)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
     sync(dev)
     t1 = time.perf_counter()
     for i in range(new_tokens - 1):
-        out = model(input_ids=tok if feed is None else feed[:, i : i + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok if feed is None else feed[:, i : i + 1], **cache_kwargs(model, cache), use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
     sync(dev)
     return t1 - t0, time.perf_counter() - t1
@@ -227,6 +229,7 @@ def measure(args: argparse.Namespace, path: Path, budget: str, interval: int, sw
         "roofline_tokens_per_s": bw / read if bw == bw else float("nan"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "provenance": provenance(device),
     }
     del model
     return row
@@ -247,7 +250,7 @@ def cells(r: dict[str, Any]) -> list[str]:
     return [r["budget"], r["schedule"], r["copies"], format_bytes(r["expert_slot_bytes"]), format_bytes(r["other_weight_bytes"]),
             format_bytes(r["rest_bytes"]), format_bytes(r["peak_bytes"]), format_bytes(r["load_peak_bytes"]),
             f"{r['decode_tokens_per_s']:.1f}", f"{r['roofline_tokens_per_s']:.0f}", str(r["swaps"]),
-            format_bytes(r["bytes_copied"]), f"{r['hit_rate']:.3f}"]
+            format_bytes(r["bytes_copied"]), "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

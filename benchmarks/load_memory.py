@@ -69,7 +69,8 @@ def build(out: Path, layers: int, experts: int, hidden: int, inter: int) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/load-memory"))
+    p.add_argument("--out", type=Path, default=Path("runs/load-memory"), help="folder for the checkpoints it builds")
+    p.add_argument("--results", type=Path, default=None, help="the JSON to write (default: OUT/load_memory.json)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--hidden", type=int, default=768)
@@ -94,8 +95,13 @@ def main() -> None:
         table.add_row(r["layout"], r["setting"], f"{r['peak_bytes'] / 2**20:.0f}", f"{r['after_bytes'] / 2**20:.0f}",
                       f"{r['peak_bytes'] / size:.2f}")
     Console().print(table)
-    (args.out / "load_memory.json").write_text(json.dumps({"checkpoint_bytes": size, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out / 'load_memory.json'}")
+    from swapmoe.provenance import provenance
+
+    results = args.results or args.out / "load_memory.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"checkpoint_bytes": size, "rows": rows, "provenance": provenance("cpu")}, indent=2)
+                       + "\n")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

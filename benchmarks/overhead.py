@@ -2,11 +2,11 @@
 
 Loads one checkpoint (default: the bundled reference model) as plain transformers and through
 ``swapmoe.load`` at several settings, and measures batch-1 greedy decode milliseconds per token
-after a 32-token prompt. The runs alternate over ``--rounds`` rounds and each setting reports its
-best round, so a busy machine (or a GPU still clocking up) does not decide the comparison. The
+after a 32-token prompt. The runs alternate over ``--rounds`` rounds (the order rotating, after one
+untimed model) and each setting reports its best round, so a busy machine (or a GPU still clocking up) does not decide the comparison. The
 ratio column is against plain transformers.
 
-    python benchmarks/overhead.py --device cpu --threads 1 --out runs/overhead
+    python benchmarks/overhead.py --device cpu --threads 1 --rounds 5 --out docs/results/overhead
     python benchmarks/overhead.py --device cuda --out runs/overhead        # on the GPU machine
 """
 
@@ -24,7 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 import swapmoe
+from swapmoe.compat import cache_kwargs
 from swapmoe.loader import default_model_path, resolve_dtype
+from swapmoe.provenance import provenance
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "swapmoe 100%": {"memory_budget": "100%"},
@@ -47,13 +49,13 @@ def decode_ms(model: Any, tokens: int, warmup: int = 8) -> float:
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     cache = DynamicCache(config=model.config)
-    tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    tok = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     for _ in range(warmup):
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     _sync(device)
     start = time.perf_counter()
     for _ in range(tokens):
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     _sync(device)
     return 1e3 * (time.perf_counter() - start) / tokens
 
@@ -75,16 +77,23 @@ def main() -> None:
     path = Path(args.model) if args.model else default_model_path()
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype)
-    best: dict[str, float] = {}
-    for _ in range(args.rounds):
-        plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        best["plain transformers"] = min(best.get("plain transformers", float("inf")), decode_ms(plain, args.tokens))
-        del plain
-        for name, kw in SETTINGS.items():
-            model = swapmoe.load(path, device=device, dtype=dtype, **kw)
-            best[name] = min(best.get(name, float("inf")), decode_ms(model, args.tokens))
+    def load(name: str) -> Any:
+        if name == "plain transformers":
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        return swapmoe.load(path, device=device, dtype=dtype, **SETTINGS[name])
+
+    names = ["plain transformers", *SETTINGS]
+    # an untimed first model: the first one a process runs measures slow (one-off set-up costs), and
+    # the order rotates each round, so that no setting always runs first
+    decode_ms(load(names[0]), 16)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model = load(name)
+            times[name].append(decode_ms(model, args.tokens))
             del model
             gc.collect()
+    best = {n: min(t) for n, t in times.items()}
     base = best["plain transformers"]
     table = Table(title=f"decode ms/token, batch 1, best of {args.rounds} ({path.name}, {device}, {args.dtype})")
     for col in ("setting", "ms/token", "vs plain"):
@@ -95,7 +104,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(path), "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
               "tokens": args.tokens, "rounds": args.rounds, "ms_per_token": best,
-              "ratio_to_plain": {k: v / base for k, v in best.items()}}
+              "ratio_to_plain": {k: v / base for k, v in best.items()}, "all_rounds_ms": times,
+              "provenance": provenance(device)}
     (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / 'overhead.json'}")
 

@@ -8,6 +8,7 @@ from swapmoe.routing import (
     repack_router_output,
     sigmoid_grouped,
     skip,
+    softmax_grouped,
     softmax_topk,
     substitute,
     to_slots,
@@ -112,3 +113,82 @@ def test_router_output_order_is_recovered_and_restored():
         lg, w, ix, pos = unpack_router_output(tuple(out), num_experts=4)
         assert lg is logits and w is weights and ix is indices
         assert [t is o for t, o in zip(repack_router_output(lg, w, ix, pos), out, strict=True)] == [True] * 3
+
+
+def test_exchange_weight_is_the_unmasked_probability_not_a_softmax_over_residents():
+    # a resident-only softmax would give expert 1 more weight than the full softmax does
+    resident = torch.tensor([True, True, False, False])
+    w, idx = softmax_topk(LOGITS, resident, RuleParams(top_k=1, norm_topk_prob=False))
+    assert idx.tolist() == [[1]] and torch.equal(w, PROBS[:, [1]])
+
+
+def test_substitute_gives_two_missing_choices_two_different_residents():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    resident = torch.tensor([True, True, True, False, False])
+    w, idx = substitute(logits, torch.tensor([[0.625, 0.375]]), torch.tensor([[4, 3]]), resident)
+    assert idx.tolist() == [[2, 1]]  # best resident first, then the next best
+    assert w.tolist() == [[0.625, 0.375]]
+
+
+def test_a_token_whose_choices_are_all_resident_keeps_the_routers_decision():
+    """Under exchange, a hit token keeps the router's own weights and ids bit for bit, even where the
+    rule would compute them differently; only tokens with a missing choice are re-routed."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    router_w = torch.tensor([[0.7, 0.3], [0.7, 0.3]])  # not the softmax: the rule would give other values
+    router_i = torch.tensor([[3, 0], [3, 2]])
+    slot_of = torch.tensor([1, -1, -1, 0])
+    params = RuleParams(top_k=2, norm_topk_prob=False)
+    w, slots = masked_route("exchange", softmax_topk, params, logits, router_w, router_i, slot_of >= 0, slot_of, 2)
+    assert slots[0].tolist() == [0, 1] and w[0].tolist() == router_w[0].tolist()  # hit: untouched
+    probs = torch.softmax(logits[1], dim=-1)
+    assert slots[1].tolist() == [0, 1] and torch.equal(w[1], probs[[3, 0]])  # miss: the rule's choice
+
+
+def test_to_slots_uses_the_given_sentinel_with_weight_zero():
+    slot_of = torch.tensor([1, -1, -1, 0])
+    w, slots = to_slots(torch.tensor([[0.75, 0.25]]), torch.tensor([[3, 2]]), slot_of, num_slots=2, sentinel=0)
+    assert slots.tolist() == [[0, 0]] and w.tolist() == [[0.75, 0.0]]
+
+
+def test_skip_never_reroutes_and_zeroes_every_missing_term():
+    weights = torch.tensor([[0.5, 0.375, 0.125]])
+    indices = torch.tensor([[3, 2, 1]])
+    slot_of = torch.tensor([-1, -1, 0, -1])
+    w, slots = masked_route("skip", softmax_topk, RuleParams(top_k=3), LOGITS, weights, indices,
+                            slot_of >= 0, slot_of, 1)
+    assert slots.tolist() == [[1, 0, 1]] and w.tolist() == [[0.0, 0.375, 0.0]]  # weights not renormalised
+
+
+def test_grouped_rules_scale_and_normalise():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    p = RuleParams(top_k=2, norm_topk_prob=True, scaling=2.5)
+    w, idx = sigmoid_grouped(logits, ALL, p)
+    assert sorted(idx[0].tolist()) == [2, 3]
+    torch.testing.assert_close(w.sum(), torch.tensor(2.5))  # normalised to 1, then scaled
+    s = torch.sigmoid(logits[0, idx[0]])
+    torch.testing.assert_close(w[0], s / s.sum() * 2.5)
+    w2, idx2 = softmax_grouped(logits, ALL, RuleParams(top_k=2, scaling=1.5))
+    torch.testing.assert_close(w2[0], torch.softmax(logits[0], dim=-1)[idx2[0]] * 1.5)  # scaled, not normalised
+
+
+def test_group_limited_selection_fills_a_short_group_from_outside():
+    """DeepSeek-V2's group-limited greedy: the best group holds one resident expert but top-2 is asked;
+    the second pick is the best resident outside the chosen groups, never a non-resident one."""
+    logits = torch.tensor([[3.0, 3.0, 0.0, 0.5]])  # groups {0, 1} and {2, 3}; expert 1 not resident
+    resident = torch.tensor([True, False, True, True])
+    p = RuleParams(top_k=2, norm_topk_prob=False, num_group=2, topk_group=1, topk_method="group_limited_greedy")
+    w, idx = softmax_grouped(logits, resident, p)
+    order = idx[0].argsort()
+    assert idx[0][order].tolist() == [0, 3]
+    assert torch.equal(w[0][order], torch.softmax(logits[0], dim=-1)[[0, 3]])
+
+
+def test_grouped_selection_scores_groups_by_their_resident_experts():
+    """Groups {0,1} {2,3} {4,5}; the best group has no resident expert. Masked before selection, the
+    group whose *resident* experts score best ({4,5}: 0.73 + 0.73) wins over the group holding the
+    single best resident ({2,3}: 0.88 + 0.12); masking after selection would pick 2 and 4 instead."""
+    logits = torch.tensor([[5.0, 5.0, 2.0, -2.0, 1.0, 1.0]])
+    resident = torch.tensor([False, False, True, True, True, True])
+    p = RuleParams(top_k=2, norm_topk_prob=False, num_group=3, topk_group=1)
+    _, idx = sigmoid_grouped(logits, resident, p)
+    assert sorted(idx[0].tolist()) == [4, 5]

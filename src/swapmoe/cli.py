@@ -94,6 +94,11 @@ def require_causal_checkpoint(model_path: Any, what: str, trust_remote_code: boo
     require_causal_lm(config, what)
 
 
+def format_rate(rate: float | None) -> str:
+    """A hit rate for a table: "-" where nothing was measured (no lookups), never a made-up 1.000."""
+    return "-" if rate is None else f"{rate:.3f}"
+
+
 def stats_table(stats: dict[str, Any], title: str = "swapmoe") -> Table:
     """Per-layer and total counters as a rich table."""
     t = Table(title=title)
@@ -103,10 +108,10 @@ def stats_table(stats: dict[str, Any], title: str = "swapmoe") -> Table:
         part = la["module"].split(".")[0]  # an encoder-decoder's MoE layers are numbered across both
         label = f"{la['layer']} ({part})" if part in ("encoder", "decoder") else str(la["layer"])
         t.add_row(label, f"{la['slots']}/{la['num_experts']}", format_bytes(la["resident_bytes"]),
-                  str(la["swaps"]), format_bytes(la["bytes_copied"]), f"{la['hit_rate']:.3f}")
+                  str(la["swaps"]), format_bytes(la["bytes_copied"]), format_rate(la["hit_rate"]))
     tot = stats["total"]
     t.add_row("total", str(tot["slots"]), format_bytes(tot["resident_bytes"]), str(tot["swaps"]),
-              format_bytes(tot["bytes_copied"]), f"{tot['hit_rate']:.3f}", style="bold")
+              format_bytes(tot["bytes_copied"]), format_rate(tot["hit_rate"]), style="bold")
     return t
 
 

@@ -1,4 +1,5 @@
-"""Which transformers releases swapmoe is tested with, and a warning outside them.
+"""Which transformers releases swapmoe is tested with (a warning outside them), and the differences
+between them that swapmoe must bridge (answered by looking at the installed release, not its number).
 
 swapmoe leans on transformers internals (the fused experts layout, the experts-kernel registry,
 router output layouts, the loader's per-parameter hand-over; tests/test_drift.py names each one).
@@ -49,3 +50,11 @@ def cache_argument(model: object) -> str:
 
     params = inspect.signature(model.forward).parameters  # type: ignore[attr-defined]
     return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: object, cache: object) -> dict[str, object]:
+    """The keyword that passes a KV cache to ``model``'s forward: ``{"cache": cache}`` or
+    ``{"past_key_values": cache}`` (see :func:`cache_argument`). The renamed forward of 5.24 still
+    accepts the old name through a decorator whose ``functools.wraps`` exposes the new signature, so
+    the signature tells the releases apart; tests/test_drift.py checks that it still does."""
+    return {cache_argument(model): cache}

@@ -42,8 +42,9 @@ def test_trace_command_writes_heatmap_and_stats(tmp_path):
     assert main(["trace", str(ckpt), "--text", str(text), "--out", str(tmp_path / "tr"), "--heat-window", "8",
                  "--window", "32"]) == 0
     assert (tmp_path / "tr" / "expert_heatmap.png").stat().st_size > 1000
-    stats = json.loads((tmp_path / "tr" / "locality.json").read_text())
-    for layer in stats.values():
+    record = json.loads((tmp_path / "tr" / "locality.json").read_text())
+    assert set(record["provenance"]) >= {"torch", "transformers", "device", "git_commit"}
+    for layer in record["layers"].values():
         ideal = {int(k): v for k, v in layer["ideal_cache_hit_rate"].items()}
         lru = {int(k): v for k, v in layer["lru_cache_hit_rate"].items()}
         assert all(ideal[s] >= lru[s] - 1e-9 for s in ideal)  # no policy beats the ideal cache

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from swapmoe.errors import SwapMoEError
+from swapmoe.provenance import provenance
 
 
 def _progress(console: Console) -> Progress:
@@ -100,7 +101,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     reference = _reference(args) if args.policy != "full" else None
     model = _policy_model(args, args.policy, args.memory_budget)
     row = _evaluate(model, ids, reference, args, console, f"{args.policy} @ {args.memory_budget or '100%'}")
-    row.update(policy=args.policy, budget=args.memory_budget or "100%")
+    row.update(policy=args.policy, budget=args.memory_budget or "100%",
+               provenance=provenance(next(model.parameters()).device))
     from swapmoe.evaluation.sweep import markdown_table
 
     sys.stdout.write(markdown_table({"cells": {"x": row}}))
@@ -139,9 +141,10 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             reference.append(_reference(args))
         model = _policy_model(args, policy, budget)
         ref = reference[0] if reference else None
-        row = _evaluate(model, ids, ref if policy != "full" else None, args, console, f"{policy} @ {budget}")
-        if policy == "full" and not args.no_reference:
-            row.update(top1_agreement=1.0, kl=0.0)
+        # the full policy is scored against the reference too: its KL of 0 and agreement of 1 are
+        # then measured (a separately loaded full model, bit for bit), not written down
+        row = _evaluate(model, ids, ref, args, console, f"{policy} @ {budget}")
+        row["provenance"] = provenance(next(model.parameters()).device)
         console.print(f"{policy} @ {budget}: perplexity {row['perplexity']:.3f}, "
                       f"decode {1e3 * (row['decode_s_per_token'] or float('nan')):.2f} ms/token")
         del model
@@ -208,7 +211,8 @@ def cmd_trace(args: argparse.Namespace, console: Console) -> int:
         counts[i] = activation_counts(routes[i], e, args.heat_window)
     png = heatmap(counts, out / "expert_heatmap.png",
                   f"experts chosen per window of {args.heat_window} tokens ({Path(args.text).name})")
-    (out / "locality.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    record = {"provenance": provenance(next(model.parameters()).device), "layers": stats}
+    (out / "locality.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     for i, s in stats.items():
         ideal = ", ".join(f"S={k}: {v:.3f}" for k, v in s["ideal_cache_hit_rate"].items())
         lru = ", ".join(f"S={k}: {v:.3f}" for k, v in s["lru_cache_hit_rate"].items())

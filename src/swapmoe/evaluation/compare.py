@@ -148,7 +148,7 @@ def evaluate_stream(
     hit_rate = swaps = copied = None
     if before is not None and after is not None:
         lookups = after[1] - before[1]
-        hit_rate = (after[0] - before[0]) / lookups if lookups else 1.0
+        hit_rate = (after[0] - before[0]) / lookups if lookups else None
         swaps, copied = after[2] - before[2], after[3] - before[3]
     mean_nll = float(nll) / scored
     return EvalResult(

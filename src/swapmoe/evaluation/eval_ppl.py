@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
+from swapmoe.provenance import provenance
 
 # config keys that give a model's experts per layer, across the families transformers knows
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -59,7 +60,13 @@ def load_dense(path: Path, args: argparse.Namespace) -> Any:
 
 def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
     from swapmoe.checkpoint import check_checkpoint
-    from swapmoe.cli import load_from_args, load_tokenizer, require_causal_checkpoint, stats_table
+    from swapmoe.cli import (
+        format_rate,
+        load_from_args,
+        load_tokenizer,
+        require_causal_checkpoint,
+        stats_table,
+    )
     from swapmoe.evaluation.perplexity import stream_perplexity, tokenize_text
     from swapmoe.loader import default_model_path
 
@@ -95,7 +102,7 @@ def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
         share = budget["resident_bytes"] / budget["total_expert_bytes"] if budget["total_expert_bytes"] else 1.0
         where = (f"{format_bytes(budget['resident_bytes'])} of {format_bytes(budget['total_expert_bytes'])} "
                  f"expert weights resident ({share:.0%})")
-        extra = (f"hit rate {result.hit_rate:.3f}, swaps {result.swaps} "
+        extra = (f"hit rate {format_rate(result.hit_rate)}, swaps {result.swaps} "
                  f"({format_bytes(result.bytes_copied or 0)} copied)")
     else:
         where, extra = "dense model, all weights resident", "hit rate n/a, swaps 0"
@@ -104,6 +111,7 @@ def cmd_eval_ppl(args: argparse.Namespace, console: Console) -> int:
     print(f"{where}; {result.seconds:.1f}s, {result.tokens_per_second:.0f} tokens/s on {model.device}")
     if args.json:
         record = {"model": str(path), "text": str(args.text), "memory_budget": args.memory_budget,
-                  "moe": moe, **{k: getattr(result, k) for k in result.__dataclass_fields__}}
+                  "moe": moe, **{k: getattr(result, k) for k in result.__dataclass_fields__},
+                  "provenance": provenance(model.device)}
         print(json.dumps(record))
     return 0

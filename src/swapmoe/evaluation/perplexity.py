@@ -103,7 +103,7 @@ def stream_perplexity(
     hit_rate = swaps = copied = None
     if before is not None and after is not None:
         hits, lookups = after[0] - before[0], after[1] - before[1]
-        hit_rate = hits / lookups if lookups else 1.0
+        hit_rate = hits / lookups if lookups else None
         swaps, copied = after[2] - before[2], after[3] - before[3]
     return PerplexityResult(
         perplexity=math.exp(nll), nll=nll, tokens=scored, windows=count, window=window, seconds=seconds,

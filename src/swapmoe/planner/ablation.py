@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from swapmoe.planner.perfmodel import Config, fit
     from swapmoe.planner.profile import decode_steps, read_profile, reference_logprobs, save_profile, score
     from swapmoe.planner.search import search, uniform_config
+    from swapmoe.provenance import provenance
 
     hf_logging.disable_progress_bar()
     if args.threads:
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     meta = {"model": str(Path(args.model).resolve()), "profile": str(Path(args.profile).resolve()),
             "text": str(Path(args.text).resolve()), "tokens": int(ids.numel()), "window": args.window,
-            "device": prof["meta"]["device"], "dtype": kw["dtype"], "machine": prof["meta"].get("machine")}
+            "device": prof["meta"]["device"], "dtype": kw["dtype"], "machine": prof["meta"].get("machine"),
+            "provenance": provenance(args.device)}
     if data.get("meta", {}).get("tokens") not in (None, meta["tokens"]):
         raise SystemExit(f"{results_path} holds another set-up: delete it or choose another --out")
     data["meta"] = meta
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref, nll_full = reference_logprobs(full, ids, args.window)
     if "full" not in data["cells"]:
         row = score(full, ids, args.window, ref)
-        row.update(decode_steps(full, ids, args.decode_tokens), nll=nll_full, kl=0.0, variant="full", budget="100%",
+        row.update(decode_steps(full, ids, args.decode_tokens), variant="full", budget="100%", provenance=provenance(args.device),
                    expert_bytes=full.swapmoe.stats()["total"]["resident_bytes"])
         data["cells"]["full"] = row
         save_profile(results_path, data)
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "kl": p.kl, "nll_delta": p.nll_delta,
                                     "perplexity": math.exp(nll_full + p.nll_delta)}
             assert row["expert_bytes"] <= budget_bytes, (key, row["expert_bytes"], budget_bytes)
+            row["provenance"] = provenance(args.device)
             data["cells"][key] = row
             save_profile(results_path, data)
             print(f"{key}: perplexity {math.exp(row['nll']):.3f}, KL {row['kl']:.4f}, "

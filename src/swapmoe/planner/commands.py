@@ -22,6 +22,7 @@ from rich.table import Table
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
+from swapmoe.provenance import provenance
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -198,6 +199,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                     "objective": args.objective, "method": result.method, "profile": str(Path(args.profile).resolve()),
                     "predicted": {"expert_bytes": pred.expert_bytes, "decode_s_per_token": pred.decode_s_per_token,
                                   "kl": pred.kl, "perplexity": pred.perplexity},
+                    "provenance": provenance(data["meta"]["device"]),
                 })
     plan.save(args.out)
     uni = uniform_config(pm, budget)

@@ -129,7 +129,11 @@ class VirtualExperts:
 
     # --------------------------------------------------------------- counters
     def stats(self) -> dict[str, Any]:
-        """Counters per layer and in total (reads device counters: one sync)."""
+        """Counters per layer and in total (reads device counters: one sync).
+
+        ``hit_rate`` is ``None`` where no router choice was looked up: a rate that was not measured
+        is not 100%.
+        """
         layers = []
         for st in self.layers:
             hits = st.lookups if st.pool is None else int(st.hits.item())
@@ -145,7 +149,7 @@ class VirtualExperts:
                     "bytes_copied": st.bytes_copied,
                     "hits": hits,
                     "lookups": st.lookups,
-                    "hit_rate": hits / st.lookups if st.lookups else 1.0,
+                    "hit_rate": hits / st.lookups if st.lookups else None,  # None: nothing measured
                     # where the layer's experts live off the device: every expert resident ("device"),
                     # host memory ("host") or the memory-mapped checkpoint files ("checkpoint")
                     "expert_store": "device" if st.pool is None else st.pool.store.location,
@@ -163,7 +167,7 @@ class VirtualExperts:
             "bytes_copied": sum(la["bytes_copied"] for la in layers),
             "hits": hits,
             "lookups": lookups,
-            "hit_rate": hits / lookups if lookups else 1.0,
+            "hit_rate": hits / lookups if lookups else None,  # None: nothing measured
             "host_expert_bytes": sum(st.full_bytes for st in self.layers
                                      if st.pool is not None and st.pool.store.location == "host"),
         }

@@ -33,9 +33,10 @@ class _RuntimeCollector(Collector):
         if not stats:
             return
         total, layers = stats["total"], stats["layers"]
-        yield GaugeMetricFamily("swapmoe_expert_hit_rate",
-                                "share of the router's unmasked top-k choices that were resident",
-                                value=total["hit_rate"])
+        if total["hit_rate"] is not None:  # None before the first lookup: no rate to report
+            yield GaugeMetricFamily("swapmoe_expert_hit_rate",
+                                    "share of the router's unmasked top-k choices that were resident",
+                                    value=total["hit_rate"])
         yield CounterMetricFamily("swapmoe_expert_lookups", "top-k expert choices seen by the router",
                                   value=total["lookups"])
         yield CounterMetricFamily("swapmoe_expert_hits", "top-k expert choices that were resident",
@@ -58,7 +59,8 @@ class _RuntimeCollector(Collector):
         for name, (doc, key, kind) in per_layer.items():
             family = kind(name, doc, labels=["layer"])
             for la in layers:
-                family.add_metric([str(la["layer"])], la[key])
+                if la[key] is not None:  # a layer's hit rate before its first lookup
+                    family.add_metric([str(la["layer"])], la[key])
             yield family
 
 

@@ -1,0 +1,83 @@
+"""The tables in the docs are the committed result files, row for row.
+
+Each table a page quotes is regenerated here from the JSON the command wrote, with the same code
+that wrote the page's table, and every regenerated row must appear in the page: a figure edited by
+hand, or a result file replaced without the page, turns this red.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from swapmoe.evaluation.sweep import markdown_table
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+
+
+def _rows(table: str) -> list[str]:
+    return [ln.strip() for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| policy")
+            and not ln.startswith("| budget |")]
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _missing(rows: list[str], page: Path) -> list[str]:
+    text = {ln.strip() for ln in page.read_text(encoding="utf-8").splitlines()}
+    return [r for r in rows if r not in text]
+
+
+def test_reference_sweep_table_is_its_sweep_json():
+    data = json.loads((DOCS / "results" / "ref-sweep" / "sweep.json").read_text())
+    rows = _rows(markdown_table(data))
+    assert len(rows) == len(data["cells"])
+    # the page labels the dense twin's row, and sums up the 100% rows of the budgeted policies in one
+    # sentence ("every policy at 100% equals full: perplexity 66.779"); every other row is verbatim
+    full = data["cells"]["full"]["perplexity"]
+    at_full = [c for k, c in data["cells"].items() if c["budget"] == "100%" and c["policy"] not in ("full", "static")]
+    assert at_full and all(f"{c['perplexity']:.3f}" == f"{full:.3f}" == "66.779" for c in at_full)
+    page_rows = [r.replace("| static | 100% |", "| static (dense twin) | - |") for r in rows
+                 if not (" | 100% | " in r and not r.startswith(("| full ", "| static ")))]
+    assert _missing(page_rows, DOCS / "evaluation.md") == []
+
+
+def test_gpu_budget_table_is_its_json():
+    budgets = _benchmark("budgets")
+    rows = json.loads((DOCS / "results" / "budgets-olmoe-1b-7b.json").read_text())
+    assert _missing(_rows(budgets.markdown(rows)), DOCS / "benchmarks.md") == []
+
+
+@pytest.mark.parametrize("page", ["planner.md"])
+def test_search_comparison_table_is_its_json(page):
+    search_compare = _benchmark("search_compare")
+    result = json.loads((DOCS / "planner" / "cpu" / "search-compare.json").read_text())
+    assert {"torch", "transformers", "device", "git_commit"} <= set(result["provenance"])
+    assert _missing(_rows(search_compare.markdown(result)), DOCS / page) == []
+
+
+def test_overhead_table_is_its_json():
+    result = json.loads((DOCS / "results" / "overhead" / "overhead.json").read_text())
+    base = result["ms_per_token"]["plain transformers"]
+    rows = [f"| {name} | {ms:.2f} | {ms / base:.3f} | {statistics.median(result['all_rounds_ms'][name]):.2f} |"
+            for name, ms in result["ms_per_token"].items()]
+    assert _missing(rows, DOCS / "benchmarks.md") == []
+
+
+def test_load_memory_table_is_its_json():
+    result = json.loads((DOCS / "results" / "load-memory" / "load_memory.json").read_text())
+    size = result["checkpoint_bytes"]
+    page = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    for r in result["rows"]:
+        figures = (f"| {r['setting']} | {r['peak_bytes'] / 2**20:.0f} | {r['after_bytes'] / 2**20:.0f} | "
+                   f"{r['peak_bytes'] / size:.2f} |")
+        assert figures in page, figures
