@@ -13,12 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from openai import OpenAI
 from transformers import AutoTokenizer
 
 import swapmoe
-from swapmoe.server import ServerConfig, create_app
+from swapmoe.server import ServerConfig, create_app, make_server
 from tests.engine.tiny import build_checkpoint
 from tests.threads import single_torch_thread
 
@@ -64,7 +63,8 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    server = make_server(app, log_level="warning")  # what `swapmoe serve` runs: read deadlines, drain
+    server.config.timeout_graceful_shutdown = 1
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
