@@ -33,6 +33,7 @@ class Running:
     model: Any
     tokenizer: Any
     api_key: str | None
+    uvicorn: Any = None  # the uvicorn server: `should_exit = True` is what SIGTERM does
     clients: list[Any] = field(default_factory=list)  # closed when the server stops
 
     @property
@@ -47,7 +48,8 @@ class Running:
 
     def http(self, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        client = httpx.Client(base_url=self.url, timeout=60, headers=headers, **kw)
+        kw.setdefault("timeout", 60)
+        client = httpx.Client(base_url=self.url, headers=headers, **kw)
         self.clients.append(client)
         return client
 
@@ -72,7 +74,7 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
-    running = Running(f"http://127.0.0.1:{port}", app, model, tokenizer, config.api_key)
+    running = Running(f"http://127.0.0.1:{port}", app, model, tokenizer, config.api_key, server)
     try:
         yield running
     finally:
@@ -80,6 +82,7 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
             client.close()
         server.should_exit = True
         thread.join(15)
+        assert not thread.is_alive(), "the test server did not stop"
         sock.close()
 
 
