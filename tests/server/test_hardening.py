@@ -379,3 +379,60 @@ def test_fixed_resident_set_gives_the_same_answer(tiny_checkpoint):
                       for i, s in enumerate(SENTENCES)]
             assert {f.result(timeout=60) for f in futures} == {answers[0]}
             [f.result(timeout=60) for f in others]
+
+
+def test_sigterm_drains_a_real_server_process():
+    """`swapmoe serve` (the bundled model) gets SIGTERM during a long stream with two requests waiting."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "swapmoe.cli", "serve", "-m", "50%", "--port", str(port),
+                             "--shutdown-grace", "0.5", "--served-model-name", "ref-moe", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        lines: list = []
+        started = threading.Event()
+        streaming = threading.Thread(target=_stream_lines, args=(url, {
+            "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}, lines, started))
+        streaming.start()
+        assert started.wait(30)
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(httpx.post, f"{url}/v1/completions", timeout=30,
+                                   json={"prompt": "Hello", "max_tokens": 5, "stream": stream}) for stream in (False, True)]
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health", timeout=5).json()["queue_length"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            for f in waiting:
+                r = f.result(timeout=30)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+        streaming.join(30)
+        assert lines[0] == 200 and lines[-1] == "data: [DONE]", lines[-3:]
+        assert json.loads(lines[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        proc.wait(30)
+        output = proc.stdout.read().decode()
+        assert "Traceback" not in output and "Internal Server Error" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
