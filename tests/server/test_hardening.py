@@ -436,3 +436,28 @@ def test_sigterm_drains_a_real_server_process():
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# ------------------------------------------------------------------ case 9: the lm-eval example
+def test_lm_eval_example_passes_the_context_as_max_length(server):
+    """docs/server.md's lm-eval command passes max_length = the bundled model's context; lm-eval then
+    sends at most max_length - 1 prompt tokens with max_tokens=1, which the server accepts (one more
+    token is refused). The end-to-end run is scripts/check_lm_eval.py (needs lm-eval installed)."""
+    import re
+    from pathlib import Path
+
+    from swapmoe.loader import default_model_path
+
+    root = Path(__file__).resolve().parents[2]
+    command = re.search(r"^lm_eval .*?(?<!\\)$", (root / "docs" / "server.md").read_text(), flags=re.M | re.S)
+    assert command is not None
+    args = dict(kv.split("=", 1) for kv in command.group(0).split("--model_args", 1)[1].split()[0].split(","))
+    context = json.loads((Path(default_model_path()) / "config.json").read_text())["max_position_embeddings"]
+    assert int(args["max_length"]) == context
+    ids = (server.tokenizer(" ".join(SENTENCES) * 20).input_ids * 2)[: CONTEXT]
+    client = server.openai()
+    out = client.completions.create(model=MODEL_NAME, prompt=ids[: CONTEXT - 1], max_tokens=1, echo=True,
+                                    logprobs=1, temperature=0, seed=1234)
+    assert len(out.choices[0].logprobs.tokens) == CONTEXT
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=1, echo=True, logprobs=1)
