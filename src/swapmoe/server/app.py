@@ -114,22 +114,32 @@ class EventStreamResponse(StreamingResponse):
     """Server-sent events that stop as soon as the client disconnects, whatever the ASGI version.
 
     (Starlette listens for the disconnect only below ASGI spec 2.4; here it always does, and
-    cancelling the body iterator cancels its engine job.)
+    cancelling the body iterator cancels its engine job.) ``on_close`` runs however the response
+    ends, also when the client left before the body iterator was first entered (its own ``finally``
+    would then never run).
     """
 
     media_type = "text/event-stream"
 
+    def __init__(self, content: Any, *, on_close: Any = None, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def stream() -> None:
-                with contextlib.suppress(OSError):
-                    await self.stream_response(send)
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
-
-            tg.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            tg.cancel_scope.cancel()
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -167,7 +177,8 @@ class _Server:
         self.active: set[RunningRequest] = set()
         self.draining = False
         # one large body prepared at a time: bounds the memory parsing and tokenising can take
-        self.large_bodies = anyio.CapacityLimiter(1)
+        # (made on first use, inside the event loop it belongs to)
+        self.large_bodies: anyio.CapacityLimiter | None = None
 
     # -------------------------------------------------------------- input
     async def read_body(self, request: Request) -> bytes:
@@ -200,9 +211,12 @@ class _Server:
         raw = await self.read_body(request)
         if len(raw) <= LARGE_BODY_BYTES:
             return await anyio.to_thread.run_sync(build, raw)
+        if self.large_bodies is None:
+            self.large_bodies = anyio.CapacityLimiter(1)
         try:
-            async with self.large_bodies:
-                return await anyio.to_thread.run_sync(build, raw)
+            return await anyio.to_thread.run_sync(build, raw, limiter=self.large_bodies)
+        except APIError as e:
+            raise e.with_traceback(None) from None  # its frames hold the parsed body: let it go now
         finally:
             del raw
             await anyio.to_thread.run_sync(return_freed_memory)
@@ -438,13 +452,15 @@ class _Server:
                     yield _sse(chunk)
             except Exception as e:
                 yield _sse(self.failure(e, endpoint, run).body())
-            finally:
-                # the client went away mid-stream (this generator is closed): count it as cancelled
-                self.conclude(run, endpoint, FINISH_SHUTDOWN if run.stopped_by_server else FINISH_CANCELLED)
-                run.cancel()  # a no-op when the job is done; stops it when the client went away
             yield _sse("[DONE]")
 
-        return EventStreamResponse(body(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def close() -> None:
+            # the client went away mid-stream (the body was not run to its end): count it as cancelled
+            self.conclude(run, endpoint, FINISH_SHUTDOWN if run.stopped_by_server else FINISH_CANCELLED)
+            run.cancel()  # a no-op when the job is done; stops it when the client went away
+
+        return EventStreamResponse(body(), on_close=close,
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def generate(self, request: Request, build: Any) -> Response:
         plan = await self.prepare(request, build)
