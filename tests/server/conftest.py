@@ -66,7 +66,6 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
     port = sock.getsockname()[1]
     server = make_server(app, log_level="warning")  # what `swapmoe serve` runs: read deadlines, drain
-    server.config.timeout_graceful_shutdown = 1
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -474,3 +474,19 @@ def test_lm_eval_example_passes_the_context_as_max_length(server):
     assert len(out.choices[0].logprobs.tokens) == CONTEXT
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=1, echo=True, logprobs=1)
+
+
+def test_shutdown_lets_a_stream_finish_within_the_grace_period(tiny_checkpoint):
+    config = ServerConfig(model_name=MODEL_NAME, shutdown_grace=10)
+    with running_server(tiny_checkpoint, config, swaps_per_update=0) as srv, _Fault(srv.model, sleep=0.05):
+        lines: list = []
+        started = threading.Event()
+        streaming = threading.Thread(target=_stream_lines, args=(srv.url, {
+            "prompt": "The quick", "max_tokens": 20, "stream": True, "stream_options": {"include_usage": True}},
+            lines, started))
+        streaming.start()
+        assert started.wait(10)
+        srv.uvicorn.should_exit = True
+        streaming.join(15)
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][len("data: "):])["usage"]["completion_tokens"] == 20  # all of it
