@@ -5,8 +5,10 @@ toward the text served), 50% fixed after a start-up warm-up text (`--resident-se
 --warmup-file`), and 50% fixed at the set chosen at load (`--resident-set fixed`, no warm-up: the
 same as `--swaps-per-update 0`). The workload scores 18 held-out passages, three per genre, genre
 by genre (echo + logprobs, as lm-eval does), and between genres sends one probe request (greedy,
-32 tokens) seven times in all. Reported per setting: perplexity of the passages, the expert hit
-rate, how many different answers the seven identical probes got, and the wall time.
+32 tokens) seven times in all; then the probe once alone and six times among concurrent other
+requests. Reported per setting: perplexity of the passages, the expert hit rate (over the passages
+and the sequential probes), how many different answers the seven identical probes got, how many
+probes under load differed from the one sent alone, and the wall time of the sequential part.
 
     python scripts/resident_set_cost.py --out /tmp/resident.json      # a few minutes on 2 CPU cores
 
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -83,11 +86,21 @@ def run(url: str, passages: dict[str, list[str]]) -> dict[str, float]:
                 nll -= sum(values)
                 tokens += len(values)
             probes.append(http.post("/v1/completions", json=PROBE).json()["choices"][0]["text"])
+        wall = time.monotonic() - start
         metrics = http.get("/metrics").text
+        # under load: the probe among concurrent other requests, against the probe sent alone just before
+        alone = http.post("/v1/completions", json=PROBE).json()["choices"][0]["text"]
+        others = [{"prompt": passages[g][0][:400], "max_tokens": 16, "temperature": 0.8, "seed": i}
+                  for i, g in enumerate(GENRES)]
+        with ThreadPoolExecutor(4) as pool:
+            loaded = [pool.submit(lambda: httpx.post(f"{url}/v1/completions", json=PROBE, timeout=300)) for _ in range(6)]
+            for body in others:
+                pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=300)
+            differ = sum(f.result().json()["choices"][0]["text"] != alone for f in loaded)
     hit = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("swapmoe_expert_hit_rate "))
     return {"perplexity": round(math.exp(nll / tokens), 3), "hit_rate": round(hit, 4),
             "distinct_probe_answers": len(set(probes)), "probes": len(probes),
-            "wall_s": round(time.monotonic() - start, 1)}
+            "under_load_differ": differ, "under_load_probes": len(loaded), "wall_s": round(wall, 1)}
 
 
 def main() -> None:
@@ -114,10 +127,12 @@ def main() -> None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
             print(name, report[name], flush=True)
-    print("| setting | perplexity | hit rate | different answers to 7 identical probes | wall s |")
-    print("|---|---|---|---|---|")
+    print("| setting | perplexity | hit rate | different answers to 7 identical probes | probes under load "
+          "unlike the probe alone | wall s |")
+    print("|---|---|---|---|---|---|")
     for name, r in report.items():
-        print(f"| {name} | {r['perplexity']} | {r['hit_rate']} | {r['distinct_probe_answers']} | {r['wall_s']} |")
+        print(f"| {name} | {r['perplexity']} | {r['hit_rate']} | {r['distinct_probe_answers']} | "
+              f"{r['under_load_differ']} of {r['under_load_probes']} | {r['wall_s']} |")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
