@@ -198,6 +198,20 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         raise SwapMoEError("--max-queue must be >= 0")
     if args.request_timeout < 0:
         raise SwapMoEError("--request-timeout must be >= 0 (0: no limit)")
+    if args.header_timeout <= 0 or args.body_timeout <= 0:
+        raise SwapMoEError("--header-timeout and --body-timeout must be > 0 (seconds)")
+    if args.shutdown_grace < 0:
+        raise SwapMoEError("--shutdown-grace must be >= 0 (seconds)")
+    if args.warmup_tokens < 0:
+        raise SwapMoEError("--warmup-tokens must be >= 0")
+    if args.warmup_tokens and args.resident_set != "fixed":
+        raise SwapMoEError("--warmup-tokens counts tokens before the resident set is held: add --resident-set fixed")
+    warmup_text = None
+    if args.warmup_file is not None:
+        try:
+            warmup_text = Path(args.warmup_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SwapMoEError(f"cannot read --warmup-file {args.warmup_file}: {e}") from None
     api_key = args.api_key or os.environ.get("SWAPMOE_API_KEY") or None
     check_checkpoint(args.model or default_model_path(), allow_pickle=args.allow_pickle)  # before the tokenizer
     require_causal_checkpoint(args.model, "the OpenAI server", args.trust_remote_code)
@@ -210,7 +224,10 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     model = load_from_args(args)
     name = args.served_model_name or Path(args.model or default_model_path()).expanduser().resolve().name
     config = ServerConfig(model_name=name, api_key=api_key, max_queue=args.max_queue,
-                          time_limit=args.request_timeout or None)
+                          time_limit=args.request_timeout or None, header_timeout=args.header_timeout,
+                          body_timeout=args.body_timeout, shutdown_grace=args.shutdown_grace,
+                          resident_set=args.resident_set, warmup_tokens=args.warmup_tokens,
+                          warmup_text=warmup_text)
     console.print(stats_table(model.swapmoe.stats(), title=f"swapmoe serve: {name}"))
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] listening on {args.host} without --api-key: anyone who can "
@@ -250,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait while one runs; more get 429 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds one request may run on the engine; 0 = no limit")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's head (request line and headers) to arrive; then 408 and close")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request's body to arrive once its head has; then 408 and close")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="on SIGTERM/Ctrl-C, seconds a running generation may go on before it is ended "
+                        "(its stream gets a last chunk and [DONE]); waiting requests get 503 at once")
+    p.add_argument("--resident-set", choices=["adaptive", "fixed"], default="adaptive",
+                   help="adaptive: experts follow the text served (answers depend on earlier requests); "
+                        "fixed: held after the warm-up, so the same request gives the same answer")
+    p.add_argument("--warmup-file", default=None,
+                   help="text run through the model at start-up, before serving (fits the resident set to it)")
+    p.add_argument("--warmup-tokens", type=int, default=0,
+                   help="with --resident-set fixed: tokens served before the set is held (default 0)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

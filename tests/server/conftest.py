@@ -13,12 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from openai import OpenAI
 from transformers import AutoTokenizer
 
 import swapmoe
-from swapmoe.server import ServerConfig, create_app
+from swapmoe.server import ServerConfig, create_app, make_server
 from tests.engine.tiny import build_checkpoint
 from tests.threads import single_torch_thread
 
@@ -34,6 +33,7 @@ class Running:
     model: Any
     tokenizer: Any
     api_key: str | None
+    uvicorn: Any = None  # the uvicorn server: `should_exit = True` is what SIGTERM does
     clients: list[Any] = field(default_factory=list)  # closed when the server stops
 
     @property
@@ -48,7 +48,8 @@ class Running:
 
     def http(self, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        client = httpx.Client(base_url=self.url, timeout=60, headers=headers, **kw)
+        kw.setdefault("timeout", 60)
+        client = httpx.Client(base_url=self.url, headers=headers, **kw)
         self.clients.append(client)
         return client
 
@@ -64,7 +65,7 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    server = make_server(app, log_level="warning")  # what `swapmoe serve` runs: read deadlines, drain
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -72,7 +73,7 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
-    running = Running(f"http://127.0.0.1:{port}", app, model, tokenizer, config.api_key)
+    running = Running(f"http://127.0.0.1:{port}", app, model, tokenizer, config.api_key, server)
     try:
         yield running
     finally:
@@ -80,6 +81,7 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
             client.close()
         server.should_exit = True
         thread.join(15)
+        assert not thread.is_alive(), "the test server did not stop"
         sock.close()
 
 

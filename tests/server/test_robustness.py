@@ -79,6 +79,13 @@ CATALOGUE = [
     ("penalty", "POST", "/v1/chat/completions", _chat(presence_penalty=1.0), 400),
     ("tools", "POST", "/v1/chat/completions",
      _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
+    ("max_tokens of 5000 digits", "POST", "/v1/completions",
+     b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400),
+    ("seed of 5000 digits", "POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "x"}], "seed": -' + b"7" * 5000 + b"}", 400),
+    ("token id of 5000 digits", "POST", "/v1/completions", b'{"prompt": [1, ' + b"3" * 5000 + b"]}", 400),
+    ("too many prompts", "POST", "/v1/completions", _completion(prompt=["a"] * 65), 400),
+    ("boolean token id", "POST", "/v1/completions", _completion(prompt=[[1], [True]]), 400),
     ("unknown path", "POST", "/v1/embeddings", _completion(), 404),
     ("wrong method", "GET", "/v1/completions", None, 405),
 ]
@@ -97,7 +104,8 @@ def test_bad_input_catalogue_then_a_valid_request(server, stream):
             assert isinstance(error["message"], str) and error["message"], name
             assert error["type"] and "param" in error and "code" in error, name
         too_big = b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}'
-        assert http.post("/v1/completions", content=too_big).status_code == 413
+        r = http.post("/v1/completions", content=too_big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
     out = server.openai().completions.create(model=MODEL_NAME, prompt="The quick brown fox", max_tokens=3)
     assert out.usage.completion_tokens == 3
 

@@ -4,16 +4,24 @@
 worker, metrics registry, caches) on itself: nothing is global, so several apps can live in one
 process. The worker thread starts and stops with the app's lifespan.
 
-Flow of a generation request: read the body (size limit, UTF-8, JSON, schema) -> check the model name
--> tokenise and check lengths against the context -> submit to the worker (429 when the queue is
-full) -> stream the events as server-sent events, or collect them into one body. A client that goes
-away cancels its job (a waiting job never runs; a running one stops before its next token).
+Flow of a generation request: check the API key (before anything else, unknown paths included) ->
+read the body (JSON media type, size limit, read deadline) -> on a worker thread: parse (UTF-8, JSON,
+schema), check the model name, refuse a prompt whose byte length alone rules it out, tokenise and
+check lengths against the context -> submit to the engine worker (429 when the queue is full) ->
+stream the events as server-sent events, or collect them into one body (rendered on a worker thread).
+A client that goes away cancels its job (a waiting job never runs; a running one stops before its
+next token). On shutdown (:meth:`_Server.drain`) waiting requests get 503 and a running one finishes
+within the grace period or ends with a last chunk and ``[DONE]``.
+
+The event loop only moves bytes: every step whose cost grows with the request runs on a thread, so
+``/health`` and streaming clients keep their latency while a large request is parsed or refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -23,22 +31,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
-from starlette.types import Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from swapmoe.engine.generate import FINISH_CANCELLED, context_length, stop_token_ids
 from swapmoe.engine.sampling import SamplingParams
 from swapmoe.engine.worker import EngineWorker, QueueFullError, WorkerClosedError
 from swapmoe.families import require_causal_lm
+from swapmoe.server.body import PromptBytes, is_json_media_type, parse_body, return_freed_memory
 from swapmoe.server.chat import chat_prompt
-from swapmoe.server.errors import APIError, from_validation_error, install_handlers
+from swapmoe.server.errors import APIError, error_body, install_handlers
 from swapmoe.server.metrics import ServerMetrics
 from swapmoe.server.protocol import ChatCompletionRequest, CompletionRequest, stop_list
 from swapmoe.server.render import ChatRenderer, CompletionRenderer
-from swapmoe.server.responses import ChoiceState, TokenStrings, prompt_entries
+from swapmoe.server.resident import MODES, ResidentSetControl
+from swapmoe.server.responses import FINISH_SHUTDOWN, ChoiceState, TokenStrings, prompt_entries
 from swapmoe.server.runner import PreparedRequest, PromptDone, RunningRequest, TimeLimitError, TokenOut
 
 logger = logging.getLogger("swapmoe.server")
@@ -50,6 +61,9 @@ FALLBACK_MAX_TOKENS = 8192
 # Seeds are taken modulo 2**64, the range torch.Generator.manual_seed accepts.
 _SEED_MODULUS = 2**64
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# Bodies above this size are prepared one at a time (their parsing and tokenising buffers are what
+# grows memory), and freed memory is handed back to the system after each.
+LARGE_BODY_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,15 @@ class ServerConfig:
     time_limit      seconds one request may run on the engine (None: no limit); a generation that
                     reaches it ends with finish_reason "length"
     max_body_bytes  largest request body accepted (413 above)
+    header_timeout  seconds for a request head to arrive (408 and closed after; applied by
+                    :func:`swapmoe.server.serve`, which runs the server's HTTP protocol)
+    body_timeout    seconds for a request body to arrive once its head has (408 after)
+    shutdown_grace  seconds a running generation may go on after a shutdown begins; then it ends
+                    with a last chunk (finish_reason "length") and ``[DONE]``
+    resident_set    "adaptive" (the set follows the text served: SwapMoE) or "fixed" (held after
+                    the warm-up: the same request gives the same answer); see resident.py
+    warmup_tokens   with "fixed": tokens served before the set is held
+    warmup_text     text run through the model at start-up, before serving
     """
 
     model_name: str = "swapmoe"
@@ -69,59 +92,69 @@ class ServerConfig:
     max_queue: int = 16
     time_limit: float | None = 300.0
     max_body_bytes: int = 8 * 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    shutdown_grace: float = 5.0
+    resident_set: str = "adaptive"
+    warmup_tokens: int = 0
+    warmup_text: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            raise ValueError("header_timeout and body_timeout must be > 0")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown_grace must be >= 0")
+        if self.resident_set not in MODES:
+            raise ValueError(f"resident_set must be one of {MODES}, got {self.resident_set!r}")
+        if self.warmup_tokens < 0:
+            raise ValueError("warmup_tokens must be >= 0")
 
 
 class EventStreamResponse(StreamingResponse):
     """Server-sent events that stop as soon as the client disconnects, whatever the ASGI version.
 
     (Starlette listens for the disconnect only below ASGI spec 2.4; here it always does, and
-    cancelling the body iterator cancels its engine job.)
+    cancelling the body iterator cancels its engine job.) ``on_close`` runs however the response
+    ends, also when the client left before the body iterator was first entered (its own ``finally``
+    would then never run).
     """
 
     media_type = "text/event-stream"
 
+    def __init__(self, content: Any, *, on_close: Any = None, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def stream() -> None:
-                with contextlib.suppress(OSError):
-                    await self.stream_response(send)
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            tg.cancel_scope.cancel()
-
-
-def _unpaired_surrogate(value: Any, path: str = "") -> str | None:
-    """The path of the first string (or key) in parsed JSON that UTF-8 cannot encode, else None.
-
-    JSON escapes can carry lone surrogates (``"\\ud800"``); they would fail later in the tokenizer or
-    when the answer is encoded, so they are refused up front.
-    """
-    if isinstance(value, str):
         try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = _unpaired_surrogate(key, path) if isinstance(key, str) else None
-            where = where if where is not None else _unpaired_surrogate(item, f"{path}.{key}" if path else key)
-            if where is not None:
-                return where
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            where = _unpaired_surrogate(item, f"{path}.{i}")
-            if where is not None:
-                return where
-    return None
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
+
+
+@dataclass
+class _Plan:
+    """A request ready for the engine: what the worker thread hands back to the event loop."""
+
+    req: PreparedRequest
+    renderer: CompletionRenderer | ChatRenderer
+    stream: bool
+    endpoint: str
 
 
 class _Server:
@@ -137,46 +170,80 @@ class _Server:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.context = context_length(model)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.prompt_bytes = PromptBytes(tokenizer)
+        self.resident = ResidentSetControl(model, tokenizer, config.resident_set, config.warmup_tokens,
+                                           config.warmup_text)
         self.created = int(time.time())
+        self.active: set[RunningRequest] = set()
+        self.draining = False
+        # one large body prepared at a time: bounds the memory parsing and tokenising can take
+        # (made on first use, inside the event loop it belongs to)
+        self.large_bodies: anyio.CapacityLimiter | None = None
 
     # -------------------------------------------------------------- input
-    async def read(self, request: Request, schema: type[BaseModel]) -> Any:
+    async def read_body(self, request: Request) -> bytes:
+        """The body, after the checks that need no parsing: media type, size, read deadline."""
+        if not is_json_media_type(request.headers.get("content-type")):
+            got = request.headers.get("content-type")
+            raise APIError(415, "Content-Type must be application/json (got "
+                           f"{repr(got) if got else 'none'}); with curl add -H 'Content-Type: application/json'",
+                           code="unsupported_media_type")
+        # Past the size limit the rest of the body is read and dropped by the protocol (closing at once,
+        # with the client still sending, would reset the connection and lose the answer); the body
+        # deadline of the protocol bounds how long that goes on.
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
             raise APIError(413, f"request body larger than {self.config.max_body_bytes} bytes")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.config.max_body_bytes:
-                raise APIError(413, f"request body larger than {self.config.max_body_bytes} bytes")
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise APIError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
+            with anyio.fail_after(self.config.body_timeout):
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > self.config.max_body_bytes:
+                        raise APIError(413, f"request body larger than {self.config.max_body_bytes} bytes")
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.config.body_timeout:g} s "
+                           f"({len(raw)} bytes came)", code="body_timeout", headers={"Connection": "close"}) from None
+        return bytes(raw)
+
+    async def prepare(self, request: Request, build: Any) -> _Plan:
+        """``build(raw)`` on a worker thread: parsing and tokenising never hold up the event loop."""
+        raw = await self.read_body(request)
+        if len(raw) <= LARGE_BODY_BYTES:
+            return await anyio.to_thread.run_sync(build, raw)
+        if self.large_bodies is None:
+            self.large_bodies = anyio.CapacityLimiter(1)
         try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        where = _unpaired_surrogate(data)
-        if where is not None:
-            raise APIError(400, f"{where or 'a key'}: text is not valid Unicode (an unpaired surrogate "
-                           "such as \\ud800)", param=where or None, code="invalid_unicode")
-        try:
-            return schema.model_validate(data)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+            return await anyio.to_thread.run_sync(build, raw, limiter=self.large_bodies)
+        except APIError as e:
+            raise e.with_traceback(None) from None  # its frames hold the parsed body: let it go now
+        finally:
+            del raw
+            await anyio.to_thread.run_sync(return_freed_memory)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.model_name:
             raise APIError(404, f"The model `{name}` does not exist: this server serves "
                            f"`{self.config.model_name}`", param="model", code="model_not_found")
 
+    def check_size(self, text: str, param: str) -> None:
+        """Refuse, before tokenising, a text whose byte length alone rules out the context."""
+        if self.context is None:
+            return
+        least = self.prompt_bytes.min_tokens(text)
+        if least > self.context:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
+                           f"prompt has at least {least} tokens ({len(text.encode('utf-8'))} bytes of text, at "
+                           f"most {self.prompt_bytes.bytes_per_token} bytes per token).", param=param,
+                           code="context_length_exceeded")
+
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            self.check_size(prompt, "prompt")
             ids = list(self.tokenizer(prompt).input_ids)
         else:
+            if self.context is not None and len(prompt) > self.context:
+                self.max_tokens([prompt], 0, None)  # the context-length error, before the vocabulary check
             bad = [t for t in prompt if t >= self.vocab_size]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
@@ -204,18 +271,71 @@ class _Server:
                            param="max_tokens", code="context_length_exceeded")
         return requested
 
+    def sampling(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int, stops: tuple[str, ...],
+                 logprobs: int | None) -> SamplingParams:
+        seed = None if body.seed is None else body.seed % _SEED_MODULUS
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed,
+                              stop=stops, logprobs=logprobs)
+
+    def build_completion(self, raw: bytes) -> _Plan:
+        """Worker thread: ``POST /v1/completions`` body -> tokenised request and its renderer."""
+        body: CompletionRequest = parse_body(raw, CompletionRequest)
+        self.check_model(body.model)
+        raw_prompts = body.prompts()
+        prompts = [self.encode(p) for p in raw_prompts]
+        max_tokens = self.max_tokens(prompts, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+        params = self.sampling(body, max_tokens, stop_list(body.stop), body.logprobs)
+        score = body.logprobs if body.echo and body.logprobs is not None else None
+        echo_texts = None
+        if body.echo:
+            echo_texts = [p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=False)
+                          for p in raw_prompts]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        renderer = CompletionRenderer(self.config.model_name, self.strings, logprobs=body.logprobs is not None,
+                                      echo_texts=echo_texts, include_usage=include_usage)
+        return _Plan(PreparedRequest(prompts, params, score), renderer, body.stream, "completions")
+
+    def build_chat(self, raw: bytes) -> _Plan:
+        """Worker thread: ``POST /v1/chat/completions`` body -> tokenised request and its renderer."""
+        body: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
+        self.check_model(body.model)
+        prompt = chat_prompt(self.tokenizer, body.messages, check=lambda text: self.check_size(text, "messages"))
+        if not prompt.token_ids:
+            raise APIError(400, "the messages render to an empty prompt", param="messages")
+        max_tokens = self.max_tokens([prompt.token_ids], body.token_limit(), None)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self.sampling(body, max_tokens, stop_list(body.stop) + prompt.extra_stops, logprobs)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        renderer = ChatRenderer(self.config.model_name, self.strings, logprobs=body.logprobs,
+                                include_usage=include_usage)
+        return _Plan(PreparedRequest([prompt.token_ids], params), renderer, body.stream, "chat")
+
     def submit(self, req: PreparedRequest) -> RunningRequest:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"})
         try:
-            return RunningRequest(self.worker, self.model, self.tokenizer, req, self.stop_ids)
+            run = RunningRequest(self.worker, self.model, self.tokenizer, req, self.stop_ids,
+                                 after=self.resident.after_request)
         except QueueFullError as e:
             raise APIError(429, f"The server is busy: {e}; retry after {e.retry_after} s.",
                            code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
         except WorkerClosedError as e:
             raise APIError(503, str(e), code="shutting_down") from None
+        self.active.add(run)
+        run.job.future.add_done_callback(lambda _f: self.active.discard(run))
+        return run
 
     # ---------------------------------------------------------- execution
-    def failure(self, e: BaseException, endpoint: str) -> APIError:
-        self.metrics.finished.labels(endpoint, "error").inc()
+    def conclude(self, run: RunningRequest, endpoint: str, reason: str) -> None:
+        """Count a request that ended without its last prompt's finish event (once per request)."""
+        if run.concluded:
+            return
+        run.concluded = True
+        self.metrics.finished.labels(endpoint, reason).inc()
+        self.metrics.duration.observe(time.monotonic() - run.arrival)
+
+    def failure(self, e: BaseException, endpoint: str, run: RunningRequest) -> APIError:
+        self.conclude(run, endpoint, "error")
         if isinstance(e, TimeLimitError):
             return APIError(503, f"{e} (the limit is {self.config.time_limit} s per request)", code="timeout")
         if isinstance(e, WorkerClosedError):
@@ -223,16 +343,28 @@ class _Server:
         logger.error("generation failed", exc_info=e)
         return APIError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_error")
 
+    def stopped(self, run: RunningRequest, endpoint: str) -> Response:
+        """A request whose job ended before it produced anything: its client left, or a shutdown."""
+        if run.stopped_by_server:
+            self.conclude(run, endpoint, FINISH_SHUTDOWN)
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"})
+        self.conclude(run, endpoint, FINISH_CANCELLED)
+        return Response(status_code=499)  # the client is gone; nobody reads this
+
     def track(self, run: RunningRequest, req: PreparedRequest, endpoint: str,
-              item: PromptDone | TokenOut, last: dict[int, float]) -> None:
-        """Metrics for one event (``last`` keeps the previous token's time per prompt)."""
+              item: PromptDone | TokenOut, last: dict[int, float]) -> PromptDone | TokenOut:
+        """Metrics for one event (``last`` keeps the previous token's time per prompt); the event as the
+        client sees it (a cancellation by a shutdown is a truncation)."""
         m = self.metrics
         if isinstance(item, PromptDone):
             m.prompt_tokens.inc(len(req.prompts[item.index]))
             if item.index == 0 and run.queue_wait() is not None:
                 m.queue_wait.observe(run.queue_wait())
-            return
+            return item
         event = item.event
+        if event.finish_reason == FINISH_CANCELLED and run.stopped_by_server:
+            item = TokenOut(item.index, dataclasses.replace(event, finish_reason=FINISH_SHUTDOWN), item.time)
+            event = item.event
         if event.token_id is not None:
             m.generation_tokens.inc()
             if not last:
@@ -240,10 +372,13 @@ class _Server:
             elif item.index in last:
                 m.tpot.observe(item.time - last[item.index])
             last[item.index] = item.time
-        if event.finish_reason is not None:
+        if event.finish_reason is not None and not run.concluded:
             m.finished.labels(endpoint, event.finish_reason).inc()
-            if item.index == len(req.prompts) - 1:
+            # the job ends here: the last prompt finished, or a cancellation stops the rest
+            if item.index == len(req.prompts) - 1 or event.finish_reason in (FINISH_CANCELLED, FINISH_SHUTDOWN):
+                run.concluded = True
                 m.duration.observe(item.time - run.arrival)
+        return item
 
     async def _cancel_on_disconnect(self, request: Request, run: RunningRequest) -> None:
         while True:
@@ -252,14 +387,14 @@ class _Server:
                 run.cancel()
                 return
 
-    async def collect(self, request: Request, run: RunningRequest, req: PreparedRequest, endpoint: str,
-                      renderer: CompletionRenderer | ChatRenderer) -> Response:
+    async def collect(self, request: Request, run: RunningRequest, plan: _Plan) -> Response:
+        req, endpoint = plan.req, plan.endpoint
         choices = [ChoiceState(i) for i in range(len(req.prompts))]
         last: dict[int, float] = {}
         watcher = asyncio.ensure_future(self._cancel_on_disconnect(request, run))
         try:
             async for item in run.events():
-                self.track(run, req, endpoint, item, last)
+                item = self.track(run, req, endpoint, item, last)
                 if isinstance(item, PromptDone):
                     if item.scores is not None:
                         choices[item.index].prompt_entries = prompt_entries(item.scores)
@@ -268,16 +403,20 @@ class _Server:
                 else:
                     choices[item.index].add(item.event)
         except Exception as e:
-            raise self.failure(e, endpoint) from None
+            raise self.failure(e, endpoint, run) from None
         finally:
             watcher.cancel()
-        if any(c.finish_reason is None for c in choices):  # cancelled while it waited
-            return Response(status_code=499)
-        body = renderer.response(choices, sum(len(p) for p in req.prompts))
-        return JSONResponse(body)
+        if any(c.finish_reason is None for c in choices):  # cancelled while it waited, or prompts left unrun
+            return self.stopped(run, endpoint)
 
-    async def stream(self, request: Request, run: RunningRequest, req: PreparedRequest, endpoint: str,
-                     renderer: CompletionRenderer | ChatRenderer) -> Response:
+        def render() -> bytes:  # a worker thread: 64 echoed prompts with logprobs make a big body
+            body = plan.renderer.response(choices, sum(len(p) for p in req.prompts))
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+        return Response(await anyio.to_thread.run_sync(render), media_type="application/json")
+
+    async def stream(self, request: Request, run: RunningRequest, plan: _Plan) -> Response:
+        req, endpoint, renderer = plan.req, plan.endpoint, plan.renderer
         events = run.events()
         last: dict[int, float] = {}
         # Wait for the prompt to go through the model before answering 200: a request that fails
@@ -286,9 +425,9 @@ class _Server:
         try:
             first = await anext(events)
         except StopAsyncIteration:
-            return Response(status_code=499)
+            return self.stopped(run, endpoint)
         except Exception as e:
-            raise self.failure(e, endpoint) from None
+            raise self.failure(e, endpoint, run) from None
         finally:
             watcher.cancel()
 
@@ -297,7 +436,7 @@ class _Server:
             try:
                 item: PromptDone | TokenOut = first
                 while True:
-                    self.track(run, req, endpoint, item, last)
+                    item = self.track(run, req, endpoint, item, last)
                     if isinstance(item, PromptDone):
                         chunks = renderer.on_prompt(item)
                     else:
@@ -312,60 +451,39 @@ class _Server:
                 for chunk in renderer.on_end(sum(len(p) for p in req.prompts), completion_tokens):
                     yield _sse(chunk)
             except Exception as e:
-                yield _sse(self.failure(e, endpoint).body())
-            finally:
-                run.cancel()  # a no-op when the job is done; stops it when the client went away
+                yield _sse(self.failure(e, endpoint, run).body())
             yield _sse("[DONE]")
 
-        return EventStreamResponse(body(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def close() -> None:
+            # the client went away mid-stream (the body was not run to its end): count it as cancelled
+            self.conclude(run, endpoint, FINISH_SHUTDOWN if run.stopped_by_server else FINISH_CANCELLED)
+            run.cancel()  # a no-op when the job is done; stops it when the client went away
 
-    async def run(self, request: Request, req: PreparedRequest, endpoint: str, stream: bool,
-                  renderer: CompletionRenderer | ChatRenderer) -> Response:
-        run = self.submit(req)
-        if stream:
-            return await self.stream(request, run, req, endpoint, renderer)
-        return await self.collect(request, run, req, endpoint, renderer)
+        return EventStreamResponse(body(), on_close=close,
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def generate(self, request: Request, build: Any) -> Response:
+        plan = await self.prepare(request, build)
+        run = self.submit(plan.req)
+        if plan.stream:
+            return await self.stream(request, run, plan)
+        return await self.collect(request, run, plan)
+
+    # ----------------------------------------------------------- shutdown
+    async def drain(self) -> None:
+        """Shutdown: new and waiting requests get 503; a running one may finish within the grace period,
+        then it is stopped (a stream ends with a last chunk and ``[DONE]``)."""
+        self.draining = True
+        for run in list(self.active):
+            if not run.started:
+                run.stop_by_server()
+        deadline = time.monotonic() + self.config.shutdown_grace
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for run in list(self.active):
+            run.stop_by_server()
 
     # ----------------------------------------------------------- endpoints
-    def sampling(self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int, stops: tuple[str, ...],
-                 logprobs: int | None) -> SamplingParams:
-        seed = None if body.seed is None else body.seed % _SEED_MODULUS
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                              stop=stops, logprobs=logprobs)
-
-    async def completions(self, request: Request) -> Response:
-        body: CompletionRequest = await self.read(request, CompletionRequest)
-        self.check_model(body.model)
-        raw_prompts = body.prompts()
-        prompts = [self.encode(p) for p in raw_prompts]
-        max_tokens = self.max_tokens(prompts, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
-        params = self.sampling(body, max_tokens, stop_list(body.stop), body.logprobs)
-        score = body.logprobs if body.echo and body.logprobs is not None else None
-        echo_texts = None
-        if body.echo:
-            echo_texts = [p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=False)
-                          for p in raw_prompts]
-        req = PreparedRequest(prompts, params, score)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        renderer = CompletionRenderer(self.config.model_name, self.strings, logprobs=body.logprobs is not None,
-                                      echo_texts=echo_texts, include_usage=include_usage)
-        return await self.run(request, req, "completions", body.stream, renderer)
-
-    async def chat(self, request: Request) -> Response:
-        body: ChatCompletionRequest = await self.read(request, ChatCompletionRequest)
-        self.check_model(body.model)
-        prompt = chat_prompt(self.tokenizer, body.messages)
-        if not prompt.token_ids:
-            raise APIError(400, "the messages render to an empty prompt", param="messages")
-        max_tokens = self.max_tokens([prompt.token_ids], body.token_limit(), None)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.sampling(body, max_tokens, stop_list(body.stop) + prompt.extra_stops, logprobs)
-        req = PreparedRequest([prompt.token_ids], params)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        renderer = ChatRenderer(self.config.model_name, self.strings, logprobs=body.logprobs,
-                                include_usage=include_usage)
-        return await self.run(request, req, "chat", body.stream, renderer)
-
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.model_card()]}
 
@@ -377,8 +495,30 @@ class _Server:
         return card
 
 
-class _CountRequests:
-    """ASGI middleware counting answered HTTP requests by endpoint and status (streams included)."""
+def _endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _Guard:
+    """Outermost ASGI layer of the app (inside Starlette's error middleware).
+
+    * checks the API key before routing, so an unknown path or method gets 401 without the key;
+    * counts answered HTTP requests by endpoint and status (streams included; a client that left
+      before its answer counts as 499);
+    * answers an unexpected exception with one OpenAI error object (500) and one log entry with its
+      traceback, instead of Starlette's text/plain 500 re-raised into uvicorn's log (two tracebacks);
+      a client that disconnected is not an error and is not logged.
+    """
 
     def __init__(self, app: Any, server: _Server) -> None:
         self.app = app
@@ -388,19 +528,45 @@ class _CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = {"code": 500}
+        state = {"code": None, "gone": False}
 
-        async def send_and_note(message: Any) -> None:
+        async def receive_and_note() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                state["gone"] = True
+            return message
+
+        async def send_and_note(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                state["code"] = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            key = self.server.config.api_key
+            if key is not None and not _key_matches(scope, key):
+                await _send_json(send_and_note, 401, error_body(
+                    401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
+                return
+            await self.app(scope, receive_and_note, send_and_note)
+        except ClientDisconnect:  # it left while sending its body: nothing to answer, nothing to log
+            state["gone"] = True
+        except Exception as e:
+            if state["code"] is None:
+                logger.error("internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=e)
+                await _send_json(send_and_note, 500, error_body(500, f"internal server error: {type(e).__name__}: {e}"))
+            else:  # the answer had begun: nothing to send, the connection is closed
+                logger.error("internal error on %s %s after the answer began", scope.get("method"),
+                             scope.get("path"), exc_info=e)
         finally:
-            path = scope.get("path", "")
-            endpoint = path if path in ENDPOINTS else "other"
-            self.server.metrics.http_requests.labels(endpoint, str(status["code"])).inc()
+            code = state["code"] if state["code"] is not None else (499 if state["gone"] else 500)
+            self.server.metrics.http_requests.labels(_endpoint_label(scope.get("path", "")), str(code)).inc()
+
+
+def _key_matches(scope: Scope, key: str) -> bool:
+    header = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> FastAPI:
@@ -413,47 +579,42 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.worker.start()
         try:
+            # the warm-up (if any) runs on the engine thread before the first request is accepted
+            await asyncio.wrap_future(server.worker.submit(server.resident.start).future)
             yield
         finally:
+            server.draining = True
             server.worker.close()
 
-    async def require_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    app = FastAPI(title="swapmoe", lifespan=lifespan, dependencies=[Depends(require_key)],
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="swapmoe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     install_handlers(app)
-    app.add_middleware(_CountRequests, server=server)
+    app.add_middleware(_Guard, server=server)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await server.completions(request)
+        return await server.generate(request, server.build_completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await server.chat(request)
+        return await server.generate(request, server.build_chat)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
         return server.models()
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def model(name: str) -> dict[str, Any]:
         server.check_model(name)
         return server.model_card()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_name, "queue_length": server.worker.queue_length,
-                "busy": server.worker.busy}
+        return {"status": "shutting_down" if server.draining else "ok", "model": config.model_name,
+                "queue_length": server.worker.queue_length, "busy": server.worker.busy,
+                "resident_set": server.resident.state}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -17,6 +17,7 @@ base model does not write the user's next turn.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +49,20 @@ def fallback_text(messages: list[ChatMessage]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> ChatPrompt:
-    """Prompt token ids for ``messages`` (raises :class:`APIError` 400 when the template refuses)."""
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage], check: Callable[[str], None] | None = None) -> ChatPrompt:
+    """Prompt token ids for ``messages`` (raises :class:`APIError` 400 when the template refuses).
+
+    ``check(text)`` sees the rendered text before it is tokenised (the server's byte-length check).
+    """
     if getattr(tokenizer, "chat_template", None):
         try:
             text = tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja's raise_exception (e.g. "roles must alternate") and template bugs
             raise APIError(400, f"the model's chat template rejected the messages: {e}", param="messages") from None
+        if check is not None:
+            check(text)
         return ChatPrompt(list(tokenizer(text, add_special_tokens=False).input_ids), ())
-    return ChatPrompt(list(tokenizer(fallback_text(messages)).input_ids), (FALLBACK_STOP,))
+    text = fallback_text(messages)
+    if check is not None:
+        check(text)
+    return ChatPrompt(list(tokenizer(text).input_ids), (FALLBACK_STOP,))

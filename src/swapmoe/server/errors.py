@@ -1,13 +1,13 @@
 """OpenAI-style error objects: ``{"error": {"message", "type", "param", "code"}}`` with a status.
 
 Every failure the server answers (bad input, unknown model, full queue, missing key, a crash inside
-generation) goes through :class:`APIError`, so clients such as the ``openai`` package raise the
+generation) goes through :class:`APIError` (an unexpected exception is answered by the app's outermost
+layer, ``_Guard`` in :mod:`swapmoe.server.app`, with the same object), so clients such as the ``openai`` package raise the
 matching exception class (``BadRequestError``, ``RateLimitError``, ...) with a readable message.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,14 +15,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger("swapmoe.server")
-
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -55,12 +55,16 @@ def from_validation_error(e: ValidationError) -> APIError:
     first = e.errors(include_url=False)[0]
     param = ".".join(str(x) for x in first["loc"]) or None
     kind = first["type"]
+    # our own checks raise ValueError with a sentence for the user: no "Value error, " in front
+    reason = str(first["ctx"]["error"]) if kind == "value_error" and "ctx" in first else first["msg"]
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        reason = "Input should be a JSON object"
     if kind == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif kind == "missing":
         message = f"Missing required parameter: {param}"
     else:
-        message = f"Invalid value for {param}: {first['msg']}" if param else first["msg"]
+        message = f"Invalid value for {param}: {reason}" if param else reason
     if len(e.errors()) > 1:
         message += f" (and {len(e.errors()) - 1} more problem(s))"
     return APIError(400, message, param=param, code=kind)
@@ -75,9 +79,3 @@ def install_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}: {exc}"),
-                            status_code=500)

@@ -34,8 +34,16 @@ def check_text(value: str) -> str:
     return value
 
 
-def _check_stop(stop: str | list[str] | None) -> str | list[str] | None:
-    stops = [stop] if isinstance(stop, str) else (stop or [])
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+
+
+def _check_stop(stop: Any) -> str | list[str] | None:
+    if stop is None:
+        return None
+    if not isinstance(stop, str | list) or (isinstance(stop, list) and not all(isinstance(s, str) for s in stop)):
+        raise ValueError("stop must be a string or a list of strings")
+    stops = [stop] if isinstance(stop, str) else stop
     if len(stops) > MAX_STOP_STRINGS:
         raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
     for s in stops:
@@ -70,16 +78,16 @@ class _Common(BaseModel):
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Any = None  # a string or a list of strings: checked by _stop, with a message in those terms
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="plain")
     @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+    def _stop(cls, v: Any) -> str | list[str] | None:
         return _check_stop(v)
 
     @field_validator("n")
@@ -104,27 +112,72 @@ class _Common(BaseModel):
         return v
 
 
-TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
+def _token_ids(value: list[Any], where: str = "") -> list[int]:
+    """``value`` as token ids, or a ValueError in the user's terms (``where`` names one of several prompts)."""
+    if not value:
+        raise ValueError(f"{where or 'the prompt'} is an empty list of token ids")
+    prefix = f"{where}: " if where else ""
+    for i, t in enumerate(value):
+        if not _is_int(t):
+            raise ValueError(f"{prefix}item {i} is {_json_kind(t)}, not a token id (an integer)")
+        if t < 0:
+            raise ValueError(f"{prefix}token id {t} at position {i} is negative (token ids are >= 0)")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer"), (float, "a number"),
+                       (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+def check_prompt(value: Any) -> str | list[int] | list[str] | list[list[int]]:
+    """The ``prompt`` field: a string, a list of token ids, a list of strings or a list of token-id lists.
+
+    Written by hand rather than as a union of types: pydantic would report every branch of the union
+    ("prompt.str: Input should be a valid string (and 5 more problem(s))") where the user needs one
+    sentence about what is wrong (a negative token id, too many prompts).
+    """
+    shapes = "a string, a list of token ids, a list of strings or a list of token-id lists"
+    if isinstance(value, str):
+        return check_text(value)
+    if not isinstance(value, list):
+        raise ValueError(f"the prompt must be {shapes}; got {_json_kind(value)}")
+    if not value:
+        raise ValueError("the prompt is an empty list")
+    if _is_int(value[0]):
+        return _token_ids(value)
+    if not isinstance(value[0], str | list):
+        raise ValueError(f"the prompt must be {shapes}; its first item is {_json_kind(value[0])}")
+    if len(value) > MAX_PROMPTS:
+        raise ValueError(f"too many prompts: {len(value)}; the limit is {MAX_PROMPTS} per request")
+    kind = type(value[0])
+    for i, p in enumerate(value):
+        if not isinstance(p, kind):
+            raise ValueError(f"prompt {i} is {_json_kind(p)}: a list of prompts holds only strings or only "
+                             "token-id lists")
+        if isinstance(p, str):
+            check_text(p)
+        else:
+            _token_ids(p, f"prompt {i}")
+    return value
 
 
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
-    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | Annotated[
-        list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)
-    ]
+    prompt: Any  # checked by check_prompt
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="plain")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
-        for p in [v] if isinstance(v, str) else v:
-            if isinstance(p, str):
-                check_text(p)
-        return v
+        return check_prompt(v)
 
     @field_validator("best_of")
     @classmethod
@@ -145,7 +198,7 @@ class CompletionRequest(_Common):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
+        if _is_int(p[0]):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
@@ -161,17 +214,49 @@ class TextPart(BaseModel):
         return check_text(v)
 
 
+# Content part types of OpenAI's API that carry something other than text, in the user's terms.
+_NOT_TEXT = {"image_url": "images are not supported (this server serves a text-only model)",
+             "input_image": "images are not supported (this server serves a text-only model)",
+             "input_audio": "audio is not supported (this server serves a text-only model)",
+             "file": "files are not supported (this server serves a text-only model)"}
+
+
+def check_content(value: Any) -> str | list[TextPart] | None:
+    """A message's ``content``: a string, a list of text parts, or null (written by hand: see check_prompt)."""
+    if value is None or isinstance(value, str):
+        return value if value is None else check_text(value)
+    if not isinstance(value, list):
+        raise ValueError(f"content must be a string or a list of text parts; got {_json_kind(value)}")
+    parts = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict):
+            raise ValueError(f"content part {i} is {_json_kind(part)}; a part is an object such as "
+                             '{"type": "text", "text": "..."}')
+        kind = part.get("type")
+        if kind in _NOT_TEXT:
+            raise ValueError(f"content part {i} has type {kind!r}: {_NOT_TEXT[kind]}; send text parts only")
+        if kind != "text":
+            raise ValueError(f"content part {i} has type {kind!r}; only 'text' parts are supported")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"content part {i}: a text part needs a string 'text'")
+        extra = sorted(set(part) - {"type", "text"})
+        if extra:
+            raise ValueError(f"content part {i}: unrecognized field {extra[0]!r}")
+        parts.append(TextPart(type="text", text=check_text(part["text"])))
+    return parts
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)  # tool_calls etc. pass on
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Any = None  # checked by check_content
     name: str | None = None
 
-    @field_validator("content")
+    @field_validator("content", mode="plain")
     @classmethod
-    def _content(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
-        return check_text(v) if isinstance(v, str) else v
+    def _content(cls, v: Any) -> str | list[TextPart] | None:
+        return check_content(v)
 
     def text(self) -> str:
         if self.content is None:

@@ -18,8 +18,11 @@ from typing import Any
 
 from swapmoe.engine.generate import FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, PromptScores, TokenEvent
 
-# What a client sees for the engine's reasons: a time limit truncates like a length limit.
-FINISH_FOR_CLIENT = {FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_TIMEOUT: "length"}
+# A generation the server stopped because it is shutting down (the engine saw a cancellation).
+FINISH_SHUTDOWN = "shutdown"
+# What a client sees for the engine's reasons: a time limit or a shutdown truncates like a length limit.
+FINISH_FOR_CLIENT = {FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_TIMEOUT: "length",
+                     FINISH_SHUTDOWN: "length"}
 
 LogprobEntry = tuple[int, "float | None", "list[tuple[int, float]] | None"]
 

@@ -53,33 +53,53 @@ _END = object()
 
 
 def generation_job(model: Any, tokenizer: Any, req: PreparedRequest, stop_ids: frozenset[int],
-                   emit: Callable[[Any], None]) -> Callable[[JobContext], None]:
-    """The job the worker runs for ``req``: prefill and stream each prompt, emitting events."""
+                   emit: Callable[[Any], None], after: Callable[[int], None] | None = None
+                   ) -> Callable[[JobContext], None]:
+    """The job the worker runs for ``req``: prefill and stream each prompt, emitting events.
+
+    ``after(tokens)`` runs on the engine thread when the job ends, however it ends, with the tokens
+    that went through the model (prompts and generated tokens): the resident-set warm-up counts them.
+    """
 
     def run(ctx: JobContext) -> None:
-        for index, ids in enumerate(req.prompts):
-            if ctx.cancel.is_set():
-                return
-            if index > 0 and ctx.deadline is not None and time.monotonic() >= ctx.deadline:
-                raise TimeLimitError(f"the time limit passed after {index} of {len(req.prompts)} prompts")
-            state = prefill(model, ids, score_top_k=req.score_top_k, max_new_tokens=req.params.max_tokens)
-            emit(PromptDone(index, state.scores, time.monotonic()))
-            for event in stream_from_prefill(model, tokenizer, ids, state, req.params, cancel=ctx.cancel,
-                                             deadline=ctx.deadline, stop_ids=stop_ids):
-                emit(TokenOut(index, event, time.monotonic()))
-                ctx.heartbeat()
+        tokens = 0
+        try:
+            for index, ids in enumerate(req.prompts):
+                if ctx.cancel.is_set():
+                    return
+                if index > 0 and ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+                    raise TimeLimitError(f"the time limit passed after {index} of {len(req.prompts)} prompts")
+                state = prefill(model, ids, score_top_k=req.score_top_k,
+                                max_new_tokens=req.params.max_tokens)
+                tokens += len(ids)
+                emit(PromptDone(index, state.scores, time.monotonic()))
+                for event in stream_from_prefill(model, tokenizer, ids, state, req.params, cancel=ctx.cancel,
+                                                 deadline=ctx.deadline, stop_ids=stop_ids):
+                    tokens += event.token_id is not None
+                    emit(TokenOut(index, event, time.monotonic()))
+                    ctx.heartbeat()
+        finally:
+            if after is not None:
+                after(tokens)
 
     return run
 
 
 class RunningRequest:
-    """A submitted request: iterate :meth:`events` (re-raises the job's exception at the end)."""
+    """A submitted request: iterate :meth:`events` (re-raises the job's exception at the end).
+
+    ``concluded`` is set once the request's outcome is in the metrics (its duration observed), so
+    that however it ends (finished, cancelled by its client, failed, stopped by a shutdown) it is
+    counted exactly once. ``stopped_by_server`` marks a job the server stopped while shutting down.
+    """
 
     def __init__(self, worker: EngineWorker, model: Any, tokenizer: Any, req: PreparedRequest,
-                 stop_ids: frozenset[int]) -> None:
+                 stop_ids: frozenset[int], after: Callable[[int], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.arrival = time.monotonic()
+        self.concluded = False
+        self.stopped_by_server = False
 
         def emit(item: Any) -> None:
             try:
@@ -89,11 +109,20 @@ class RunningRequest:
                 if job is not None:
                     job.cancel_event.set()
 
-        self.job: Job = worker.submit(generation_job(model, tokenizer, req, stop_ids, emit))
+        self.job: Job = worker.submit(generation_job(model, tokenizer, req, stop_ids, emit, after))
         self.job.future.add_done_callback(lambda _f: emit(_END))
 
     def cancel(self) -> None:
         self.job.cancel()
+
+    def stop_by_server(self) -> None:
+        """Shutdown: a waiting job never runs (its client gets 503), a running one ends at its next token."""
+        self.stopped_by_server = True
+        self.job.cancel()
+
+    @property
+    def started(self) -> bool:
+        return self.job.started is not None
 
     @property
     def done(self) -> bool:
