@@ -43,6 +43,11 @@ def test_static_split_steps_equal_eager_steps_while_swapping(engine_checkpoint):
         model = swapmoe.load(engine_checkpoint, "50%", **kw)
         tokens, rows = _greedy(Decoder(model, mode), PROMPT, 40)
         runs[mode] = (tokens, rows, model.swapmoe.stats()["total"], model.swapmoe.resident_sets())
+        for st in model.swapmoe.layers:  # the device maps agree with the host's record of each slot
+            pool = st.pool
+            assert pool.resident.nonzero().flatten().tolist() == sorted(pool.expert_in)
+            assert [pool.slot_of[e].item() for e in pool.expert_in] == list(range(pool.num_slots))
+            assert (pool.slot_of >= 0).sum().item() == pool.num_slots
     (t_dyn, r_dyn, s_dyn, sets_dyn), (t_sta, r_sta, s_sta, sets_sta) = runs["dynamic"], runs["static"]
     assert s_dyn["swaps"] > 0, "the schedule must swap for this test to mean anything"
     assert t_sta == t_dyn
