@@ -58,6 +58,7 @@ def settings(arch_experts: int) -> list[tuple[str, str, dict[str, Any], str]]:
         ("plain transformers, graph", "plain", {}, "graph"),
         ("swapmoe 100%, graph", "swapmoe", {"memory_budget": "100%"}, "graph"),
         ("swapmoe 50%, graph", "swapmoe", {"memory_budget": "50%"}, "graph"),
+        ("swapmoe 50%, graph, unfused router", "swapmoe", {"memory_budget": "50%"}, "graph-unfused"),
         ("swapmoe 50% skip, graph", "swapmoe", {"memory_budget": "50%", "strategy": "skip"}, "graph"),
         ("swapmoe 25%, graph", "swapmoe", {"memory_budget": "25%"}, "graph"),
         ("swapmoe 50%, eager", "swapmoe", {"memory_budget": "50%"}, "dynamic"),
@@ -88,11 +89,14 @@ def profile_counts(dec: Decoder, prompt: list[int], feed: list[int], tokens: int
     """GPU-busy ms, kernels and host syncs per token, from the profiler (noise does not move them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    time_decode(dec.model, prompt, 2, feed=feed, warmup=2, decoder=dec)  # graph captured before profiling
-    dec.prefill(prompt, max_new_tokens=tokens + 1)
+    # steady state: the graph captured and the prefill's owed updates done before profiling
+    settle = 20
+    dec.prefill(prompt, max_new_tokens=settle + tokens + 1)
+    for i in range(settle):
+        dec.read_logits(dec.step(feed[i]))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(tokens):
-            dec.read_logits(dec.step(feed[i]))
+            dec.read_logits(dec.step(feed[settle + i]))
     kernels = busy = 0.0
     syncs = 0
     for ev in prof.events():
@@ -128,7 +132,7 @@ def main() -> None:
     rng = torch.Generator().manual_seed(0)
     vocab = ARCHS[args.arch]["vocab_size"]
     prompt = torch.randint(0, vocab, (32,), generator=rng).tolist()
-    feed = torch.randint(0, vocab, (args.tokens + 8,), generator=rng).tolist()
+    feed = torch.randint(0, vocab, (max(args.tokens + 8, 20 + args.profile_tokens),), generator=rng).tolist()
     chosen = settings(ARCHS[args.arch]["num_experts"])
     if args.only:
         wanted = {s.strip() for s in args.only.split(";")}
@@ -140,7 +144,10 @@ def main() -> None:
     for name, kind, kw, mode in chosen:
         model = load(kind, path, kw, device, dtype, loaded)
         # on a CPU (a smoke test) the graph settings run the graph path without the capture
-        decoders[name] = Decoder(model, mode if device.type == "cuda" or mode != "graph" else "static")
+        fuse = mode != "graph-unfused"
+        mode = "graph" if mode == "graph-unfused" else mode
+        decoders[name] = Decoder(model, mode if device.type == "cuda" or mode != "graph" else "static",
+                                 fuse_router=fuse and mode == "graph")
         rows[name] = {"setting": name, "mode": mode, "ms": []}
     console.print(f"built {built:.0f}s, loaded {len(loaded)} models in {time.perf_counter() - t_load:.0f}s")
     for r in range(args.rounds):

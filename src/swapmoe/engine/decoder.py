@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from swapmoe.compat import cache_argument
+from swapmoe.runtime.step import compiled_route
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class Decoder:
     through pinned memory (the one transfer a streamed token needs).
     """
 
-    def __init__(self, model: Any, mode: str | None = None, min_capacity: int = MIN_CAPACITY) -> None:
+    def __init__(self, model: Any, mode: str | None = None, min_capacity: int = MIN_CAPACITY,
+                 fuse_router: bool | None = None) -> None:
         if mode is None:
             mode = "graph" if graph_blocker(model) is None else "dynamic"
         if mode not in MODES:
@@ -119,6 +121,10 @@ class Decoder:
             raise ValueError(f"this model's decode step cannot be captured in a CUDA graph: {why}")
         self.model = model
         self.mode = mode
+        runtime = getattr(model, "swapmoe", None)
+        # graph mode: the router hooks' tensor work compiled into a few kernels (runtime/step.py)
+        fuse = mode == "graph" if fuse_router is None else fuse_router
+        self.fused = compiled_route() if fuse and runtime is not None and hasattr(runtime, "fused") else None
         self.device = model_device(model)
         self.cache_kw = cache_argument(model)
         self.limit = _context_length(model)
@@ -199,9 +205,10 @@ class Decoder:
             with runtime.capturing():
                 return self._extend([token], all_logits=False)
         if self.mode != "graph" or self.graph is None:
-            logits = self._extend([token], all_logits=False)
-            if self.mode == "graph":
-                self._capture()  # after an eager step, which warmed up what the capture records
+            with self._fused_router():
+                logits = self._extend([token], all_logits=False)
+                if self.mode == "graph":
+                    self._capture()  # after an eager step, which warmed up (and compiled) what it records
             return logits
         assert self._input is not None and self._output is not None
         with _plain_no_grad():
@@ -215,6 +222,19 @@ class Decoder:
         self.graph.replay()
         self.history.append(token)
         return self._output
+
+    @contextlib.contextmanager
+    def _fused_router(self) -> Any:
+        """The runtime routes single-token calls through this decoder's compiled step meanwhile."""
+        runtime = getattr(self.model, "swapmoe", None)
+        if self.fused is None or runtime is None:
+            yield
+            return
+        previous, runtime.fused = runtime.fused, self.fused
+        try:
+            yield
+        finally:
+            runtime.fused = previous
 
     def _grow(self) -> None:
         """The cache is full: re-prefill the sequence into a cache twice as large (rare: callers size

@@ -48,6 +48,7 @@ class VirtualExperts:
         self.observe = True
         self.in_graph = False  # True while a decode step is being captured (see capturing())
         self.host_driven = False  # True while a baseline decides copies inside the forward (ondemand)
+        self.fused: Any = None  # compiled route_tensors for single-token steps (set by a graph decoder)
         for st in layers:
             st.handle = st.layer.router.register_forward_hook(self._make_hook(st))
 
@@ -68,7 +69,8 @@ class VirtualExperts:
             # every expert resident: nothing to score or route, and every choice is a hit (counted on
             # the host: no device work at all, so a 100% budget runs at plain transformers' speed)
             return None
-        return route(st, self.config, hidden, output, self.observe)
+        single = hidden.numel() == hidden.shape[-1]  # one token: a decode step (the one captured)
+        return route(st, self.config, hidden, output, self.observe, self.fused if single else None)
 
     # ------------------------------------------------------------ scheduling
     def before_replay(self, tokens: int = 1) -> None:

@@ -41,26 +41,49 @@ def sentinel_slot(experts: torch.nn.Module, pool: SlotPool) -> int:
     return next((s for s, e in enumerate(pool.expert_in) if e >= 0), 0)
 
 
-def route(st: LayerState, config: RuntimeConfig, hidden: torch.Tensor, output: Any, observe: bool) -> Any:
+def route(st: LayerState, config: RuntimeConfig, hidden: torch.Tensor, output: Any, observe: bool,
+          fused: Any = None) -> Any:
     """The router's unmasked output -> Masked-Gating weights and slot ids, in the router's layout.
 
     Scores importance (Eq. 1, or token counts) from the *unmasked* decision, so that experts which
-    are not resident are scored too, and counts the choices that were resident.
+    are not resident are scored too, and counts the choices that were resident. ``fused`` is
+    :func:`route_tensors` compiled (see :func:`compiled_route`), for single-token steps on CUDA.
     """
     pool = st.pool
     assert pool is not None, "a full layer is not routed (every expert resident)"
     # [T, E], [T, K], [T, K]: the router's unmasked decision
     logits, weights, indices, order = unpack_router_output(output, st.layer.num_experts)
-    if observe:
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
-        if config.importance == "paper":
-            inc = importance_increment(hidden2d, weights, indices, st.norms)  # [E]
-        else:
-            inc = token_counts(indices, st.layer.num_experts)  # [E]
-        accumulate(st.importance, inc, config.decay, indices.shape[0])
-    st.hits += pool.resident[indices].sum()
-    w, slots = masked_route(
-        config.strategy, st.rule, st.params, logits, weights, indices,
+    fn = fused if fused is not None else route_tensors
+    w, slots = fn(
+        config.strategy, config.importance, config.decay, observe, st.rule, st.params,
+        hidden.reshape(-1, hidden.shape[-1]), logits, weights, indices, st.norms, st.importance, st.hits,
         pool.resident, pool.slot_of, pool.num_slots, sentinel_slot(st.layer.experts, pool),
     )
     return repack_router_output(logits, w, slots, order)
+
+
+def route_tensors(
+    strategy: str, importance_kind: str, decay: float, observe: bool, rule: Any, params: Any,
+    hidden: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+    norms: torch.Tensor, importance: torch.Tensor, hits: torch.Tensor, resident: torch.Tensor,
+    slot_of: torch.Tensor, num_slots: int, sentinel: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor work of :func:`route` on plain tensors (``hidden [T, H]``; ``importance [E]`` and
+    ``hits []`` updated in place): one function, so that it can be compiled into a few kernels."""
+    if observe:
+        if importance_kind == "paper":
+            inc = importance_increment(hidden, weights, indices, norms)  # [E]
+        else:
+            inc = token_counts(indices, norms.shape[0])  # [E]
+        accumulate(importance, inc, decay, indices.shape[0])
+    hits += resident[indices].sum()
+    return masked_route(strategy, rule, params, logits, weights, indices, resident, slot_of, num_slots, sentinel)
+
+
+def compiled_route() -> Any:
+    """:func:`route_tensors` compiled with torch.compile (inductor): the ~30 small kernels a router call
+    launches become a few fused ones. A decode step has one token, and every layer of a model shares
+    the compiled code (its guards are on shapes and constants, not on which layer's tensors come in). Compilation happens at the first single-token call, which the decoder
+    runs eagerly before it captures the step; a capture replays the compiled kernels."""
+    # dynamic=None: a second slot count (layers of a plan differ) recompiles once with the ints symbolic
+    return torch.compile(route_tensors, dynamic=None)
