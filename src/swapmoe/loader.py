@@ -327,7 +327,7 @@ def load(
             la.experts.num_experts = pool.num_slots
             # transformers' kernels skip expert ids >= num_experts only in this mode (5.23; always in 5.17)
             la.experts._is_expert_parallel = True
-        rule, params = rule_for(model.config.model_type, la.router, la.top_k, compute_dtype)
+        rule, params = rule_for(model.config.model_type, la.router, la.top_k, compute_dtype, block=la.block)
         states.append(
             LayerState(
                 layer=la, pool=pool, rule=rule, params=params, norms=norms.to(dev),

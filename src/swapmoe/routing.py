@@ -137,6 +137,18 @@ def sigmoid_grouped(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> 
     return w * p.scaling, idx
 
 
+def sigmoid_topk(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """AFMoE: sigmoid scores, choice on scores + correction bias (a sorted top-k, no groups), weights
+    from the scores normalised (``+1e-20``) and scaled, in float32."""
+    scores = torch.sigmoid(logits.float())  # [T, E]
+    choice = scores + p.bias if p.bias is not None else scores
+    idx = torch.topk(choice.masked_fill(~mask, NEG_INF), k=p.top_k, dim=1)[1]  # [T, K]
+    w = scores.gather(dim=1, index=idx)
+    if p.norm_topk_prob:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * p.scaling, idx
+
+
 def softmax_grouped(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V2: softmax, greedy or group-limited greedy top-k, scaled (not renormalised)."""
     scores = logits.float().softmax(dim=-1, dtype=torch.float32)  # [T, E]
@@ -178,6 +190,7 @@ RULES: dict[str, Rule] = {
     "topk_softmax_same_dtype": topk_softmax_same_dtype,
     "topk_sigmoid": topk_sigmoid,
     "sigmoid_grouped": sigmoid_grouped,
+    "sigmoid_topk": sigmoid_topk,
     "softmax_grouped": softmax_grouped,
     "softmax_bias": softmax_bias,
     "sparsemixer": sparsemixer,
