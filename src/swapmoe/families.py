@@ -141,13 +141,20 @@ def _router_of(block: nn.Module, num_experts: int) -> nn.Module | None:
     return None
 
 
+# Names a router or a config gives its top-k, in the order we look for them.
+_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "top_k_experts", "moe_topk", "moe_k", "num_experts_per_token")
+
+
 def _top_k(router: nn.Module, config) -> int:
-    k = getattr(router, "top_k", None)
-    if not isinstance(k, int):
-        k = getattr(config, "num_experts_per_tok", None)
-    if not isinstance(k, int) or k <= 0:
-        raise UnsupportedModelError(f"cannot tell the router's top-k for {type(router).__name__}")
-    return k
+    """The router's top-k: its own attribute, else its config's, else the model's (text) config's."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for source in (router, getattr(router, "config", None), config, text):
+        # a config's "top_k" is a sampling setting in some releases, not the router's
+        for name in _TOP_K_NAMES if source is router else _TOP_K_NAMES[1:]:
+            k = getattr(source, name, None) if source is not None else None
+            if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+                return k
+    raise UnsupportedModelError(f"cannot tell the router's top-k for {type(router).__name__}")
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:

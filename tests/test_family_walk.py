@@ -1,0 +1,60 @@
+"""Every MoE model type the installed transformers registers: supported and exact, or refused in one line.
+
+A tiny random model of each (tests/family_walk.py) is saved and loaded through swapmoe. A supported
+family equals plain transformers at a 100% budget and runs a forward pass within a 50% budget; a
+refused one stops with swapmoe's one-line error. A model type missing from ``EXPECTED`` fails here,
+naming itself: that is how a family a new transformers release adds is noticed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from swapmoe.families import FAMILY_RULES
+from tests.family_walk import EXPECTED, installed_transformers, moe_model_types, walk
+from tests.threads import single_torch_thread
+
+WALKED = moe_model_types()
+# adapters that compute each expert on its own tokens instead of one batched product (see
+# swapmoe/adapters/llama4.py): equal to float rounding at 100%, not bit for bit
+ROUNDING = frozenset({"llama4", "llama4_text"})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("walk")
+
+
+@pytest.mark.parametrize("model_type", WALKED)
+def test_every_moe_family_is_supported_exactly_or_refused_in_one_line(model_type, root):
+    if model_type not in EXPECTED:
+        pytest.fail(f"transformers {installed_transformers()} has a MoE model type swapmoe has not walked: "
+                    f"{model_type!r}. Run `python -m tests.family_walk {model_type}`, add it to EXPECTED in "
+                    "tests/family_walk.py, and regenerate the docs (scripts/families_table.py)")
+    result = walk(model_type, root)
+    assert result.status == EXPECTED[model_type], result
+    if result.status == "refused":
+        assert len(result.detail.splitlines()) == 1 and repr(model_type) in result.detail
+    else:
+        assert result.moe_layers > 0
+        assert result.exact == ("float rounding" if model_type in ROUNDING else "bit-identical")
+
+
+def test_the_walk_covers_every_tested_family():
+    """The tested families are walked too, and "tested" means exactly: a routing rule of its own."""
+    installed = set(WALKED)
+    assert {f for f in FAMILY_RULES if f in installed} == {f for f, s in EXPECTED.items()
+                                                             if s == "tested" and f in installed}
+    assert {f for f in FAMILY_RULES if f in installed} >= {"mixtral", "qwen3_moe", "switch_transformers"}
+
+
+@pytest.mark.skipif("sarvam_moe" not in WALKED, reason="this transformers has no sarvam_moe")
+def test_a_family_built_from_another_familys_modules_routes_by_their_rule(root):
+    """sarvam_moe is built from Glm4Moe modules: its router follows GLM4-MoE's rule, not the fallback."""
+    assert walk("sarvam_moe", root).detail == FAMILY_RULES["glm4_moe"]
