@@ -240,6 +240,7 @@ def load(
     experts_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ):
     """Load a Hugging Face MoE checkpoint with only a budget's worth of experts on the device.
 
@@ -256,6 +257,7 @@ def load(
     strategy       Masked Gating for missing experts: "exchange" (default) or "skip"
     update_interval, swaps_per_update   the update schedule (default 16 tokens, 1 swap per layer)
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
+    path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     """
     if plan is not None:
         from swapmoe.plan import Plan, read_plan
@@ -271,7 +273,8 @@ def load(
     update_interval = update_interval if update_interval is not None else 16
     swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
     host = parse_budget(host_budget) if host_budget is not None else None  # malformed: fail before loading
-    ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle)
+    ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle,
+                            revision=revision)  # a repo id (org/name) resolves through the Hub cache
     if host is not None and not ckpt.use_safetensors:
         raise CheckpointError("a host budget needs a safetensors checkpoint (experts are read from its files); "
                               "convert the checkpoint, or drop --host-budget")
