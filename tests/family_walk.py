@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 # What each MoE model type is expected to do under swapmoe. "tested": supported, in the tested matrix
-# (tests/test_loader.py, tests/adapters) with a routing rule of its own; "recognised": supported
+# (tests/test_loader.py, tests/adapters) with a routing rule or an adapter of its own; "recognised": supported
 # (exact at 100%, runs within a budget) with a borrowed rule or generic substitution; "refused": one
 # line saying why. Model types the installed transformers lacks are not walked.
 EXPECTED: dict[str, str] = {
     # tested
-    "afmoe": "tested", "deepseek_v2": "tested", "deepseek_v3": "tested", "ernie4_5_moe": "tested",
+    "afmoe": "tested", "dbrx": "tested", "jetmoe": "tested", "longcat_flash": "tested",
+    "deepseek_v2": "tested", "deepseek_v3": "tested", "ernie4_5_moe": "tested",
     "glm4_moe": "tested", "gpt_oss": "tested", "granitemoe": "tested", "hunyuan_v1_moe": "tested",
     "llama4": "tested", "llama4_text": "tested", "mixtral": "tested", "olmoe": "tested", "phimoe": "tested",
     "qwen2_moe": "tested", "qwen3_moe": "tested", "switch_transformers": "tested",
@@ -54,12 +55,12 @@ EXPECTED: dict[str, str] = {
     "qwen4_exp_text": "recognised", "sarvam_mla": "recognised", "sarvam_moe": "recognised",
     "solar_open": "recognised",
     # refused
-    "aria": "refused", "dbrx": "refused", "deepseek_ocr2": "refused", "deepseek_ocr2_text": "refused",
+    "aria": "refused", "deepseek_ocr2": "refused", "deepseek_ocr2_text": "refused",
     "doge": "refused", "dots3_note_vision_encoder": "refused", "ernie4_5_vl_moe": "refused",
     "ernie4_5_vl_moe_text": "refused", "glm4v_moe": "refused", "glm4v_moe_text": "refused",
     "glm5_next": "refused", "glm5_next_text": "refused", "hy_v4_vl": "refused", "hy_v4_vl_text": "refused",
     "inkling2": "refused", "inkling2_loop": "refused", "inkling_mm_model": "refused",
-    "inkling_text": "refused", "jetmoe": "refused", "longcat_flash": "refused", "minimax_m3_vl": "refused",
+    "inkling_text": "refused", "minimax_m3_vl": "refused",
     "mistral4": "refused", "mistral_large4": "refused", "mistral_large4_text": "refused",
     "muse_spark": "refused", "muse_spark_text": "refused", "nllb-moe": "refused",
     "openai_privacy_filter": "refused", "qwen3_omni_moe_talker_text": "refused",
@@ -104,7 +105,7 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
                          "mamba_d_head": 8, "mamba_d_state": 8, "mamba_chunk_size": 8},
     # an attention layer and a Mamba layer, the second one MoE
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 2, "expert_layer_offset": 1},
-    "dbrx": {"attn_config": {"rope_theta": 10000.0, "kv_n_heads": 2},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "kv_n_heads": 2, "clip_qkv": 8.0},  # as published
              "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 8, "moe_top_k": 2}},
     "gemma4_text": {"enable_moe_block": True},  # off by default: the MoE variant switches it on
     "gemma4": {"text_config": {"enable_moe_block": True}},
@@ -338,7 +339,7 @@ def walk(model_type: str, root: Path) -> WalkResult:
     """Build, save and load a tiny ``model_type`` through swapmoe; see the module docstring."""
     import swapmoe
     from swapmoe.errors import UnsupportedModelError
-    from swapmoe.families import FAMILY_RULES, auto_model_class, find_moe_layers
+    from swapmoe.families import auto_model_class, find_moe_layers, supported_families
 
     path = root / model_type
     config = tiny_config(model_type)
@@ -372,7 +373,7 @@ def walk(model_type: str, root: Path) -> WalkResult:
     assert stats["resident_bytes"] <= stats["budget_bytes"] < stats["total_expert_bytes"]
     st = half.swapmoe.layers[0]
     rule = st.rule.__name__ if st.rule is not None else "generic substitution"
-    status = "tested" if model_type in FAMILY_RULES else "recognised"
+    status = "tested" if model_type in supported_families() else "recognised"
     layers = len(find_moe_layers(full))
     return WalkResult(model_type, status, rule, layers, exact)
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from swapmoe.adapters import UNADAPTED_EXPERTS
+from swapmoe.adapters.base import SparseExperts
 from swapmoe.errors import UnsupportedModelError
 from swapmoe.routing import RULES, Rule, RuleParams
 
@@ -44,6 +45,8 @@ FAMILY_RULES: dict[str, str] = {
     "llama4": "topk_sigmoid",
     "llama4_text": "topk_sigmoid",
     "switch_transformers": "softmax_topk",
+    "dbrx": "softmax_topk_pnorm",
+    "jetmoe": "topk_softmax",
 }
 
 # Names under which MoE blocks keep their router, in the order we look for them.
@@ -82,7 +85,10 @@ class MoELayer:
 
 
 def supported_families() -> list[str]:
-    return sorted(FAMILY_RULES)
+    """The tested families: those with a routing rule of their own, and those with an adapter."""
+    from swapmoe.adapters import ADAPTERS
+
+    return sorted(set(FAMILY_RULES) | set(ADAPTERS))
 
 
 def require_causal_lm(model: Any, what: str) -> None:
@@ -113,6 +119,8 @@ def _is_fused_experts(module: nn.Module) -> bool:
     w = getattr(module, "gate_up_proj", None)
     if w is None:
         w = getattr(module, "up_proj", None)
+    if w is None and isinstance(module, SparseExperts):  # an adapter's, under its family's names (DBRX w1)
+        w = next((p for p in module.parameters(recurse=False) if p.dim() == 3), None)
     return isinstance(w, torch.Tensor) and w.dim() == 3 and w.shape[0] == num
 
 
@@ -257,6 +265,7 @@ def rule_for(
         topk_method=str(getattr(router, "topk_method", "greedy")),
         norm_min=float(getattr(router, "norm_min", 0.0) or 0.0),
         jitter_eps=float(getattr(router, "router_jitter_noise", 0.0) or 0.0),
+        norm_p=getattr(router, "norm_p", None),
         bias=bias,
     )
     return RULES[name], params

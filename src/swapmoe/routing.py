@@ -45,6 +45,7 @@ class RuleParams:
     topk_method: str = "greedy"
     norm_min: float = 0.0
     jitter_eps: float = 0.0
+    norm_p: float | None = None  # DBRX: weights divided by their p-norm (None: not renormalised)
     bias: torch.Tensor | None = field(default=None, compare=False)  # [E] score-correction bias
 
 
@@ -64,6 +65,15 @@ def softmax_topk(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tup
     if p.norm_topk_prob:
         w /= w.sum(dim=-1, keepdim=True)
     return _cast(w, p), idx
+
+
+def softmax_topk_pnorm(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """DBRX: softmax in the logits' own dtype, top-k, weights divided by their ``p``-norm."""
+    probs = F.softmax(logits, dim=1, dtype=logits.dtype)  # [T, E]
+    top, idx = torch.topk(probs.masked_fill(~mask, NEG_INF), p.top_k, dim=-1)  # [T, K]
+    if p.norm_p is not None:
+        top = top / torch.norm(top, p=p.norm_p, dim=-1, keepdim=True)
+    return top, idx
 
 
 def topk_softmax(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +196,7 @@ def sparsemixer(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tupl
 
 RULES: dict[str, Rule] = {
     "softmax_topk": softmax_topk,
+    "softmax_topk_pnorm": softmax_topk_pnorm,
     "topk_softmax": topk_softmax,
     "topk_softmax_same_dtype": topk_softmax_same_dtype,
     "topk_sigmoid": topk_sigmoid,
