@@ -8,6 +8,11 @@ naming itself: that is how a family a new transformers release adds is noticed.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from swapmoe.families import FAMILY_RULES, supported_families
@@ -15,6 +20,8 @@ from tests.family_walk import EXPECTED, installed_transformers, moe_model_types,
 from tests.threads import single_torch_thread
 
 WALKED = moe_model_types()
+REPO = Path(__file__).resolve().parents[1]
+RECORDED = REPO / "docs" / "results" / "families-walk.json"  # what docs/families.md and README were written from
 # adapters that compute each expert on its own tokens instead of one batched product (see
 # swapmoe/adapters/llama4.py): equal to float rounding at 100%, not bit for bit
 ROUNDING = frozenset({"llama4", "llama4_text"})
@@ -39,6 +46,10 @@ def test_every_moe_family_is_supported_exactly_or_refused_in_one_line(model_type
                     "tests/family_walk.py, and regenerate the docs (scripts/families_table.py)")
     result = walk(model_type, root)
     assert result.status == EXPECTED[model_type], result
+    recorded = json.loads(RECORDED.read_text())
+    if recorded["transformers"] == installed_transformers():  # the docs say what the walk finds
+        assert {r["model_type"]: r for r in recorded["results"]}.get(model_type) == result.as_dict(), (
+            "docs/families.md is out of date: run scripts/families_table.py")
     if result.status == "refused":
         assert len(result.detail.splitlines()) == 1 and repr(model_type) in result.detail
     else:
@@ -58,3 +69,10 @@ def test_the_walk_covers_every_tested_family():
 def test_a_family_built_from_another_familys_modules_routes_by_their_rule(root):
     """sarvam_moe is built from Glm4Moe modules: its router follows GLM4-MoE's rule, not the fallback."""
     assert walk("sarvam_moe", root).detail == FAMILY_RULES["glm4_moe"]
+
+
+def test_the_committed_tables_are_the_recorded_walk():
+    """docs/families.md and README.md hold the tables scripts/families_table.py writes from the record."""
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "families_table.py"), "--check", "--from-json"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
