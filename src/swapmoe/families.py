@@ -144,6 +144,8 @@ def _router_of(block: nn.Module, num_experts: int) -> nn.Module | None:
     or in a child Linear."""
     for name in _ROUTER_NAMES:
         r = getattr(block, name, None)
+        if type(r) is nn.Linear:  # a subclass may return the tuple (PhiMoE's router does)
+            continue  # returns logits only and the block routes itself (Jamba in transformers 5.17): no hook point
         if isinstance(r, nn.Module) and router_weight(r, num_experts) is not None:
             return r
     return None
