@@ -72,18 +72,18 @@ def resolve_model(model: str | Path, revision: str | None = None, allow_pickle: 
                                   f"download): run huggingface-cli download {repo_id} again") from None
         if is_offline:
             raise CheckpointError(
-                f"{repo_id} (revision {rev}) is not in the local Hugging Face cache {where} and HF_HUB_OFFLINE "
-                f"is set: download it where there is a network (huggingface-cli download {repo_id}), or "
-                "unset HF_HUB_OFFLINE"
+                f"{repo_id} is no local directory, and (revision {rev}) is not in the local Hugging Face cache "
+                f"{where} while HF_HUB_OFFLINE is set: download it where there is a network (huggingface-cli "
+                f"download {repo_id}), or unset HF_HUB_OFFLINE"
             ) from None
-        raise CheckpointError(f"{repo_id} (revision {rev}) could not be downloaded (no connection to the Hub?) "
-                              f"and is not in the local cache {where}: check the network, or set "
-                              "HF_HUB_CACHE to a cache that holds it") from None
+        raise CheckpointError(f"{repo_id} is no local directory, and (revision {rev}) could not be downloaded "
+                              f"(no connection to the Hub?) nor found in the local cache {where}: check the "
+                              "path or the network, or set HF_HUB_CACHE to a cache that holds it") from None
     except hub_errors.RevisionNotFoundError:
         raise CheckpointError(f"{repo_id} has no revision {rev!r}: pass a branch, tag or commit it has") from None
     except hub_errors.RepositoryNotFoundError:
-        raise CheckpointError(f"{repo_id} is not a Hugging Face repo you can access (misspelt, private or "
-                              "gated: log in with huggingface-cli login)") from None
+        raise CheckpointError(f"{repo_id} is neither a local directory nor a Hugging Face repo you can access "
+                              "(misspelt, private or gated: log in with huggingface-cli login)") from None
     except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{repo_id} (revision {rev}) could not be resolved: {first}") from None
