@@ -450,7 +450,11 @@ def test_llama4_multimodal_checkpoint_runs_its_text_model(tmp_path):
     model = swapmoe.load(path, "100%", device="cpu", dtype=F32)
     ids = prompt(batch=1)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+        try:
+            expected = plain(input_ids=ids).logits
+        except AttributeError:  # transformers 5.24's multimodal forward fails assembling its output
+            expected = plain.language_model(input_ids=ids).logits  # (image_outputs): its text model's logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-6)
     info = describe(path)
     assert info.routing.startswith("topk_sigmoid") and info.num_layers == 3 and len(info.moe_layers) == 2
     virtual = swapmoe.load(path, "50%", device="cpu", dtype=F32, update_interval=1)
