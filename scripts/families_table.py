@@ -26,7 +26,19 @@ def _how(r: dict, adapted: set[str]) -> str:
     return "fused"
 
 
-def _reason(detail: str) -> str:
+# Why a model type whose LM class exists is refused, as read in its transformers modeling code.
+WHY = {
+    "doge": "product-key retrieval experts (single-neuron experts picked by key search): no experts module beside a "
+            "top-k router",
+    "nllb-moe": "per-expert modules beside a top-2 router with capacity, like Switch: an adapter would be needed",
+    "inkling_text": "its router returns a fourth value (shared-expert gammas): an adapter would be needed",
+    "zaya": "its router carries state from layer to layer (a fourth value): an adapter would be needed",
+}
+
+
+def _reason(model_type: str, detail: str) -> str:
+    if model_type in WHY:
+        return WHY[model_type]
     if "is not a causal or seq2seq LM" in detail:
         return "no causal-LM (or seq2seq) class in transformers: a multimodal or encoder-only model"
     if "has no MoE layers" in detail:
@@ -41,10 +53,10 @@ def doc_table(results: list[dict], version: str, adapted: set[str]) -> list[str]
             f"({sum(r['status'] == 'tested' for r in results)} tested, "
             f"{sum(r['status'] == 'recognised' for r in results)} recognised, "
             f"{sum(r['status'] == 'refused' for r in results)} refused).", "",
-            "| model type | status | path | exchange rule | at 100% |", "|---|---|---|---|---|"]
+            "| model type | status | path | exchange rule (refused: why) | at 100% |", "|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (order[r["status"]], r["model_type"])):
         if r["status"] == "refused":
-            rows.append(f"| `{r['model_type']}` | refused | | {_reason(r['detail'])} | |")
+            rows.append(f"| `{r['model_type']}` | refused | | {_reason(r['model_type'], r['detail'])} | |")
         else:
             rows.append(f"| `{r['model_type']}` | {r['status']} | {_how(r, adapted)} | `{r['detail']}` "
                         f"| {r['exact']} |")
