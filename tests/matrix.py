@@ -37,3 +37,16 @@ def block_out(block, token: torch.Tensor) -> torch.Tensor:
     """A MoE block's output ``[1, H]`` for one token ``[H]`` (some blocks also return router logits)."""
     out = block(token.view(1, 1, -1))
     return (out[0] if isinstance(out, tuple) else out).reshape(1, -1)
+
+
+def call_router(layer, x: torch.Tensor):
+    """A MoE layer's router on hidden states ``x [T, H]``, called as its block calls it.
+
+    AFMoE's router takes ``[B, S, H]`` and the score-correction bias its block keeps (an argument);
+    every other router takes the hidden states alone.
+    """
+    import inspect
+
+    if "expert_bias" in inspect.signature(type(layer.router).forward).parameters:
+        return layer.router(x[None], layer.block.expert_bias)
+    return layer.router(x)

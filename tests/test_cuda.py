@@ -323,3 +323,21 @@ def test_steady_state_graph_decode_with_swaps_allocates_no_device_memory(tmp_pat
     slot_bytes = sum(t.untyped_storage().nbytes() for st in model.swapmoe.layers if st.pool is not None
                      for t in st.pool.slots.values())
     assert slot_bytes <= model.swapmoe.budget_bytes
+
+
+def test_importance_snapshot_is_fresh_after_a_fresh_read():
+    """After a prefill's fresh read, the next update plans from a snapshot taken after it, not from one
+    started during the previous request (which would be a whole request stale)."""
+    from swapmoe.runtime.scheduler import importance_on_host
+    from swapmoe.runtime.state import LayerState
+
+    cuda = torch.device("cuda")
+    st = LayerState(layer=None, pool=None, rule=None, params=None, norms=torch.ones(4, device=cuda),
+                    importance=torch.tensor([1.0, 0.0, 0.0, 0.0], device=cuda), full_bytes=0,
+                    hits=torch.zeros((), dtype=torch.long, device=cuda))
+    assert importance_on_host(st, cuda) is None  # the first snapshot has just been started
+    torch.cuda.synchronize()
+    st.importance.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))  # the next request's prefill moved the scores
+    assert importance_on_host(st, cuda, fresh=True) == [0.0, 5.0, 0.0, 0.0]
+    torch.cuda.synchronize()
+    assert importance_on_host(st, cuda) == [0.0, 5.0, 0.0, 0.0]  # not the [1, 0, 0, 0] of the old snapshot

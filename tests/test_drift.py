@@ -16,6 +16,7 @@ import torch
 from swapmoe.compat import cache_kwargs
 from swapmoe.families import find_moe_layers
 from swapmoe.routing import unpack_router_output
+from tests.matrix import call_router
 from tests.threads import single_torch_thread
 from tests.tiny_models import FAMILIES, build_model, make_checkpoint
 
@@ -200,7 +201,7 @@ def test_router_returns_logits_weights_and_indices(family):
     la = find_moe_layers(model)[0]
     x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        out = la.router(x)
+        out = call_router(la, x)
     assert isinstance(out, tuple) and len(out) == 3, f"{need}; it returned {type(out).__name__} of {len(out)}"
     logits, weights, indices, _ = unpack_router_output(out, la.num_experts)
     assert logits.shape == (7, la.num_experts) and logits.is_floating_point(), f"{need}; logits {logits.shape}"
@@ -208,9 +209,11 @@ def test_router_returns_logits_weights_and_indices(family):
     assert not indices.is_floating_point() and int(indices.max()) < la.num_experts, f"{need}; indices {indices}"
     # the logits are the router's linear map of x (plus its bias where it has one): importance and the
     # exchange rules read them as the unmasked scores
-    bias = getattr(la.router, "bias", None)
-    lin = torch.nn.functional.linear(x.to(la.router.weight.dtype), la.router.weight,
-                                     bias if isinstance(bias, torch.Tensor) else None)
+    # (the weight may sit in a child Linear: HunYuan's gate.wg, AFMoE's router.gate)
+    weight = la.router_weight
+    owner = next(m for m in la.router.modules() if getattr(m, "weight", None) is weight)
+    bias = getattr(owner, "bias", None)
+    lin = torch.nn.functional.linear(x.to(weight.dtype), weight, bias if isinstance(bias, torch.Tensor) else None)
     torch.testing.assert_close(logits.float(), lin.float(), msg=lambda m: f"{need}; the logits are not x W^T: {m}")
 
 

@@ -37,9 +37,9 @@ def test_describe_matches_the_loaded_model(checkpoints, family, monkeypatch):
     assert info.routing.startswith(FAMILY_RULES[family])
     assert info.num_layers == cfg.num_hidden_layers
     assert info.moe_layers == [la.name for la in layers]
-    # DeepSeek, GLM4 and Ernie keep dense first layers: 2 MoE layers of 3
+    # DeepSeek, GLM4, Ernie and AFMoE keep dense first layers: 2 MoE layers of 3
     assert len(info.moe_layers) == 2 and info.num_layers == (3 if family in (
-        "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe") else 2)
+        "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "afmoe") else 2)
     assert info.num_experts == [8, 8] and info.top_k == [2, 2]
     inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
     # gpt-oss experts also carry biases: gate_up [2I] and down [H]; describe counts them like the loader

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FAMILIES = (
+ALL_FAMILIES = (
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -35,6 +35,8 @@ FAMILIES = (
     "granitemoe",
     "phimoe",
     "gpt_oss",
+    "hunyuan_v1_moe",
+    "afmoe",
 )
 LAYOUTS = ("legacy", "fused")
 # Families whose checkpoints exist only with fused names: ``save_pretrained`` writes
@@ -111,6 +113,28 @@ _FAMILY: dict[str, dict[str, Any]] = {
 }
 
 
+_FAMILY.update({
+    # router weight in a child Linear (gate.wg, float32); top-k with renormalisation; a shared MLP
+    "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2, "head_dim": 8, "intermediate_size": 24},
+    # router weight in a child Linear (router.gate); sigmoid + bias kept on the block; a dense first
+    # layer, a shared expert, sliding and full attention
+    "afmoe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "num_hidden_layers": 3,
+              "num_dense_layers": 1, "num_shared_experts": 1, "head_dim": 8, "route_scale": 1.5,
+              "global_attn_every_n_layers": 2, "sliding_window": 4},
+})
+
+
+def available(family: str) -> bool:
+    """Whether the installed transformers has ``family`` (the GPU machine's 5.17 lacks some)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return family in CONFIG_MAPPING_NAMES
+
+
+# the tested fused families the installed transformers has (gate: the GPU machine runs an older release)
+FAMILIES = tuple(f for f in ALL_FAMILIES if available(f))
+
+
 def tiny_config(family: str, **overrides: Any):
     from transformers import AutoConfig
 
@@ -132,7 +156,7 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
     with torch.no_grad():
         for la in find_moe_layers(model):
             # routers start near zero (std 0.02): widen them so routing is decisive rather than near-ties
-            la.router.weight.copy_(torch.randn(la.router.weight.shape, generator=gen) * 0.5)
+            la.router_weight.copy_(torch.randn(la.router_weight.shape, generator=gen) * 0.5)
             if isinstance(getattr(la.router, "bias", None), torch.Tensor):  # gpt-oss: logits = x W^T + b
                 la.router.bias.copy_(torch.randn(la.router.bias.shape, generator=gen) * 0.5)
             for n in la.expert_param_names:
@@ -140,7 +164,7 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
                     bias = getattr(la.experts, n)
                     bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("e_score_correction_bias"):  # zeros at init: make them matter
+            if name.endswith(("e_score_correction_bias", "mlp.expert_bias")):  # zeros at init: make them matter
                 t.copy_(torch.rand(t.shape, generator=gen) * 0.1)
     return model
 

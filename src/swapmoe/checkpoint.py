@@ -66,13 +66,19 @@ def _check_safetensors(f: Path) -> list[str]:
     return keys
 
 
-def check_checkpoint(path: str | Path, allow_pickle: bool = False) -> CheckpointFiles:
-    """Validate a Hugging Face checkpoint directory; raise :class:`CheckpointError` naming the fix."""
-    p = Path(path).expanduser()
+def check_checkpoint(path: str | Path, allow_pickle: bool = False, revision: str | None = None) -> CheckpointFiles:
+    """Validate a Hugging Face checkpoint directory; raise :class:`CheckpointError` naming the fix.
+
+    ``path`` may also be a Hub repo id (``org/name``, at ``revision``): it is resolved to its snapshot
+    in the local Hugging Face cache first (:func:`swapmoe.hub.resolve_model`), then checked alike.
+    """
+    from swapmoe.hub import resolve_model
+
+    p = resolve_model(path, revision, allow_pickle)
     if not p.exists():
         raise CheckpointError(
             f"model directory {p} does not exist: pass the path of a Hugging Face checkpoint directory "
-            "(config.json and *.safetensors)"
+            "(config.json and *.safetensors), or a Hugging Face repo id (org/name)"
         )
     if not p.is_dir():
         raise CheckpointError(f"{p} is a file, not a model directory: pass the directory that holds config.json")

@@ -23,7 +23,8 @@ EXIT_USER_ERROR = 2
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face checkpoint directory (default: the bundled reference model)")
+                   help="checkpoint directory or Hugging Face repo id org/name (default: the bundled reference model)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a repo id (default: main)")
     p.add_argument("--memory-budget", "-m", default=None,
                    help="device memory for expert weights: bytes ('6GiB', '512MiB') or a share ('40%%'); default 100%%")
     p.add_argument("--plan", default=None, help="plan.json from `swapmoe plan` (instead of --memory-budget)")
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="experts per layer, bytes per expert, what budgets mean")
-    p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: bundled model)")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory or repo id (default: bundled model)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a repo id (default: main)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -296,11 +298,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_model_argument(args: argparse.Namespace) -> None:
+    """A model named by its Hugging Face repo id (org/name) becomes its local snapshot directory before
+    the command runs (swapmoe.hub: the cache when offline), so every command sees a directory."""
+    from swapmoe.hub import looks_like_repo_id, resolve_model
+
+    model, revision = getattr(args, "model", None), getattr(args, "revision", None)
+    if model is None:
+        if revision is not None:
+            raise SwapMoEError("--revision needs a model named by its repo id (org/name)")
+        return
+    if looks_like_repo_id(model) or revision is not None:
+        if getattr(args, "served_model_name", "") is None and looks_like_repo_id(model):
+            args.served_model_name = model  # clients name it as the user did, not by its snapshot hash
+        args.model = str(resolve_model(model, revision, allow_pickle=getattr(args, "allow_pickle", False)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
+        resolve_model_argument(args)
         return int(args.func(args, console) or 0)
     except SwapMoEError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)

@@ -7,6 +7,10 @@ pair structurally, so a family it has never seen still works when it follows the
 per-family knowledge is the routing rule used by Masked Gating's *exchange* strategy
 (:data:`FAMILY_RULES`). Families that share the layout but have no rule fall back to
 :func:`swapmoe.routing.substitute`.
+
+A rule belongs to a router, not to a ``model_type``: a family that borrows another's modules
+(``sarvam_moe`` is built from ``Glm4Moe*`` modules) routes as the family whose router class it runs,
+so the rule is chosen by the module that defines the router's class first (:func:`rule_family`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from swapmoe.adapters import UNADAPTED_EXPERTS
+from swapmoe.adapters.base import SparseExperts
 from swapmoe.errors import UnsupportedModelError
 from swapmoe.routing import RULES, Rule, RuleParams
 
@@ -34,14 +39,22 @@ FAMILY_RULES: dict[str, str] = {
     "granitemoe": "topk_softmax",
     "phimoe": "sparsemixer",
     "gpt_oss": "topk_softmax_same_dtype",
+    "hunyuan_v1_moe": "softmax_topk",  # router weight in a child Linear (``gate.wg``), kept in float32
+    "afmoe": "sigmoid_topk",  # router weight in a child Linear (``router.gate``), bias on the block
     # through an adapter (swapmoe.adapters): converted to the fused layout at load
     "llama4": "topk_sigmoid",
     "llama4_text": "topk_sigmoid",
     "switch_transformers": "softmax_topk",
+    "dbrx": "softmax_topk_pnorm",
+    "jetmoe": "topk_softmax",
 }
 
 # Names under which MoE blocks keep their router, in the order we look for them.
 _ROUTER_NAMES = ("gate", "router")
+# Families whose router returns float32 weights (no cast back to the hidden states' dtype).
+_FLOAT32_WEIGHTS = frozenset({"mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe", "afmoe"})
+# Families whose router casts its weights to the dtype of its own (child) weight, not of the hidden states.
+_ROUTER_DTYPE_WEIGHTS = frozenset({"hunyuan_v1_moe"})
 
 
 @dataclass
@@ -57,6 +70,11 @@ class MoELayer:
     top_k: int
     expert_param_names: list[str]  # parameters of the experts module that are per-expert [E, ...]
 
+    @property
+    def router_weight(self) -> torch.Tensor:
+        """The ``[E, H]`` routing weight: the router's own, or its child Linear's (HunYuan, AFMoE)."""
+        return router_weight(self.router, self.num_experts)
+
     def expert_bytes(self) -> int:
         """Bytes of one expert's weights (all per-expert tensors)."""
         total = 0
@@ -67,7 +85,10 @@ class MoELayer:
 
 
 def supported_families() -> list[str]:
-    return sorted(FAMILY_RULES)
+    """The tested families: those with a routing rule of their own, and those with an adapter."""
+    from swapmoe.adapters import ADAPTERS
+
+    return sorted(set(FAMILY_RULES) | set(ADAPTERS))
 
 
 def require_causal_lm(model: Any, what: str) -> None:
@@ -98,25 +119,52 @@ def _is_fused_experts(module: nn.Module) -> bool:
     w = getattr(module, "gate_up_proj", None)
     if w is None:
         w = getattr(module, "up_proj", None)
+    if w is None and isinstance(module, SparseExperts):  # an adapter's, under its family's names (DBRX w1)
+        w = next((p for p in module.parameters(recurse=False) if p.dim() == 3), None)
     return isinstance(w, torch.Tensor) and w.dim() == 3 and w.shape[0] == num
 
 
+def _is_routing_weight(w: object, num_experts: int) -> bool:
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == num_experts
+
+
+def router_weight(router: nn.Module, num_experts: int) -> torch.Tensor | None:
+    """A router's ``[E, H]`` weight: its own ``weight``, else that of its one child ``nn.Linear`` to
+    ``E`` outputs (HunYuan's ``gate.wg``, AFMoE's ``router.gate``), else None."""
+    own = getattr(router, "weight", None)
+    if _is_routing_weight(own, num_experts):
+        return own
+    children = [c.weight for c in router.children() if isinstance(c, nn.Linear)
+                and _is_routing_weight(c.weight, num_experts)]
+    return children[0] if len(children) == 1 else None
+
+
 def _router_of(block: nn.Module, num_experts: int) -> nn.Module | None:
+    """The module the block calls to route (hooked by the runtime): it holds the routing weight itself
+    or in a child Linear."""
     for name in _ROUTER_NAMES:
         r = getattr(block, name, None)
-        w = getattr(r, "weight", None)
-        if isinstance(r, nn.Module) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == num_experts:
+        if type(r) is nn.Linear:  # a subclass may return the tuple (PhiMoE's router does)
+            continue  # returns logits only and the block routes itself (Jamba in transformers 5.17): no hook point
+        if isinstance(r, nn.Module) and router_weight(r, num_experts) is not None:
             return r
     return None
 
 
+# Names a router or a config gives its top-k, in the order we look for them.
+_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "top_k_experts", "moe_topk", "moe_k", "num_experts_per_token")
+
+
 def _top_k(router: nn.Module, config) -> int:
-    k = getattr(router, "top_k", None)
-    if not isinstance(k, int):
-        k = getattr(config, "num_experts_per_tok", None)
-    if not isinstance(k, int) or k <= 0:
-        raise UnsupportedModelError(f"cannot tell the router's top-k for {type(router).__name__}")
-    return k
+    """The router's top-k: its own attribute, else its config's, else the model's (text) config's."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for source in (router, getattr(router, "config", None), config, text):
+        # a config's "top_k" is a sampling setting in some releases, not the router's
+        for name in _TOP_K_NAMES if source is router else _TOP_K_NAMES[1:]:
+            k = getattr(source, name, None) if source is not None else None
+            if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+                return k
+    raise UnsupportedModelError(f"cannot tell the router's top-k for {type(router).__name__}")
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -168,33 +216,58 @@ def require_moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
+def rule_family(model_type: str, router: nn.Module) -> str | None:
+    """The family whose routing rule ``router`` follows, or None (generic substitution).
+
+    The transformers model package that defines the router's class decides first, so a family built
+    from another family's modules (``sarvam_moe`` from ``Glm4Moe*``) routes as that family; a router
+    of swapmoe's own (an adapter's) or of an unknown package falls back to ``model_type``.
+    """
+    parts = type(router).__module__.split(".")
+    if len(parts) >= 3 and parts[:2] == ["transformers", "models"] and parts[2] in FAMILY_RULES:
+        return parts[2]
+    return model_type if model_type in FAMILY_RULES else None
+
+
 def rule_for(
-    model_type: str, router: nn.Module, top_k: int, compute_dtype: torch.dtype
+    model_type: str, router: nn.Module, top_k: int, compute_dtype: torch.dtype, block: nn.Module | None = None
 ) -> tuple[Rule | None, RuleParams | None]:
     """The exchange rule of a family and its constants read from the router (None: generic fallback).
 
     ``compute_dtype`` is the dtype of the hidden states: families that cast their gate weights back
-    to it (all but Mixtral and the DeepSeek/GLM float32 routers) get the same cast.
+    to it (all but Mixtral, the DeepSeek/GLM and AFMoE float32 routers, and HunYuan, which casts to
+    its router's dtype) get the same cast. ``block`` is the MoE block, where AFMoE keeps its
+    score-correction bias (it hands it to the router as an argument).
     """
-    name = FAMILY_RULES.get(model_type)
-    if name is None:
+    family = rule_family(model_type, router)
+    if family is None:
         return None, None
+    name = FAMILY_RULES[family]
     bias = getattr(router, "e_score_correction_bias", None)
     statics = getattr(router, "moe_statics", None)
     if statics is not None:
         bias = statics.e_score_correction_bias.squeeze()
-    keeps_float32 = model_type in ("mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe")
-    out_dtype = None if keeps_float32 else compute_dtype
+    if bias is None and isinstance(getattr(block, "expert_bias", None), torch.Tensor):
+        bias = block.expert_bias  # AFMoE: [E], passed to its router's forward
+    if family in _FLOAT32_WEIGHTS:
+        out_dtype = None
+    elif family in _ROUTER_DTYPE_WEIGHTS:
+        linears = [c for c in router.modules() if isinstance(c, nn.Linear)]
+        out_dtype = linears[0].weight.dtype if linears else compute_dtype
+    else:
+        out_dtype = compute_dtype
     params = RuleParams(
         top_k=top_k,
-        norm_topk_prob=bool(getattr(router, "norm_topk_prob", model_type == "mixtral")),
+        norm_topk_prob=bool(getattr(router, "norm_topk_prob", family in ("mixtral", "hunyuan_v1_moe", "afmoe"))),
         out_dtype=out_dtype,
-        scaling=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
+        scaling=float(getattr(router, "routed_scaling_factor", None) or getattr(router, "route_scale", None)
+                      or 1.0),
         num_group=int(getattr(router, "num_group", 1) or 1),
         topk_group=int(getattr(router, "topk_group", 1) or 1),
         topk_method=str(getattr(router, "topk_method", "greedy")),
         norm_min=float(getattr(router, "norm_min", 0.0) or 0.0),
         jitter_eps=float(getattr(router, "router_jitter_noise", 0.0) or 0.0),
+        norm_p=getattr(router, "norm_p", None),
         bias=bias,
     )
     return RULES[name], params

@@ -15,7 +15,13 @@ from swapmoe.adapters import adapt
 from swapmoe.budget import allocate_slots, minimum_bytes
 from swapmoe.checkpoint import CheckpointFiles, check_checkpoint
 from swapmoe.errors import UnsupportedModelError
-from swapmoe.families import FAMILY_RULES, auto_model_class, require_moe_layers, supported_families
+from swapmoe.families import (
+    FAMILY_RULES,
+    auto_model_class,
+    require_moe_layers,
+    rule_family,
+    supported_families,
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,8 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
             continue
         seen.add(id(p))
         other += p.numel() * p.element_size()
-    rule = FAMILY_RULES.get(config.model_type)
+    family = rule_family(config.model_type, layers[0].router)  # a borrowed router routes as its family
+    rule = FAMILY_RULES[family] if family is not None else None
     return ModelInfo(
         path=ckpt.path,
         model_type=config.model_type,
@@ -110,5 +117,6 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
         top_k=[la.top_k for la in layers],
         expert_bytes=[la.expert_bytes() for la in layers],
         other_bytes=other,
-        routing=f"{rule} (tested family)" if rule else "generic substitution (untested family)",
+        routing=(f"{rule} (tested family)" if family == config.model_type else f"{rule} (the rule of {family}, "
+                 "whose router it runs)") if rule else "generic substitution (untested family)",
     )

@@ -241,6 +241,7 @@ def load(
     experts_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ):
     """Load a Hugging Face MoE checkpoint with only a budget's worth of experts on the device.
 
@@ -259,6 +260,7 @@ def load(
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
+    path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     """
     if plan is not None:
         from swapmoe.plan import Plan, read_plan
@@ -274,7 +276,8 @@ def load(
     update_interval = update_interval if update_interval is not None else 16
     swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
     host = parse_budget(host_budget) if host_budget is not None else None  # malformed: fail before loading
-    ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle)
+    ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle,
+                            revision=revision)  # a repo id (org/name) resolves through the Hub cache
     if host is not None and not ckpt.use_safetensors:
         raise CheckpointError("a host budget needs a safetensors checkpoint (experts are read from its files); "
                               "convert the checkpoint, or drop --host-budget")
@@ -330,7 +333,7 @@ def load(
             la.experts.num_experts = pool.num_slots
             # transformers' kernels skip expert ids >= num_experts only in this mode (5.23; always in 5.17)
             la.experts._is_expert_parallel = True
-        rule, params = rule_for(model.config.model_type, la.router, la.top_k, compute_dtype)
+        rule, params = rule_for(model.config.model_type, la.router, la.top_k, compute_dtype, block=la.block)
         states.append(
             LayerState(
                 layer=la, pool=pool, rule=rule, params=params, norms=norms.to(dev),

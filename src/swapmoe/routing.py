@@ -45,6 +45,7 @@ class RuleParams:
     topk_method: str = "greedy"
     norm_min: float = 0.0
     jitter_eps: float = 0.0
+    norm_p: float | None = None  # DBRX: weights divided by their p-norm (None: not renormalised)
     bias: torch.Tensor | None = field(default=None, compare=False)  # [E] score-correction bias
 
 
@@ -64,6 +65,15 @@ def softmax_topk(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tup
     if p.norm_topk_prob:
         w /= w.sum(dim=-1, keepdim=True)
     return _cast(w, p), idx
+
+
+def softmax_topk_pnorm(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """DBRX: softmax in the logits' own dtype, top-k, weights divided by their ``p``-norm."""
+    probs = F.softmax(logits, dim=1, dtype=logits.dtype)  # [T, E]
+    top, idx = torch.topk(probs.masked_fill(~mask, NEG_INF), p.top_k, dim=-1)  # [T, K]
+    if p.norm_p is not None:
+        top = top / torch.norm(top, p=p.norm_p, dim=-1, keepdim=True)
+    return top, idx
 
 
 def topk_softmax(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +147,18 @@ def sigmoid_grouped(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> 
     return w * p.scaling, idx
 
 
+def sigmoid_topk(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """AFMoE: sigmoid scores, choice on scores + correction bias (a sorted top-k, no groups), weights
+    from the scores normalised (``+1e-20``) and scaled, in float32."""
+    scores = torch.sigmoid(logits.float())  # [T, E]
+    choice = scores + p.bias if p.bias is not None else scores
+    idx = torch.topk(choice.masked_fill(~mask, NEG_INF), k=p.top_k, dim=1)[1]  # [T, K]
+    w = scores.gather(dim=1, index=idx)
+    if p.norm_topk_prob:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * p.scaling, idx
+
+
 def softmax_grouped(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V2: softmax, greedy or group-limited greedy top-k, scaled (not renormalised)."""
     scores = logits.float().softmax(dim=-1, dtype=torch.float32)  # [T, E]
@@ -174,10 +196,12 @@ def sparsemixer(logits: torch.Tensor, mask: torch.Tensor, p: RuleParams) -> tupl
 
 RULES: dict[str, Rule] = {
     "softmax_topk": softmax_topk,
+    "softmax_topk_pnorm": softmax_topk_pnorm,
     "topk_softmax": topk_softmax,
     "topk_softmax_same_dtype": topk_softmax_same_dtype,
     "topk_sigmoid": topk_sigmoid,
     "sigmoid_grouped": sigmoid_grouped,
+    "sigmoid_topk": sigmoid_topk,
     "softmax_grouped": softmax_grouped,
     "softmax_bias": softmax_bias,
     "sparsemixer": sparsemixer,

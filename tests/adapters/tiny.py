@@ -1,4 +1,7 @@
-"""Tiny random Llama 4 (text) and Switch Transformers checkpoints, saved as a user would have them.
+"""Tiny random checkpoints of the adapted families, saved as a user would have them.
+
+DBRX, JetMoE and LongCat-Flash (2 layers, 8 experts, top-2; LongCat-Flash with 2 zero-compute
+experts more) come from the family walk's tiny configs (tests/family_walk.py).
 
 Llama 4: 3 decoder layers, MoE in layers 0 and 2 (a dense MLP between, as the 128-expert model
 interleaves them), 8 experts, top-1 (as published) plus the shared expert. Switch: 4 encoder and
@@ -17,8 +20,28 @@ from torch import nn
 
 from tests.tiny_models import VOCAB, save_checkpoint
 
-ADAPTED = ("llama4_text", "switch_transformers")
+ALL_ADAPTED = ("llama4_text", "switch_transformers", "dbrx", "jetmoe", "longcat_flash")
 SWITCH_CAPACITY = 3
+
+
+def _available(family: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return family in CONFIG_MAPPING_NAMES
+
+
+# the adapted families the installed transformers has (gate: the GPU machine runs an older release)
+ADAPTED = tuple(f for f in ALL_ADAPTED if _available(f))
+# MoE layers of each tiny model (Switch: 2 encoder + 2 decoder), transformer layers, top-k
+MOE_LAYERS = {"llama4_text": 2, "switch_transformers": 4, "dbrx": 2, "jetmoe": 3, "longcat_flash": 2}
+# (LongCat-Flash: transformers counts its two attention sublayers per decoder layer)
+NUM_LAYERS = {"llama4_text": 3, "switch_transformers": 8, "dbrx": 2, "jetmoe": 3, "longcat_flash": 4}
+# expert parameters a host budget streams past host memory while loading (those that keep the
+# checkpoint's name and shape through the adapter): Llama 4's two per layer, LongCat-Flash's down_proj
+STREAMED = {"llama4_text": 4, "longcat_flash": 2}
+TOP_K = {"llama4_text": 1, "switch_transformers": 1, "dbrx": 2, "jetmoe": 2, "longcat_flash": 2}
+# at a 100% budget: bit-identical to transformers, except Llama 4 (per-expert products: float rounding)
+BIT_EXACT = frozenset({"switch_transformers", "dbrx", "jetmoe", "longcat_flash"})
 
 _CONFIGS: dict[str, dict[str, Any]] = {
     "llama4_text": {
@@ -37,33 +60,47 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-# outside the initial resident set {0, 1, 2, 3} ("first", 4 of 8 slots); one expert, as both families
-# route top-1 (with two equally preferred experts, noise decides between them token by token)
-PREFERRED = (6,)
+# outside the initial resident set {0, 1, 2, 3} ("first", 4 of 8 slots): one expert per top-1 family
+# (with two equally preferred experts, noise would decide between them token by token), two for top-2
+PREFERRED = {"llama4_text": (6,), "switch_transformers": (6,), "dbrx": (5, 6), "jetmoe": (5, 6),
+             "longcat_flash": (5, 6)}
 
 
 def skew(model) -> None:
-    """Every token embedding gets a large dimension 0, which every router reads as 'prefer expert 6'."""
+    """Every token embedding gets a large dimension 0, which every router reads as 'prefer PREFERRED'
+    (LongCat-Flash's zero-compute experts, rows 8 and 9 of its router, are not preferred either)."""
     model.get_input_embeddings().weight[:, 0] = 8.0
     for w in routers(model):
         w[:, 0] = -4.0
-        w[list(PREFERRED), 0] = 4.0
+        w[list(PREFERRED[model.config.model_type]), 0] = 4.0
 
 
 def tiny_config(family: str, **overrides: Any):
+    """Llama 4 and Switch: the configs above; the others: the family walk's tiny config
+    (tests/family_walk.py: DBRX, JetMoE, LongCat-Flash with 8 experts, top-2, hidden 32)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(family, **{**_CONFIGS[family], **overrides})
+    if family in _CONFIGS:
+        return AutoConfig.for_model(family, **{**_CONFIGS[family], **overrides})
+    from tests.family_walk import tiny_config as walk_config
+
+    config = walk_config(family)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
 
 
 def routers(model: nn.Module) -> list[torch.Tensor]:
     """The ``[E, H]`` routing weight of every MoE block of a *plain* transformers model, in order."""
     out = []
     for m in model.modules():
-        if type(m).__name__ == "Llama4Router":
+        kind = type(m).__name__
+        if kind == "Llama4Router":
             out.append(m.weight)
-        elif type(m).__name__ == "SwitchTransformersTop1Router":
-            out.append(m.classifier.weight)
+        elif kind in ("SwitchTransformersTop1Router", "LongcatFlashTopkRouter"):
+            out.append(m.classifier.weight)  # LongCat-Flash: [E + Z, H], zero-compute experts last
+        elif kind in ("DbrxRouter", "JetMoeTopKGating"):
+            out.append(m.layer.weight)
     return out
 
 

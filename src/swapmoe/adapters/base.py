@@ -22,6 +22,10 @@ from torch import nn
 class SparseExperts(nn.Module):
     """``E`` experts as fused ``[E, ...]`` parameters; computes only the (token, expert) pairs asked for."""
 
+    # the order of an expert's rows: token by token (False), or by choice rank k, then token (True), as
+    # a family's own loop orders them; CPU matmul kernels may round a row differently at another position
+    k_major = False
+
     def __init__(self, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -40,7 +44,10 @@ class SparseExperts(nn.Module):
         with torch.no_grad():
             used = torch.unique(indices[indices < self.num_experts]).tolist()  # sorted expert ids
         for e in used:
-            token, k = torch.where(indices == e)  # [N], [N]
+            if self.k_major:
+                k, token = torch.where(e == indices.T)  # [N], [N]
+            else:
+                token, k = torch.where(indices == e)  # [N], [N]
             y = self.expert(e, hidden[token], weights[token, k])  # [N, H]
             out.index_add_(0, token, y.to(out.dtype))
         return out
