@@ -116,3 +116,54 @@ def test_streaming_plans_with_the_dtype_the_load_will_have(tmp_path):
     assert [la["expert_store"] for la in stats["layers"]] == ["host", "checkpoint"]
     assert stats["total"]["host_expert_bytes"] == one_layer_bf16
     _generate(model)
+
+
+def test_checkpoint_experts_are_read_by_a_reader_thread_while_their_slot_stays_unmapped(tmp_path):
+    """With background reads (on by default with asynchronous CUDA copies) a checkpoint-backed swap
+    reads its expert from the files on the swapper's reader thread, off the critical path; until the
+    read has landed and been copied, the slot is mapped to nothing (never read half-written)."""
+    import threading
+
+    from swapmoe.policy import Swap
+    from swapmoe.pool import Swapper
+
+    ckpt = make_checkpoint("qwen3_moe", tmp_path / "q", layout="legacy", sharded=True)
+    model = swapmoe.load(ckpt, "50%", host_budget=1, swaps_per_update=0)
+    swapper = Swapper(torch.device("cpu"), asynchronous=False, background_reads=True)
+    pool = model.swapmoe.layers[0].pool
+    store = pool.store
+    release, threads = threading.Event(), []
+    stage = store.stage
+
+    def slow_stage(expert, pin):
+        threads.append(threading.current_thread().name)
+        assert release.wait(10), "the test never released the read"
+        return stage(expert, pin)
+
+    store.stage = slow_stage
+    slot, old = 0, pool.expert_in[0]
+    new = next(e for e in range(store.num_experts) if e not in pool.expert_in)
+    before = {n: t[slot].clone() for n, t in pool.slots.items()}
+    assert swapper.submit(pool, [Swap(slot, old, new)]) == store.expert_bytes()
+    assert swapper.poll(pool) == 0 and len(pool.pending) == 1  # the read is still in flight
+    assert pool.expert_in[slot] == -1 and not pool.resident[old] and not pool.resident[new]
+    assert int(pool.slot_of[old]) == int(pool.slot_of[new]) == -1
+    assert all(torch.equal(t[slot], before[n]) for n, t in pool.slots.items())  # nothing written yet
+    release.set()
+    assert swapper.poll(pool, wait=True) == 1 and not pool.pending
+    assert threads and all(name.startswith("swapmoe-read") for name in threads)
+    assert pool.expert_in[slot] == new and pool.resident[new] and int(pool.slot_of[new]) == slot
+    for name, t in pool.slots.items():
+        assert torch.equal(t[slot], store.expert(name, new))
+    # the runtime works through it end to end: a decode with swaps, then every map agrees with its slot
+    model.swapmoe.swapper = swapper
+    model.swapmoe.set_updates(update_interval=1, swaps_per_update=2)
+    _generate(model)
+    model.swapmoe.synchronize()
+    assert model.swapmoe.stats()["total"]["swaps"] > 0
+    for st in model.swapmoe.layers:
+        p = st.pool
+        assert not p.pending and p.resident.nonzero().flatten().tolist() == sorted(p.expert_in)
+        for s, e in enumerate(p.expert_in):
+            for name, t in p.slots.items():
+                assert torch.equal(t[s], p.store.expert(name, e))

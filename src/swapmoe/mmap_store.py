@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from swapmoe.pool import copy_tensors
+
 # one recipe per fused parameter: key templates whose tensors are concatenated along dim 0; a key
 # without "{e}" is a fused [E, ...] tensor indexed by expert
 Recipe = list[str]
@@ -98,12 +100,14 @@ class CheckpointStore:
         return t.to(self.dtypes[name])
 
     def copy_into(self, dests: dict[str, torch.Tensor], expert: int, non_blocking: bool) -> int:
-        n = 0
-        for name, dst in dests.items():
-            src = self.expert(name, expert)
-            dst.copy_(src)
-            n += src.numel() * src.element_size()
-        return n
+        # from pageable memory: a synchronous copy whatever ``non_blocking`` says (see stage())
+        return copy_tensors(dests, {name: self.expert(name, expert) for name in dests}, non_blocking=False)
+
+    def stage(self, expert: int, pin: bool) -> dict[str, torch.Tensor]:
+        """Expert ``expert`` read from the files into host memory, pinned if ``pin`` (so that its copy to
+        the device can be asynchronous); the swapper's reader thread calls this off the critical path."""
+        parts = {name: self.expert(name, expert) for name in self.shapes}
+        return {n: t.pin_memory() for n, t in parts.items()} if pin else parts
 
 
 def weight_files(files: Sequence[Path]) -> dict[str, Path]:

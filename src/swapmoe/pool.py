@@ -15,7 +15,9 @@ Only this module moves bytes; which experts to move is decided by :mod:`swapmoe.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,19 +46,30 @@ class HostStore:
 
     def copy_into(self, dests: dict[str, torch.Tensor], expert: int, non_blocking: bool) -> int:
         """Copy expert ``expert`` into the slot views ``dests``; returns bytes copied."""
-        n = 0
-        for name, dst in dests.items():
-            src = self.tensors[name][expert]
-            dst.copy_(src, non_blocking=non_blocking)
-            n += src.numel() * src.element_size()
-        return n
+        return copy_tensors(dests, {name: self.tensors[name][expert] for name in dests}, non_blocking)
+
+
+def copy_tensors(dests: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], non_blocking: bool) -> int:
+    """Copy each source into its slot view; returns bytes copied."""
+    n = 0
+    for name, dst in dests.items():
+        src = sources[name]
+        dst.copy_(src, non_blocking=non_blocking)
+        n += src.numel() * src.element_size()
+    return n
 
 
 @dataclass
 class _Pending:
+    """A swap in flight: its copy enqueued (``done`` set), or its expert still being read from the
+    checkpoint files by the reader thread (``staged`` set, ``done`` None)."""
+
     slot: int
     new: int
-    done: torch.cuda.Event
+    done: Any = None  # torch.cuda.Event recorded after the copy
+    staged: Future | None = None  # the background read: name -> host tensor (pinned on CUDA)
+    unmapped: Any = None  # torch.cuda.Event recorded when the slot was unmapped
+    source: dict[str, torch.Tensor] | None = None  # staged tensors, alive until the copy is done
 
 
 @dataclass
@@ -67,7 +80,7 @@ class SlotPool:
     slot_of: torch.Tensor  # [E] long, device
     resident: torch.Tensor  # [E] bool, device
     expert_in: list[int]  # [S] host truth
-    store: HostStore
+    store: Any  # HostStore, or mmap_store.CheckpointStore (experts read from the safetensors files)
     pending: list[_Pending] = field(default_factory=list)
 
     @classmethod
@@ -129,31 +142,70 @@ class Swapper:
     3. once ``done`` has completed (polled without blocking) the compute stream waits on it and maps
        ``new`` to ``slot``. Between 1 and 3 the slot is referenced by no map, so it is never read
        while it is being written.
+
+    Experts of a checkpoint-backed layer (``--host-budget``) are first read from the safetensors files
+    by a reader thread (into pinned memory on CUDA), off the critical path: between 1 and 2 the swap
+    waits, unmapped, for its read; :meth:`poll` enqueues the copy once the read has finished.
+    ``background_reads`` (default: with asynchronous copies) turns the reader on or off.
     """
 
-    def __init__(self, device: torch.device, asynchronous: bool) -> None:
+    def __init__(self, device: torch.device, asynchronous: bool, background_reads: bool | None = None) -> None:
         self.device = device
         self.asynchronous = asynchronous and device.type == "cuda"
         self.stream = torch.cuda.Stream(device=device) if self.asynchronous else None
+        reads = self.asynchronous if background_reads is None else background_reads
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swapmoe-read") if reads else None
 
     def submit(self, pool: SlotPool, swaps: list[Swap]) -> int:
         """Start the swaps; returns bytes scheduled for copying."""
         copied = 0
         for sw in swaps:
             pool._unmap(sw.slot)
+            if self.reader is not None and pool.store.location == "checkpoint":
+                staged = self.reader.submit(pool.store.stage, sw.new, self.stream is not None)
+                pool.pending.append(_Pending(sw.slot, sw.new, staged=staged, unmapped=self._mark_unmapped()))
+                copied += pool.store.expert_bytes()
+                continue
             if self.stream is None:
                 copied += pool.store.copy_into(pool.views(sw.slot), sw.new, non_blocking=False)
                 pool._map(sw.slot, sw.new)
                 continue
-            unmapped = torch.cuda.Event()
-            unmapped.record(torch.cuda.current_stream(self.device))
+            pending = _Pending(sw.slot, sw.new, unmapped=self._mark_unmapped())
             with torch.cuda.stream(self.stream):
-                self.stream.wait_event(unmapped)
+                self.stream.wait_event(pending.unmapped)
                 copied += pool.store.copy_into(pool.views(sw.slot), sw.new, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self.stream)
-            pool.pending.append(_Pending(sw.slot, sw.new, done))
+                pending.done = self._mark_copied()
+            pool.pending.append(pending)
         return copied
+
+    def _mark_unmapped(self) -> Any:
+        """An event after the unmap on the compute stream (None on CPU, where work is in order)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _mark_copied(self) -> torch.cuda.Event:
+        assert self.stream is not None
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return done
+
+    def _copy_staged(self, pool: SlotPool, p: _Pending) -> bool:
+        """The read of ``p`` has finished: copy it into its slot. True when the slot can be mapped now
+        (CPU: the copy is done); on CUDA the copy is enqueued on the side stream and mapped later."""
+        assert p.staged is not None
+        source = p.staged.result()  # re-raises a failed read here, on the thread that swaps
+        if self.stream is None:
+            copy_tensors(pool.views(p.slot), source, non_blocking=False)
+            return True
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(p.unmapped)
+            copy_tensors(pool.views(p.slot), source, non_blocking=True)
+            p.done = self._mark_copied()
+        p.source = source  # the pinned tensors must outlive the asynchronous copy
+        return False
 
     def poll(self, pool: SlotPool, wait: bool = False) -> int:
         """Map the experts whose copies have finished (all of them if ``wait``); returns how many."""
@@ -161,10 +213,17 @@ class Swapper:
             return 0
         still: list[_Pending] = []
         finished = 0
-        compute = torch.cuda.current_stream(self.device)
         for p in pool.pending:
+            if p.done is None:  # still being read from the checkpoint files
+                if not (wait or p.staged.done()):
+                    still.append(p)
+                    continue
+                if self._copy_staged(pool, p):
+                    pool._map(p.slot, p.new)
+                    finished += 1
+                    continue
             if wait or p.done.query():
-                compute.wait_event(p.done)
+                torch.cuda.current_stream(self.device).wait_event(p.done)
                 pool._map(p.slot, p.new)
                 finished += 1
             else:
