@@ -341,3 +341,41 @@ def test_importance_snapshot_is_fresh_after_a_fresh_read():
     assert importance_on_host(st, cuda, fresh=True) == [0.0, 5.0, 0.0, 0.0]
     torch.cuda.synchronize()
     assert importance_on_host(st, cuda) == [0.0, 5.0, 0.0, 0.0]  # not the [1, 0, 0, 0] of the old snapshot
+
+
+def test_sliding_window_family_decodes_through_the_graph(tmp_path):
+    """gpt-oss (sliding-window and full layers) is captured too: its static cache has full-length layers."""
+    from swapmoe.engine.decoder import Decoder
+    from tests.tiny_models import make_checkpoint
+
+    path = make_checkpoint("gpt_oss", tmp_path / "gpt-oss", layout="fused")
+    model = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, swaps_per_update=0)
+    prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
+    graph = Decoder(model, "graph", min_capacity=16)
+    g_tokens, g_rows = _greedy(graph, prompt, 40)
+    e_tokens, e_rows = _greedy(Decoder(model, "static", min_capacity=16), prompt, 40)
+    assert graph.graphs_captured >= 1 and graph.mode == "graph"
+    assert g_tokens == e_tokens
+    assert max(float((a - b).abs().max()) for a, b in zip(g_rows, e_rows, strict=True)) <= TORN_TOLERANCE
+
+
+def test_checkpoint_backed_swaps_read_in_the_background_on_cuda(tmp_path):
+    from swapmoe.engine.decoder import Decoder
+
+    path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
+    model = swapmoe.load(path, "25%", device="cuda", dtype=torch.bfloat16, host_budget=1, update_interval=1,
+                         swaps_per_update=2)
+    assert model.swapmoe.swapper.reader is not None
+    dec = Decoder(model, "graph")
+    feed = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(7)).tolist()
+    dec.read_logits(dec.prefill(feed[:8], max_new_tokens=80))
+    for t in feed[8:]:
+        assert torch.isfinite(dec.read_logits(dec.step(t))).all()
+    model.swapmoe.synchronize()
+    assert model.swapmoe.stats()["total"]["swaps"] > 20
+    for st in model.swapmoe.layers:
+        pool = st.pool
+        assert pool.store.location == "checkpoint" and not pool.pending
+        for s, e in enumerate(pool.expert_in):
+            for name, t in pool.slots.items():
+                assert torch.equal(t[s].cpu(), pool.store.expert(name, e))

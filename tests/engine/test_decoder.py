@@ -105,3 +105,22 @@ def test_model_generate_through_the_decoder_equals_plain_generate(engine_checkpo
     # padding, batches and beams run as plain transformers (the static path derives positions itself)
     two = torch.tensor([PROMPT, PROMPT])
     assert torch.equal(routed.generate(two, **kw), plain.generate(two, **kw))
+
+
+@pytest.mark.parametrize("budget", ["100%", "50%"])
+def test_sliding_window_models_decode_the_same_through_the_static_cache(tmp_path, budget):
+    """gpt-oss alternates sliding-window (4 tokens here) and full attention layers; the graph path's
+    static cache holds full-length layers and leaves the window to the mask. 30 tokens run far past
+    the window."""
+    from tests.tiny_models import make_checkpoint
+
+    path = make_checkpoint("gpt_oss", tmp_path / "gpt-oss", layout="fused")
+    model = swapmoe.load(path, budget, device="cpu", swaps_per_update=0)
+    prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
+    static = Decoder(model, "static", min_capacity=16)
+    static_tokens, static_rows = _greedy(static, prompt, 30)
+    assert not any(layer.is_sliding for layer in static.cache.layers)  # no host-side length to freeze
+    dynamic_tokens, dynamic_rows = _greedy(Decoder(model, "dynamic"), prompt, 30)
+    assert static_tokens == dynamic_tokens
+    for a, b in zip(static_rows, dynamic_rows, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

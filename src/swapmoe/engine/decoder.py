@@ -66,11 +66,6 @@ def graph_blocker(model: Any) -> str | None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) is not None and any(
-        t == "sliding_attention" for t in getattr(text, "layer_types", None) or ["sliding_attention"]
-    ):
-        return "sliding-window attention (transformers' static sliding cache keeps a host-side length)"
     runtime = getattr(model, "swapmoe", None)
     if runtime is not None:
         from swapmoe.adapters.base import SparseExperts
@@ -152,7 +147,16 @@ class Decoder:
                 return DynamicCache()
         self.capacity = _capacity(need, self.limit, self.min_capacity)
         self.graph = None  # a new cache has new addresses: capture again
-        return StaticCache(config=self.model.config, max_cache_len=self.capacity)
+        cache = StaticCache(config=self.model.config, max_cache_len=self.capacity)
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            # transformers' static sliding-window layer keeps its length in a host int, which a graph
+            # replay would never advance. Full-length static layers hold the same keys; the sliding
+            # window is then applied by the attention mask, which transformers builds from positions
+            # for sliding layers (tested against the dynamic cache, tests/engine/test_decoder.py).
+            from transformers.cache_utils import StaticLayer
+
+            cache.layers = [StaticLayer(max_cache_len=self.capacity) for _ in cache.layers]
+        return cache
 
     def start(self, need: int) -> None:
         """Start a new sequence that will hold up to ``need`` tokens (prompt + generated)."""
