@@ -24,14 +24,12 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from serving import free_port, start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
@@ -114,24 +112,6 @@ def write_tasks(folder: Path) -> None:
         (folder / f"{name}.yaml").write_text(yaml, encoding="utf-8")
 
 
-def start_server(port: int, name: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "swapmoe.cli", "serve", "-m", "50%", "--port", str(port),
-                             "--served-model-name", name, "--log-level", "warning"], env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"swapmoe serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("swapmoe serve did not start")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lm-eval", default=shutil.which("lm_eval") or str(Path(sys.executable).parent / "lm_eval"),
@@ -143,13 +123,11 @@ def main() -> int:
         return 1
     command = docs_command()
     name = dict(kv.split("=", 1) for kv in command[command.index("--model_args") + 1].split(","))["model"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     folder = Path(args.keep or tempfile.mkdtemp(prefix="lm-eval-check-"))
     folder.mkdir(parents=True, exist_ok=True)
     write_tasks(folder)
-    proc = start_server(port, name)
+    proc = start_serve(["-m", "50%", "--served-model-name", name], port, quiet=False)
     try:
         run = [args.lm_eval, "run", "--model", "local-completions", "--model_args", model_args(command, port),
                "--tasks", ",".join(TASKS), "--include_path", str(folder), "--output_path", str(folder / "out")]

@@ -21,45 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from serving import free_port, start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 GENRES = ["detective", "drama", "encyclopedia", "fairy_tale", "history", "medicine"]
 PROBE = {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def serve(options: list[str], port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "swapmoe.cli", "serve", "--port", str(port), "--log-level",
-                             "warning", *options], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"swapmoe serve {' '.join(options)} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("swapmoe serve did not start")
 
 
 def texts() -> tuple[str, dict[str, list[str]]]:
@@ -120,7 +93,7 @@ def main() -> None:
         report = {}
         for name, options in settings.items():
             port = free_port()
-            proc = serve(options, port)
+            proc = start_serve(options, port, within=300)
             try:
                 report[name] = run(f"http://127.0.0.1:{port}", passages)
             finally:

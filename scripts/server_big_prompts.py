@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from serving import free_port, start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,29 +35,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "swapmoe.cli", "serve", "-m", args.memory_budget, "--port", str(port),
-           "--served-model-name", "m", "--log-level", "warning"]
-    if args.model:
-        cmd.insert(4, args.model)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, within: float = 180) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not start")
 
 
 def body(i: int, size: int) -> bytes:
@@ -78,13 +53,11 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args, port)
+    proc = start_serve([*([args.model] if args.model else []), "-m", args.memory_budget, "--served-model-name", "m"],
+                       port)
     try:
-        wait_ready(url, proc)
         httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=60)
         time.sleep(1)
         rss_before = rss_mb(proc.pid)

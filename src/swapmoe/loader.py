@@ -23,6 +23,7 @@ from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
+from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
@@ -150,26 +151,6 @@ def _leave_placeholders(layer: MoELayer, dtypes: dict[str, torch.dtype]) -> None
     """Empty parameters where a virtualised layer's experts were; the slot tensors replace them."""
     for n in layer.expert_param_names:
         layer.experts._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
-
-
-def _return_freed_host_memory() -> None:
-    """Hand the heap memory the load freed back to the operating system.
-
-    Loading frees whole checkpoints' worth of temporaries (fused copies of per-expert tensors,
-    experts moved to stores or streamed past), and glibc keeps freed blocks below its mmap threshold
-    in the process, where they still count as resident memory. ``malloc_trim`` returns them; on
-    other C libraries this does nothing.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is not None:
-        trim(0)
 
 
 def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None) -> tuple[list[int], int, int]:
@@ -343,7 +324,7 @@ def load(
         )
     model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
     _use_decoder(model, cuda_graph)
-    _return_freed_host_memory()
+    return_freed_memory()  # the load's temporaries
     return model
 
 

@@ -42,7 +42,8 @@ from swapmoe.engine.generate import FINISH_CANCELLED, context_length, stop_token
 from swapmoe.engine.sampling import SamplingParams
 from swapmoe.engine.worker import EngineWorker, QueueFullError, WorkerClosedError
 from swapmoe.families import require_causal_lm
-from swapmoe.server.body import PromptBytes, is_json_media_type, parse_body, return_freed_memory
+from swapmoe.hostmem import return_freed_memory
+from swapmoe.server.body import PromptBytes, is_json_media_type, parse_body
 from swapmoe.server.chat import chat_prompt
 from swapmoe.server.errors import APIError, error_body, install_handlers
 from swapmoe.server.metrics import ServerMetrics

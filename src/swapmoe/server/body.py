@@ -8,8 +8,6 @@ length alone, so a prompt that cannot fit the context is refused before it is to
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 from typing import Any
 
@@ -185,19 +183,3 @@ class PromptBytes:
         if n // self.bytes_per_token == 0:
             return 0
         return len(text.encode("utf-8", "surrogatepass")) // self.bytes_per_token
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the operating system (glibc's malloc_trim; elsewhere nothing).
-
-    A large request leaves its body, the parsed text and the tokenizer's buffers as freed blocks that
-    glibc keeps (above the first such free its mmap threshold rises, so later large blocks come from
-    the heap), and resident memory would stay where the largest request left it.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is not None:
-        trim(0)
