@@ -142,7 +142,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("short-group-not-filled", "src/swapmoe/routing.py",
              "return torch.where(short, outside.gather(1, rank), idx)", "return idx", ROUTING_TESTS),
     Mutation("drop-routed-scaling", "src/swapmoe/routing.py",
-             "    return w * p.scaling, idx\n", "    return w, idx\n", ROUTING_TESTS),
+             "        w /= w.sum(dim=-1, keepdim=True) + 1e-20\n    return w * p.scaling, idx\n",
+             "        w /= w.sum(dim=-1, keepdim=True) + 1e-20\n    return w, idx\n", ROUTING_TESTS),
     Mutation("group-mask-after-selection", "src/swapmoe/routing.py",
              "    choice = choice.masked_fill(~mask, NEG_INF)\n    if p.num_group > 1:\n"
              "        idx = _topk_in_groups(choice, _group_select(choice, p, \"top2sum\"), p.top_k)",
