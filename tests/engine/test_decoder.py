@@ -27,11 +27,31 @@ def _greedy(dec: Decoder, prompt: list[int], new: int) -> tuple[list[int], list[
     return tokens, rows
 
 
-def test_cpu_has_no_graph_and_says_why(model):
+def test_cpu_has_no_graph_and_says_why(engine_checkpoint):
+    model = swapmoe.load(engine_checkpoint, "50%", device="cpu", dtype=torch.bfloat16)
     assert graph_blocker(model) == "not on a CUDA device"
     assert Decoder(model).mode == "dynamic"
     with pytest.raises(ValueError, match="cannot be captured in a CUDA graph: not on a CUDA device"):
         Decoder(model, "graph")
+
+
+def test_the_reason_a_model_decodes_eagerly_is_the_models_own(engine_checkpoint, tmp_path):
+    """graph_blocker names what keeps a model's step out of a graph on any device (the log line a user
+    reads on a GPU), before the device itself."""
+    from swapmoe.baselines import load_policy
+    from tests.adapters.tiny import make_checkpoint as make_adapted
+
+    def reason(model):
+        return graph_blocker(model) or ""
+
+    assert reason(swapmoe.load(engine_checkpoint, "50%", device="cpu", dtype=torch.float32)).startswith(
+        "grouped_mm on non-bfloat16")
+    assert reason(swapmoe.load(engine_checkpoint, "50%", device="cpu", dtype=torch.bfloat16,
+                               experts_implementation="eager")).startswith("the 'eager' experts kernel")
+    assert reason(load_policy("ondemand", engine_checkpoint, "50%", device="cpu",
+                              dtype=torch.bfloat16)).startswith("on-demand loading")
+    llama4 = make_adapted("llama4_text", tmp_path / "llama4")
+    assert reason(swapmoe.load(llama4, "50%", device="cpu", dtype=torch.bfloat16)).startswith("an adapted family")
 
 
 def test_static_split_steps_equal_eager_steps_while_swapping(engine_checkpoint):

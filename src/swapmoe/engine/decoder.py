@@ -58,28 +58,34 @@ def model_device(model: Any) -> torch.device:
 
 
 def graph_blocker(model: Any) -> str | None:
-    """Why a model's decode step cannot be captured in a CUDA graph, or None when it can."""
+    """Why a model's decode step cannot be captured in a CUDA graph, or None when it can.
+
+    The model's own reasons come first, the device last, so that the reason a user reads (in the log,
+    or from ``Decoder(model, "graph")``) is the one that moving to a GPU would not remove.
+    """
+    from swapmoe.adapters.base import SparseExperts
+    from swapmoe.families import find_moe_layers
     from swapmoe.runtime.step import uses_eager_kernel
 
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    placement = getattr(model, "hf_device_map", None) or {}
+    if any(str(where) in ("cpu", "disk") for where in placement.values()):
+        return "accelerate offloading (its hooks copy weights in during the forward)"
+    runtime = getattr(model, "swapmoe", None)
+    if getattr(runtime, "host_driven", False):
+        return "on-demand loading (copies decided on the host inside the forward)"
+    layers = [st.layer for st in runtime.layers] if runtime is not None else find_moe_layers(model)
+    for layer in layers:
+        if isinstance(layer.experts, SparseExperts):
+            return "an adapted family (its experts dispatch on data-dependent shapes)"
+        if uses_eager_kernel(layer.experts):
+            return "the 'eager' experts kernel (data-dependent nonzero); use grouped_mm or batched_mm"
+        if _grouped_mm_off_bf16(layer):
+            return ("grouped_mm on non-bfloat16 expert weights (it reads group offsets on the host); "
+                    "load in bfloat16 or with experts_implementation='batched_mm'")
     if model_device(model).type != "cuda":
         return "not on a CUDA device"
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        return "an encoder-decoder model"
-    runtime = getattr(model, "swapmoe", None)
-    if runtime is not None:
-        from swapmoe.adapters.base import SparseExperts
-
-        for st in runtime.layers:
-            if uses_eager_kernel(st.layer.experts):
-                return "the 'eager' experts kernel (data-dependent nonzero); use grouped_mm or batched_mm"
-            if _grouped_mm_off_bf16(st.layer):
-                return ("grouped_mm on non-bfloat16 expert weights (it reads group offsets on the host); "
-                        "load in bfloat16 or with experts_implementation='batched_mm'")
-            if isinstance(st.layer.experts, SparseExperts):
-                return "an adapted family (its experts dispatch on data-dependent shapes)"
-        if getattr(runtime, "host_driven", False):
-            return "on-demand loading (copies decided on the host inside the forward)"
     return None
 
 
