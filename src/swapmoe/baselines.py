@@ -68,9 +68,12 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
         model = swapmoe.load(path, memory_budget, swaps_per_update=0, cuda_graph=False, **kw)
         model.swapmoe_ondemand = OnDemand(model.swapmoe)
         return model
-    if name == "static":
-        return _load_dense(dense_twin_path(path), kw)
-    return _accelerate_offload(path, memory_budget, kw)
+    # plain transformers models decode through swapmoe's decoder too (graph where possible): the flag
+    # that turns the graph off for swapmoe models turns it off for them
+    plain = _load_dense(dense_twin_path(path), kw) if name == "static" else _accelerate_offload(path, memory_budget, kw)
+    if kw.get("cuda_graph") is False:
+        plain.swapmoe_decode_mode = "dynamic"
+    return plain
 
 
 def _load_dense(path: Path, kw: dict[str, Any]) -> Any:

@@ -46,6 +46,7 @@ def _stream(args: argparse.Namespace) -> tuple[Any, list[int]]:
 def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "decay": args.decay,
                           "async_swaps": not args.sync_swaps, "allow_pickle": args.allow_pickle,
+                          "cuda_graph": not getattr(args, "no_cuda_graph", False),
                           "trust_remote_code": args.trust_remote_code}
     if args.update_interval is not None:
         kw["update_interval"] = args.update_interval

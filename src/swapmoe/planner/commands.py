@@ -111,7 +111,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
 
         data = profile(args.model, ids, args.out, settings, device=args.device, dtype=args.dtype,
                        calibration=str(path.resolve()), on_plan=lambda n: progress.update(task, total=n),
-                       on_step=on_step, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                       on_step=on_step, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                       cuda_graph=not args.no_cuda_graph)
     if len(resumed) > 1:
         console.print(f"resumed: {len(resumed) - 1} measurement(s) were already in {args.out}")
     s = summary(data)
@@ -243,6 +244,8 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens used (the first ones)")
     p.add_argument("--window", type=int, default=256, help="tokens per forward (batch 1)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per latency measurement")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="time decode steps as eager forwards, not CUDA graph replays (CUDA only)")
     p.add_argument("--layer-points", type=int, default=6, help="slot counts per layer in the per-layer profile")
     p.add_argument("--uniform", default="25%,50%,75%", help="uniform budgets profiled (plus the minimum)")
     p.add_argument("--intervals", default="1,4,16,64,256", help="update intervals profiled (tokens)")
