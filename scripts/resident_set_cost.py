@@ -1,9 +1,10 @@
-"""What a fixed resident set costs and buys: `swapmoe serve` in four settings on the same workload.
+"""What a fixed (or reset) resident set costs and buys: `swapmoe serve` in five settings on one workload.
 
 Settings: 100% of the experts (the reference), 50% adaptive (the default: SwapMoE moves experts
 toward the text served), 50% fixed after a start-up warm-up text (`--resident-set fixed
---warmup-file`), and 50% fixed at the set chosen at load (`--resident-set fixed`, no warm-up: the
-same as `--swaps-per-update 0`). The workload scores 18 held-out passages, three per genre, genre
+--warmup-file`), 50% fixed at the set chosen at load (`--resident-set fixed`, no warm-up: the
+same as `--swaps-per-update 0`), and 50% reset to the warm-up's state before every request
+(`--resident-set reset --warmup-file`). The workload scores 18 held-out passages, three per genre, genre
 by genre (echo + logprobs, as lm-eval does), and between genres sends one probe request (greedy,
 32 tokens) seven times in all; then the probe once alone and six times among concurrent other
 requests. Reported per setting: perplexity of the passages, the expert hit rate (over the passages
@@ -89,6 +90,8 @@ def main() -> None:
             "50% adaptive (default)": ["-m", "50%"],
             "50% fixed after --warmup-file": ["-m", "50%", "--resident-set", "fixed", "--warmup-file", str(warmup_file)],
             "50% fixed at load": ["-m", "50%", "--resident-set", "fixed"],
+            "50% reset after --warmup-file": ["-m", "50%", "--resident-set", "reset", "--warmup-file",
+                                              str(warmup_file)],
         }
         report = {}
         for name, options in settings.items():

@@ -62,3 +62,43 @@ def test_a_short_call_gets_one_interval_of_swaps(skewed):
         model(torch.tensor([[2, 3]]))
         model(torch.tensor([[4, 5]]))
     assert [la["swaps"] for la in model.swapmoe.stats()["layers"]] == [1] * len(model.swapmoe.layers)
+
+
+def test_restore_brings_resident_sets_importance_and_counters_back():
+    """snapshot() then restore(): after a run that moved experts (one of them only to another slot),
+    every layer holds its snapshot's experts, slot for slot, with matching maps, scores and counters."""
+    import tempfile
+    from pathlib import Path
+
+    import swapmoe
+    from tests.tiny_models import VOCAB, make_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = make_checkpoint("qwen3_moe", Path(d) / "q", layout="legacy")
+        model = swapmoe.load(ckpt, "50%", device="cpu", update_interval=1, swaps_per_update=2)
+        runtime = model.swapmoe
+        ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            model(ids)
+        snap = runtime.snapshot()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=16, do_sample=False)
+        pool = runtime.layers[0].pool
+        a, b = pool.expert_in[0], pool.expert_in[1]  # the same two experts, each in the other's slot
+        pool._unmap(0), pool._unmap(1)
+        for slot, expert in ((0, b), (1, a)):
+            pool.store.copy_into(pool.views(slot), expert, non_blocking=False)
+            pool._map(slot, expert)
+        assert runtime.stats()["total"]["swaps"] > 0  # the generation moved experts too
+        copied = runtime.restore(snap)
+        assert copied > 0 and runtime.stats()["total"]["restored"] == copied
+        for st, want, importance, tokens in zip(runtime.layers, snap.expert_in, snap.importance,
+                                                snap.tokens_since_update, strict=True):
+            p = st.pool
+            assert tuple(p.expert_in) == want
+            assert p.resident.nonzero().flatten().tolist() == sorted(want)
+            assert [int(p.slot_of[e]) for e in want] == list(range(len(want)))
+            for s, e in enumerate(want):
+                for name, t in p.slots.items():
+                    assert torch.equal(t[s], p.store.tensors[name][e])
+            assert torch.equal(st.importance, importance) and st.tokens_since_update == tokens

@@ -205,8 +205,9 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         raise SwapMoEError("--shutdown-grace must be >= 0 (seconds)")
     if args.warmup_tokens < 0:
         raise SwapMoEError("--warmup-tokens must be >= 0")
-    if args.warmup_tokens and args.resident_set != "fixed":
-        raise SwapMoEError("--warmup-tokens counts tokens before the resident set is held: add --resident-set fixed")
+    if args.warmup_tokens and args.resident_set == "adaptive":
+        raise SwapMoEError("--warmup-tokens counts tokens before the resident set is held: add --resident-set "
+                           "fixed (or reset)")
     warmup_text = None
     if args.warmup_file is not None:
         try:
@@ -276,13 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=5.0,
                    help="on SIGTERM/Ctrl-C, seconds a running generation may go on before it is ended "
                         "(its stream gets a last chunk and [DONE]); waiting requests get 503 at once")
-    p.add_argument("--resident-set", choices=["adaptive", "fixed"], default="adaptive",
+    p.add_argument("--resident-set", choices=["adaptive", "fixed", "reset"], default="adaptive",
                    help="adaptive: experts follow the text served (answers depend on earlier requests); "
-                        "fixed: held after the warm-up, so the same request gives the same answer")
+                        "fixed: held after the warm-up, so the same request gives the same answer; "
+                        "reset: adapts within each request, every request starting from the warm-up's state")
     p.add_argument("--warmup-file", default=None,
                    help="text run through the model at start-up, before serving (fits the resident set to it)")
     p.add_argument("--warmup-tokens", type=int, default=0,
-                   help="with --resident-set fixed: tokens served before the set is held (default 0)")
+                   help="with --resident-set fixed or reset: tokens served before the set is held (default 0)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

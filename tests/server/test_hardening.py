@@ -394,6 +394,35 @@ def test_fixed_resident_set_gives_the_same_answer(tiny_checkpoint):
             [f.result(timeout=60) for f in others]
 
 
+def test_reset_resident_set_adapts_within_requests_and_gives_the_same_answer(tiny_checkpoint):
+    """--resident-set reset: every request starts from the state after the warm-up, so the same request
+    gives the same answer after others moved experts, while the set still moves within each request."""
+    config = ServerConfig(model_name=MODEL_NAME, resident_set="reset", warmup_tokens=60)
+    with running_server(tiny_checkpoint, config, memory_budget="30%", update_interval=2,
+                        swaps_per_update=1) as srv:
+        client, runtime = srv.openai(), srv.model.swapmoe
+        with srv.http() as http:
+            for sentence in SENTENCES * 3:
+                client.completions.create(model=MODEL_NAME, prompt=sentence, max_tokens=8, temperature=0)
+                if http.get("/health").json()["resident_set"] == "reset per request":
+                    break
+            assert http.get("/health").json()["resident_set"] == "reset per request"
+        start = runtime.resident_sets()
+        request = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+        answers, swaps = [], runtime.stats()["total"]["swaps"]
+        for sentence in SENTENCES[:4]:
+            answers.append(client.completions.create(**request).choices[0].text)
+            client.completions.create(model=MODEL_NAME, prompt=sentence * 3, max_tokens=16, temperature=0.9,
+                                      seed=1)
+        assert len(set(answers)) == 1, answers
+        stats = runtime.stats()["total"]
+        assert stats["swaps"] > swaps  # the set still adapts within requests
+        assert stats["restored"] > 0  # and is brought back before each one
+        control = srv.app.state.server.resident
+        srv.worker.submit(lambda ctx: control.before_request()).future.result(timeout=30)  # on the engine thread
+        assert runtime.resident_sets() == start
+
+
 def test_sigterm_drains_a_real_server_process():
     """`swapmoe serve` (the bundled model) gets SIGTERM during a long stream with two requests waiting."""
     import os

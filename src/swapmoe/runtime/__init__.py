@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -25,7 +25,19 @@ from swapmoe.runtime.scheduler import before_tokens
 from swapmoe.runtime.state import IMPORTANCE_KINDS, STRATEGIES, LayerState, RuntimeConfig
 from swapmoe.runtime.step import route, sentinel_slot
 
-__all__ = ["IMPORTANCE_KINDS", "STRATEGIES", "LayerState", "RuntimeConfig", "VirtualExperts", "sentinel_slot"]
+__all__ = ["IMPORTANCE_KINDS", "STRATEGIES", "LayerState", "RuntimeConfig", "RuntimeSnapshot", "VirtualExperts",
+           "sentinel_slot"]
+
+
+@dataclass(frozen=True)
+class RuntimeSnapshot:
+    """The adaptive state of every MoE layer at one moment (see :meth:`VirtualExperts.snapshot`):
+    the expert in each slot (None for a full layer), the importance scores (host copies ``[E]``) and
+    the tokens counted towards the next update."""
+
+    expert_in: tuple[tuple[int, ...] | None, ...]
+    importance: tuple[torch.Tensor, ...]
+    tokens_since_update: tuple[int, ...]
 
 
 class VirtualExperts:
@@ -114,10 +126,49 @@ class VirtualExperts:
             if st.pool is not None:
                 self.swapper.poll(st.pool, wait=True)
 
+    def snapshot(self) -> RuntimeSnapshot:
+        """The resident sets, importance and update counters, after finishing every copy in flight
+        (between forwards): what :meth:`restore` brings the runtime back to."""
+        self.synchronize()
+        return RuntimeSnapshot(
+            tuple(tuple(st.pool.expert_in) if st.pool is not None else None for st in self.layers),
+            tuple(st.importance.detach().to("cpu", copy=True) for st in self.layers),
+            tuple(st.tokens_since_update for st in self.layers),
+        )
+
+    def restore(self, snap: RuntimeSnapshot) -> int:
+        """Bring every layer back to ``snap`` (between forwards): copies in flight finish first, the
+        experts that differ are copied back synchronously, importance and update counters are reset.
+
+        So every request can start from the same adaptive state (the server's ``--resident-set
+        reset``). Returns the experts copied back; they are counted as ``restored``, not as swaps.
+        """
+        if len(snap.expert_in) != len(self.layers):
+            raise ValueError(f"the snapshot has {len(snap.expert_in)} MoE layers; this model has {len(self.layers)}")
+        self.synchronize()
+        copied = 0
+        for st, want, importance, tokens in zip(self.layers, snap.expert_in, snap.importance,
+                                                snap.tokens_since_update, strict=True):
+            st.importance.copy_(importance)
+            st.tokens_since_update = tokens
+            st.snapshot_ready = None  # a pinned importance snapshot taken before the restore is stale
+            pool = st.pool
+            if pool is None or want is None:
+                continue
+            differ = [s for s, e in enumerate(want) if pool.expert_in[s] != e]
+            for s in differ:  # unmap all first: an expert may only have moved to another slot
+                pool._unmap(s)
+            for s in differ:
+                st.bytes_restored += pool.store.copy_into(pool.views(s), want[s], non_blocking=False)
+                pool._map(s, want[s])
+            st.restored += len(differ)
+            copied += len(differ)
+        return copied
+
     def reset_stats(self) -> None:
         for st in self.layers:
             st.hits.zero_()
-            st.lookups = st.swaps = st.bytes_copied = 0
+            st.lookups = st.swaps = st.bytes_copied = st.restored = st.bytes_restored = 0
 
     def remove(self) -> None:
         """Detach the hooks (the model keeps its slot tensors)."""
@@ -149,6 +200,7 @@ class VirtualExperts:
                     "resident_bytes": st.resident_bytes(),
                     "swaps": st.swaps,
                     "bytes_copied": st.bytes_copied,
+                    "restored": st.restored,
                     "hits": hits,
                     "lookups": st.lookups,
                     "hit_rate": hits / st.lookups if st.lookups else None,  # None: nothing measured
@@ -167,6 +219,8 @@ class VirtualExperts:
             "total_expert_bytes": self.total_expert_bytes,
             "swaps": sum(la["swaps"] for la in layers),
             "bytes_copied": sum(la["bytes_copied"] for la in layers),
+            "restored": sum(la["restored"] for la in layers),
+            "bytes_restored": sum(st.bytes_restored for st in self.layers),
             "hits": hits,
             "lookups": lookups,
             "hit_rate": hits / lookups if lookups else None,  # None: nothing measured

@@ -82,6 +82,8 @@ class LayerState:
     swaps: int = 0
     bytes_copied: int = 0
     tokens_since_update: int = 0
+    restored: int = 0  # experts copied back by VirtualExperts.restore (not swaps: no policy chose them)
+    bytes_restored: int = 0
     snapshot: torch.Tensor | None = None  # [E] pinned host copy of importance (CUDA)
     snapshot_ready: Any = None  # torch.cuda.Event recorded after the snapshot's copy
     handle: RemovableHandle | None = field(default=None, repr=False)

@@ -82,9 +82,10 @@ class ServerConfig:
     body_timeout    seconds for a request body to arrive once its head has (408 after)
     shutdown_grace  seconds a running generation may go on after a shutdown begins; then it ends
                     with a last chunk (finish_reason "length") and ``[DONE]``
-    resident_set    "adaptive" (the set follows the text served: SwapMoE) or "fixed" (held after
-                    the warm-up: the same request gives the same answer); see resident.py
-    warmup_tokens   with "fixed": tokens served before the set is held
+    resident_set    "adaptive" (the set follows the text served: SwapMoE), "fixed" (held after the
+                    warm-up) or "reset" (every request starts from the warm-up's state); with "fixed"
+                    and "reset" the same request gives the same answer; see resident.py
+    warmup_tokens   with "fixed" or "reset": tokens served before the set is held
     warmup_text     text run through the model at start-up, before serving
     """
 
@@ -316,7 +317,7 @@ class _Server:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"})
         try:
             run = RunningRequest(self.worker, self.model, self.tokenizer, req, self.stop_ids,
-                                 after=self.resident.after_request)
+                                 after=self.resident.after_request, before=self.resident.before_request)
         except QueueFullError as e:
             raise APIError(429, f"The server is busy: {e}; retry after {e.retry_after} s.",
                            code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None

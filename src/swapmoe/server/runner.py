@@ -53,16 +53,19 @@ _END = object()
 
 
 def generation_job(model: Any, tokenizer: Any, req: PreparedRequest, stop_ids: frozenset[int],
-                   emit: Callable[[Any], None], after: Callable[[int], None] | None = None
-                   ) -> Callable[[JobContext], None]:
+                   emit: Callable[[Any], None], after: Callable[[int], None] | None = None,
+                   before: Callable[[], None] | None = None) -> Callable[[JobContext], None]:
     """The job the worker runs for ``req``: prefill and stream each prompt, emitting events.
 
     ``after(tokens)`` runs on the engine thread when the job ends, however it ends, with the tokens
     that went through the model (prompts and generated tokens): the resident-set warm-up counts them.
+    ``before()`` runs on the engine thread before the first prompt (``--resident-set reset``).
     """
 
     def run(ctx: JobContext) -> None:
         tokens = 0
+        if before is not None:
+            before()
         try:
             for index, ids in enumerate(req.prompts):
                 if ctx.cancel.is_set():
@@ -94,7 +97,8 @@ class RunningRequest:
     """
 
     def __init__(self, worker: EngineWorker, model: Any, tokenizer: Any, req: PreparedRequest,
-                 stop_ids: frozenset[int], after: Callable[[int], None] | None = None) -> None:
+                 stop_ids: frozenset[int], after: Callable[[int], None] | None = None,
+                 before: Callable[[], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.arrival = time.monotonic()
@@ -109,7 +113,7 @@ class RunningRequest:
                 if job is not None:
                     job.cancel_event.set()
 
-        self.job: Job = worker.submit(generation_job(model, tokenizer, req, stop_ids, emit, after))
+        self.job: Job = worker.submit(generation_job(model, tokenizer, req, stop_ids, emit, after, before))
         self.job.future.add_done_callback(lambda _f: emit(_END))
 
     def cancel(self) -> None:
