@@ -31,6 +31,8 @@ from pathlib import Path
 import httpx
 from serving import free_port, start_serve
 
+from swapmoe.provenance import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 GENRES = ["detective", "drama", "encyclopedia", "fairy_tale", "history", "medicine"]
 PROBE = {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}
@@ -110,7 +112,7 @@ def main() -> None:
         print(f"| {name} | {r['perplexity']} | {r['hit_rate']} | {r['distinct_probe_answers']} | "
               f"{r['under_load_differ']} of {r['under_load_probes']} | {r['wall_s']} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"provenance": provenance(), "settings": report}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 from serving import free_port, start_serve
 
+from swapmoe.provenance import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,7 +130,7 @@ def main() -> None:
     print("|" + "---|" * len(report))
     print("| " + " | ".join(str(v) for v in report.values()) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"provenance": provenance(), **report}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
