@@ -122,14 +122,16 @@ def dequantise(parts: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype) 
     if fmt == "int8":
         x = q.float()
     elif fmt == "int4":
-        x = torch.stack((q & 15, q >> 4), dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2).float()
+        x = torch.empty((*q.shape, 2), dtype=torch.float32, device=q.device)  # [..., N/2, 2]: low, high nibble
+        x[..., 0] = q & 15
+        x[..., 1] = q >> 4
     else:
         raise ValueError(f"unknown format {fmt!r}")
-    n = x.shape[-1]
-    x = x.reshape(*x.shape[:-1], s.shape[-2], n // s.shape[-2])  # [..., N/G, G]
+    n = q.shape[-1] * (2 if fmt == "int4" else 1)
+    x = x.reshape(*q.shape[:-1], s.shape[-2], n // s.shape[-2])  # [..., N/G, G], a tensor of our own
     if fmt == "int4":
-        x = x - parts["zero"].float().unsqueeze(-1)
-    return (x * s).reshape(*q.shape[:-1], n).to(dtype)
+        x = x.sub_(parts["zero"].float().unsqueeze(-1))
+    return x.mul_(s).reshape(*q.shape[:-1], n).to(dtype)
 
 
 @dataclass(frozen=True)
