@@ -115,11 +115,30 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def markdown_table(record: dict[str, Any]) -> str:
+    """The comparison as the docs show it (tests/test_quant_docs.py regenerates it from the JSON)."""
+    head = ["quantiser", "format", "relative error", "perplexity", "quantise all experts (s)",
+            "dequantise a step's experts (ms)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in record["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['quantiser']} | {r['format']} | skipped: {r['skipped']} | - | - | - |")
+            continue
+        cells = [r["quantiser"], r["format"],
+                 f"{r['relative_error']:.4f}" if "relative_error" in r else "0",
+                 f"{r['perplexity']:.3f}",
+                 f"{r['quantise_model_s']:.3f}" if "quantise_model_s" in r else "-",
+                 f"{r['dequantise_step_ms']:.2f}" if "dequantise_step_ms" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    from transformers import AutoTokenizer
+
     import swapmoe
     from swapmoe.evaluation.perplexity import stream_perplexity, tokenize_text
     from swapmoe.provenance import provenance
-    from transformers import AutoTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", default="data/heldout/all.txt")
@@ -169,6 +188,7 @@ def main() -> None:
                   f"dequantise a step's experts {deq_s * 1e3:.2f} ms")
     record = {"tokens": len(ids) - 1, "window": args.window, "group_size": GROUP, "threads": torch.get_num_threads(),
               "rows": rows, "provenance": provenance(torch.device("cpu"))}
+    print(markdown_table(record))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
