@@ -170,3 +170,34 @@ def test_info_and_cli(tiny, capsys):
     assert "--expert-dtype int4:" in capsys.readouterr().err
     assert main(["sweep", str(tiny), "--text", str(tiny / "config.json"), "--expert-dtype", "int8"]) == 2
     assert "--expert-dtype is not taken by `swapmoe sweep`" in capsys.readouterr().err
+
+
+def test_parameters_held_in_memory_by_a_checkpoint_store_are_held_quantised(tiny):
+    """A parameter without a verified checkpoint recipe stays in memory: quantised once, like the host store."""
+    from swapmoe.mmap_store import discover, weight_files
+    from swapmoe.quant import ExpertLayout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    name = next(n for n, m in model.named_modules() if m is experts).rsplit(".", 1)[0]
+    params = {n: p.detach() for n, p in experts.named_parameters()}
+    found = discover(name, params, weight_files(sorted(tiny.glob("*.safetensors"))))
+    assert found is not None and set(found.recipes) == {"gate_up_proj", "down_proj"}
+    layout = ExpertLayout.of(params, "int4")
+    store = type(found)({"gate_up_proj": found.recipes["gate_up_proj"]}, found.files, found.shapes, found.dtypes,
+                        held={"down_proj": params["down_proj"]}, layout=layout)
+    assert store.held == {} and store.held_parts["down_proj.q"].dtype == torch.uint8
+    want = layout.encode({n: p[5] for n, p in params.items()})
+    got = store.stage(5, pin=False)
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_bf16_experts_of_a_float32_model_are_a_cast(tiny):
+    f32 = swapmoe.load(tiny, "25%")
+    bf16 = swapmoe.load(tiny, "25%", expert_dtype="bf16")
+    assert bf16.swapmoe.stats()["total"]["slots"] == 2 * f32.swapmoe.stats()["total"]["slots"]
+    assert bf16.swapmoe.layers[0].pool.slots["gate_up_proj.q"].dtype == torch.bfloat16
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    full = _logits(swapmoe.load(tiny, "100%"), ids)
+    cast = _logits(swapmoe.load(tiny, "100%", expert_dtype="bf16"), ids)
+    assert 0 < (cast - full).abs().max() < 1e-2
