@@ -180,26 +180,16 @@ def _return_freed_host_memory() -> None:
         trim(0)
 
 
-def _layout(layer: MoELayer, fmt: str | None) -> ExpertLayout | None:
-    """How a layer's experts are stored in ``fmt`` (None: as the model holds them)."""
-    if fmt is None:
-        return None
-    return ExpertLayout.of({n: getattr(layer.experts, n) for n in layer.expert_param_names}, fmt)
+def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None) -> tuple[list[int], int, int]:
+    """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots."""
+    return _slots_as(layers, budget, slots, None)
 
 
-def stored_expert_bytes(layer: MoELayer, fmt: str | None) -> int:
-    """Bytes of one expert of ``layer`` as its slots and store hold it in ``fmt`` (scales included)."""
-    params = {n: getattr(layer.experts, n) for n in layer.expert_param_names}
-    return layer_expert_bytes({n: tuple(p.shape) for n, p in params.items()},
-                              {n: p.dtype for n, p in params.items()}, fmt)
-
-
-def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None,
-           fmt: str | None = None) -> tuple[list[int], int, int]:
-    """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots.
-
-    A share of a budget is of all experts as the model holds them; slots are counted in the bytes of
-    ``fmt`` (a quantised expert is smaller, so the same bytes hold more of them)."""
+def _slots_as(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None,
+              fmt: str | None) -> tuple[list[int], int, int]:
+    """:func:`_slots` with experts held in ``fmt``: a share of a budget is of all experts as the model
+    holds them; slots are counted in the bytes of ``fmt`` (a quantised expert is smaller, so the same
+    bytes hold more of them)."""
     total = sum(la.expert_bytes() * la.num_experts for la in layers)
     expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
     if budget is not None:
@@ -228,6 +218,20 @@ def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None, f
     return out
 
 
+def _layout(layer: MoELayer, fmt: str | None) -> ExpertLayout | None:
+    """How a layer's experts are stored in ``fmt`` (None: as the model holds them)."""
+    if fmt is None:
+        return None
+    return ExpertLayout.of({n: getattr(layer.experts, n) for n in layer.expert_param_names}, fmt)
+
+
+def stored_expert_bytes(layer: MoELayer, fmt: str | None) -> int:
+    """Bytes of one expert of ``layer`` as its slots and store hold it in ``fmt`` (scales included)."""
+    params = {n: getattr(layer.experts, n) for n in layer.expert_param_names}
+    return layer_expert_bytes({n: tuple(p.shape) for n, p in params.items()},
+                              {n: p.dtype for n, p in params.items()}, fmt)
+
+
 def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
                      dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path], fmt: str | None) -> Any:
     """Which expert parameters need never be held in host memory (the layers beyond the host
@@ -237,7 +241,7 @@ def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    per_layer, _, total = _slots(layers, budget, slots, fmt)
+    per_layer, _, total = _slots_as(layers, budget, slots, fmt)
     names = {id(m): n for n, m in skeleton.named_modules()}
     targets = {
         f"{names[id(la.experts)]}.{p}": (la.name, p)
@@ -336,7 +340,7 @@ def load(
     layers = require_moe_layers(model)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     fmt = parse_expert_dtype(expert_dtype, compute_dtype)
-    slots, budget_bytes, total = _slots(layers, budget, slots, fmt)
+    slots, budget_bytes, total = _slots_as(layers, budget, slots, fmt)
     expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
     layouts = [_layout(la, fmt) for la in layers]
 
