@@ -233,7 +233,8 @@ def stored_expert_bytes(layer: MoELayer, fmt: str | None) -> int:
 
 
 def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
-                     dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path], fmt: str | None) -> Any:
+                     dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path],
+                     fmt: str | None = None) -> Any:
     """Which expert parameters need never be held in host memory (the layers beyond the host
     budget), worked out on a meta-device skeleton before anything is read."""
     from swapmoe.inspect import meta_model
