@@ -7,6 +7,11 @@ and returns a model whose ``.logits`` are comparable:
 full                every expert resident: the original model (budget ignored)
 swapmoe             Virtual Experts, Masked Gating (exchange), amortised asynchronous updates
 swapmoe-skip        the same with the skip strategy
+swapmoe-int8        swapmoe with experts held in int8 (swapmoe.quant): the same bytes hold ~1.9x the experts
+swapmoe-int4        the same in int4 (~3.6x the experts)
+quantized-all       every expert quantised to the least lossy format (bf16/int8/int4) in which all of them
+                    fit the budget, all resident, no swapping (what a llama.cpp user does); where even
+                    int4 does not fit, int4 with the largest-norm experts that fit, fixed
 ondemand            exact: missing experts loaded when requested into LRU slots (same budget)
 random-keep         a fixed random subset per layer, Masked Gating, no swapping
 magnitude-keep      a fixed subset with the largest ||E_i|| per layer, Masked Gating, no swapping
@@ -23,9 +28,10 @@ from typing import Any
 from swapmoe.errors import SwapMoEError
 
 POLICIES = ("full", "swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "static",
-            "accelerate-offload")
+            "accelerate-offload", "swapmoe-int8", "swapmoe-int4", "quantized-all")
 #: policies whose expert memory is bounded by the budget
-BUDGETED = ("swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "accelerate-offload")
+BUDGETED = ("swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "accelerate-offload",
+            "swapmoe-int8", "swapmoe-int4", "quantized-all")
 
 
 def dense_twin_path(model_path: str | Path | None) -> Path:
@@ -56,6 +62,12 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
         return swapmoe.load(path, "100%", **kw)
     if name in ("swapmoe", "swapmoe-skip"):
         return swapmoe.load(path, memory_budget, strategy="exchange" if name == "swapmoe" else "skip", **kw)
+    if name in ("swapmoe-int8", "swapmoe-int4"):
+        return swapmoe.load(path, memory_budget, expert_dtype=name.removeprefix("swapmoe-"), **kw)
+    if name == "quantized-all":
+        fmt = quantized_all_format(path, memory_budget, kw.get("dtype"))
+        kw = {k: v for k, v in kw.items() if k not in ("swaps_per_update", "initial")}
+        return swapmoe.load(path, memory_budget, expert_dtype=fmt, initial="magnitude", swaps_per_update=0, **kw)
     if name == "random-keep":
         return swapmoe.load(path, memory_budget, initial="random", swaps_per_update=0, **kw)
     if name == "magnitude-keep":
@@ -74,6 +86,36 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
     if kw.get("cuda_graph") is False:
         plain.swapmoe_decode_mode = "dynamic"
     return plain
+
+
+def quantized_all_format(path: str | Path | None, memory_budget: Any, dtype: Any = None) -> str | None:
+    """The format ``quantized-all`` holds every expert in at ``memory_budget``: the least lossy in which
+    all experts fit (None: the model's own dtype), else int4, the most compact (then not all of them
+    fit: the budget's worth stays fixed, and a warning says so)."""
+    import logging
+
+    import torch
+
+    from swapmoe.budget import parse_budget
+    from swapmoe.checkpoint import check_checkpoint
+    from swapmoe.inspect import describe
+    from swapmoe.loader import default_model_path, resolve_dtype
+    from swapmoe.quant import lowest_fitting
+
+    p = Path(path) if path is not None else default_model_path()
+    resolved = resolve_dtype(dtype)
+    info = describe(p, dtype=resolved if isinstance(resolved, torch.dtype) else check_checkpoint(p).auto_dtype())
+    budget = parse_budget(memory_budget if memory_budget is not None else "100%").resolve(info.total_expert_bytes)
+    totals: dict[str | None, int] = {None: info.total_expert_bytes}
+    for f in ("bf16", "int8", "int4"):
+        if f in info.expert_bytes_as and not (f == "bf16" and info.dtype == "bfloat16"):
+            totals[f] = info.total_bytes(f)
+    fmt = lowest_fitting(budget, totals)
+    if totals[fmt] > budget:
+        logging.getLogger(__name__).warning(
+            "quantized-all: even %s experts (%d bytes) exceed the budget (%d bytes); keeping the largest-norm "
+            "experts that fit, fixed", fmt, totals[fmt], budget)
+    return fmt
 
 
 def _load_dense(path: Path, kw: dict[str, Any]) -> Any:

@@ -19,6 +19,8 @@ from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
 
 EXIT_USER_ERROR = 2
+# commands that load through load_from_args, and so hold experts in --expert-dtype
+_EXPERT_DTYPE_COMMANDS = ("generate", "serve", "eval-ppl")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +39,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay", type=float, default=0.98, help="per-token decay of expert importance")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+                   help="hold experts quantised (weight-only, group-wise; docs/quantization.md); the budget counts "
+                        "their bytes, so it holds more of them (default: the model's dtype)")
     p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
@@ -54,7 +59,8 @@ def load_from_args(args: argparse.Namespace) -> Any:
         return load(
             args.model, args.memory_budget, plan=args.plan, host_budget=args.host_budget, decay=args.decay,
             device=args.device,
-            dtype=args.dtype, async_swaps=not args.sync_swaps, allow_pickle=args.allow_pickle,
+            dtype=args.dtype, expert_dtype=args.expert_dtype, async_swaps=not args.sync_swaps,
+            allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph, **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig
@@ -131,17 +137,23 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
                   " (always on the device, outside the budget, as is the KV cache)")
     console.print(f"  minimum budget (top-k experts per layer): {format_bytes(info.minimum_budget)} "
                   f"= {info.minimum_budget} bytes = {100 * info.minimum_budget / info.total_expert_bytes:.1f}%")
-    t = Table(title="what a budget means")
-    for col in ("budget", "expert bytes on device", "slots per MoE layer"):
+    # --expert-dtype: the same bytes hold more experts in fewer bits (bf16 shown where it is not the model's)
+    formats = [f for f in info.expert_bytes_as if not (f == "bf16" and info.dtype == "bfloat16")]
+    for f in formats:
+        b = info.stored_bytes(f)
+        console.print(f"  --expert-dtype {f}: {format_bytes(sum(b) / len(b))} per expert (scales included), "
+                      f"all experts {format_bytes(info.total_bytes(f))}")
+    t = Table(title="what a budget means (experts per MoE layer that fit)")
+    for col in ("budget", "bytes", f"{info.dtype} experts", *(f"{f} experts" for f in formats)):
         t.add_column(col, justify="right")
     for frac in (0.125, 0.25, 0.5, 0.75, 1.0):
-        if frac * info.total_expert_bytes < info.minimum_budget:
-            t.add_row(f"{frac:.1%}", "below minimum", "-")
-            continue
-        slots = info.slots_for(frac)
-        used = sum(s * b for s, b in zip(slots, info.expert_bytes, strict=True))
-        shown = sorted(set(slots))
-        t.add_row(f"{frac:.1%}", format_bytes(used), "/".join(map(str, shown)))
+        cells = []
+        for f in (None, *formats):
+            if frac * info.total_expert_bytes < info.minimum_budget_as(f):
+                cells.append("below minimum")
+                continue
+            cells.append("/".join(map(str, sorted(set(info.slots_for(frac, f))))))
+        t.add_row(f"{frac:.1%}", format_bytes(int(frac * info.total_expert_bytes)), *cells)
     console.print(t)
     return 0
 
@@ -321,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
+        if getattr(args, "expert_dtype", None) is not None and args.command not in _EXPERT_DTYPE_COMMANDS:
+            raise SwapMoEError(f"--expert-dtype is not taken by `swapmoe {args.command}` yet; use it with "
+                               f"{', '.join(_EXPERT_DTYPE_COMMANDS)}, or the policies swapmoe-int8, swapmoe-int4 "
+                               "and quantized-all of eval/sweep")
         resolve_model_argument(args)
         return int(args.func(args, console) or 0)
     except SwapMoEError as e:

@@ -6,7 +6,7 @@ even for a model far larger than memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from swapmoe.adapters import adapt
 from swapmoe.budget import allocate_slots, minimum_bytes
 from swapmoe.checkpoint import CheckpointFiles, check_checkpoint
-from swapmoe.errors import UnsupportedModelError
+from swapmoe.errors import SwapMoEError, UnsupportedModelError
 from swapmoe.families import (
     FAMILY_RULES,
     auto_model_class,
@@ -36,6 +36,9 @@ class ModelInfo:
     expert_bytes: list[int]
     other_bytes: int
     routing: str
+    # bytes of one expert per MoE layer held in each --expert-dtype (weights, scales, zero points);
+    # a format the model's shapes cannot take (int4 of an odd dim) is absent
+    expert_bytes_as: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def total_expert_bytes(self) -> int:
@@ -45,9 +48,23 @@ class ModelInfo:
     def minimum_budget(self) -> int:
         return minimum_bytes(self.expert_bytes, self.top_k)
 
-    def slots_for(self, fraction: float) -> list[int]:
+    def stored_bytes(self, fmt: str | None = None) -> list[int]:
+        """Bytes of one expert per MoE layer in ``fmt`` (None: the model's dtype)."""
+        return self.expert_bytes if fmt is None else self.expert_bytes_as[fmt]
+
+    def total_bytes(self, fmt: str | None = None) -> int:
+        """Bytes of every expert in ``fmt``."""
+        return sum(e * b for e, b in zip(self.num_experts, self.stored_bytes(fmt), strict=True))
+
+    def minimum_budget_as(self, fmt: str | None = None) -> int:
+        return minimum_bytes(self.stored_bytes(fmt), self.top_k)
+
+    def slots_for(self, fraction: float, fmt: str | None = None) -> list[int]:
+        """Slots per MoE layer for a share of all experts' bytes (as the model holds them), with experts
+        held in ``fmt``; never below top-k."""
         allowed = int(fraction * self.total_expert_bytes + 1e-6)
-        return allocate_slots(max(allowed, self.minimum_budget), self.expert_bytes, self.num_experts, self.top_k)
+        b = self.stored_bytes(fmt)
+        return allocate_slots(max(allowed, minimum_bytes(b, self.top_k)), b, self.num_experts, self.top_k)
 
 
 def _num_layers(config, default: int) -> int:
@@ -91,9 +108,28 @@ def meta_model(ckpt: CheckpointFiles, trust_remote_code: bool = False, dtype: to
     return model
 
 
-def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelInfo:
+def _bytes_as(layers: list, fmt: str) -> list[int] | None:
+    """Bytes of one expert per layer in ``fmt``, or None where the shapes cannot be held in it."""
+    from swapmoe.quant import layer_expert_bytes
+
+    out = []
+    for la in layers:
+        params = {n: getattr(la.experts, n) for n in la.expert_param_names}
+        try:
+            out.append(layer_expert_bytes({n: tuple(p.shape) for n, p in params.items()},
+                                          {n: p.dtype for n, p in params.items()}, fmt))
+        except SwapMoEError:
+            return None
+    return out
+
+
+def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
+             dtype: torch.dtype | None = None) -> ModelInfo:
+    """What a checkpoint's budgets mean, from its config (``dtype``: as loaded in that dtype)."""
+    from swapmoe.quant import FORMATS
+
     ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
-    model = meta_model(ckpt, trust_remote_code)
+    model = meta_model(ckpt, trust_remote_code, dtype)
     config = model.config
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = require_moe_layers(model)
@@ -117,6 +153,7 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
         top_k=[la.top_k for la in layers],
         expert_bytes=[la.expert_bytes() for la in layers],
         other_bytes=other,
+        expert_bytes_as={f: b for f in FORMATS if (b := _bytes_as(layers, f)) is not None},
         routing=(f"{rule} (tested family)" if family == config.model_type else f"{rule} (the rule of {family}, "
                  "whose router it runs)") if rule else "generic substitution (untested family)",
     )

@@ -26,6 +26,8 @@ from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rul
 from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
 from swapmoe.pool import HostStore, SlotPool
+from swapmoe.qexperts import install as install_quantised
+from swapmoe.quant import ExpertLayout, layer_expert_bytes, parse_expert_dtype
 from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
 
 log = logging.getLogger(__name__)
@@ -104,10 +106,11 @@ def _initial_experts(norms: torch.Tensor, num_slots: int, how: str, rng: random.
 
 
 def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool,
-                where: dict[str, Path] | None = None,
+                where: dict[str, Path] | None = None, layout: ExpertLayout | None = None,
                 ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
     """Take a layer's experts out of the module into a host store (or, with ``where``, leave them in
-    the checkpoint files); leave placeholders behind."""
+    the checkpoint files); leave placeholders behind. With a ``layout`` the store holds the experts
+    quantised (quantised here, once, or as each is read from the files)."""
     ex = layer.experts
     host = {n: ex._parameters[n].detach() for n in layer.expert_param_names}
     dtypes = {n: t.dtype for n, t in host.items()}
@@ -121,14 +124,17 @@ def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Rando
         if store is None:
             log.warning("MoE layer %s: its experts could not be matched to checkpoint tensors exactly; "
                         "they stay in host memory (over the host budget)", layer.name)
+        elif layout is not None:
+            store = store.with_layout(layout)
     if store is None:
-        store = HostStore(host, pin=pin)
+        store = HostStore(layout.encode(host) if layout is not None else host, pin=pin)
     _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
 
 
 def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, streamed: dict[str, Any],
-                 finder: Any) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
+                 finder: Any, layout: ExpertLayout | None = None,
+                 ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
     """A layer whose experts were streamed past host memory during the load (swapmoe.streaming):
     a checkpoint store from the recipes verified then, with any parameter that could not be verified
     held in memory."""
@@ -143,6 +149,8 @@ def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Rand
                                 for n in layer.expert_param_names])  # [E], as expert_norms computes it
     first = _initial_experts(norms, num_slots, initial, rng)
     store = finder.store({n: p.recipe for n, p in streamed.items()}, shapes, dtypes, held)
+    if layout is not None:
+        store = store.with_layout(layout)
     _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
 
@@ -155,8 +163,16 @@ def _leave_placeholders(layer: MoELayer, dtypes: dict[str, torch.dtype]) -> None
 
 def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None) -> tuple[list[int], int, int]:
     """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots."""
-    expert_bytes = [la.expert_bytes() for la in layers]
-    total = sum(b * la.num_experts for b, la in zip(expert_bytes, layers, strict=True))
+    return _slots_as(layers, budget, slots, None)
+
+
+def _slots_as(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None,
+              fmt: str | None) -> tuple[list[int], int, int]:
+    """:func:`_slots` with experts held in ``fmt``: a share of a budget is of all experts as the model
+    holds them; slots are counted in the bytes of ``fmt`` (a quantised expert is smaller, so the same
+    bytes hold more of them)."""
+    total = sum(la.expert_bytes() * la.num_experts for la in layers)
+    expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
     if budget is not None:
         budget_bytes = budget.resolve(total)
         return (allocate_slots(budget_bytes, expert_bytes, [la.num_experts for la in layers],
@@ -168,13 +184,14 @@ def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | Non
     return slots, sum(s * b for s, b in zip(slots, expert_bytes, strict=True)), total
 
 
-def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None) -> list[bool]:
-    """Per layer: are its experts kept in host memory? Whole layers that fit the host budget, first
-    layers first (None: no host budget, all of them). Layers kept whole on the device need neither."""
+def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None, fmt: str | None = None) -> list[bool]:
+    """Per layer: are its experts kept in host memory? Whole layers that fit the host budget (in the
+    bytes of ``fmt``), first layers first (None: no host budget, all of them). Layers kept whole on the
+    device need neither."""
     out = []
     left = host_bytes
     for la, s in zip(layers, slots, strict=True):
-        size = la.expert_bytes() * la.num_experts
+        size = stored_expert_bytes(la, fmt) * la.num_experts
         keep = s >= la.num_experts or left is None or left >= size
         if left is not None and s < la.num_experts and keep:
             left -= size
@@ -182,8 +199,23 @@ def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None) -
     return out
 
 
+def _layout(layer: MoELayer, fmt: str | None) -> ExpertLayout | None:
+    """How a layer's experts are stored in ``fmt`` (None: as the model holds them)."""
+    if fmt is None:
+        return None
+    return ExpertLayout.of({n: getattr(layer.experts, n) for n in layer.expert_param_names}, fmt)
+
+
+def stored_expert_bytes(layer: MoELayer, fmt: str | None) -> int:
+    """Bytes of one expert of ``layer`` as its slots and store hold it in ``fmt`` (scales included)."""
+    params = {n: getattr(layer.experts, n) for n in layer.expert_param_names}
+    return layer_expert_bytes({n: tuple(p.shape) for n, p in params.items()},
+                              {n: p.dtype for n, p in params.items()}, fmt)
+
+
 def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
-                     dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path]) -> Any:
+                     dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path],
+                     fmt: str | None = None) -> Any:
     """Which expert parameters need never be held in host memory (the layers beyond the host
     budget), worked out on a meta-device skeleton before anything is read."""
     from swapmoe.inspect import meta_model
@@ -191,11 +223,11 @@ def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    per_layer, _, total = _slots(layers, budget, slots)
+    per_layer, _, total = _slots_as(layers, budget, slots, fmt)
     names = {id(m): n for n, m in skeleton.named_modules()}
     targets = {
         f"{names[id(la.experts)]}.{p}": (la.name, p)
-        for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total)), strict=True)
+        for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total), fmt), strict=True)
         if not keep for p in la.expert_param_names
     }
     return ExpertStreamer(targets, where)
@@ -219,6 +251,7 @@ def load(
     cuda_graph: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    expert_dtype: str | None = None,
     experts_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -242,6 +275,9 @@ def load(
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
+    expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
+                   in the host store, the checkpoint-backed store and the slots, and the budget counted in
+                   their bytes; None (default): the model's dtype, nothing changes
     """
     if plan is not None:
         from swapmoe.plan import Plan, read_plan
@@ -257,6 +293,7 @@ def load(
     update_interval = update_interval if update_interval is not None else 16
     swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
     host = parse_budget(host_budget) if host_budget is not None else None  # malformed: fail before loading
+    parse_expert_dtype(expert_dtype, torch.float32)  # a malformed expert dtype fails before loading too
     ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle,
                             revision=revision)  # a repo id (org/name) resolves through the Hub cache
     if host is not None and not ckpt.use_safetensors:
@@ -278,42 +315,55 @@ def load(
         where = weight_files(ckpt.weight_files)
         # the plan made before loading must see the bytes the load will have: no "auto" left to decide
         load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else ckpt.auto_dtype()
-        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where)
+        fmt = parse_expert_dtype(expert_dtype, load_dtype)
+        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, fmt)
     with streamer if streamer is not None else contextlib.nullcontext():
         model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation)
     layers = require_moe_layers(model)
-    slots, budget_bytes, total = _slots(layers, budget, slots)
-    expert_bytes = [la.expert_bytes() for la in layers]
+    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    fmt = parse_expert_dtype(expert_dtype, compute_dtype)
+    slots, budget_bytes, total = _slots_as(layers, budget, slots, fmt)
+    expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
+    layouts = [_layout(la, fmt) for la in layers]
 
     rng = random.Random(seed)
     pin = dev.type == "cuda"
-    in_host = _in_host(layers, slots, host.resolve(total) if host is not None else None)
+    in_host = _in_host(layers, slots, host.resolve(total) if host is not None else None, fmt)
     staged = []
-    for la, s, keep in zip(layers, slots, in_host, strict=True):
+    full_parts: dict[str, dict[str, torch.Tensor]] = {}  # full quantised layers: their parts [E, ...]
+    for la, s, keep, layout in zip(layers, slots, in_host, layouts, strict=True):
         streamed = streamer.streamed.get(la.name) if streamer is not None else None
         if streamed and s >= la.num_experts:
             raise RuntimeError(f"{la.name} was streamed past host memory but is to be kept whole on the device: "
                                "the plan made before loading disagrees with the loaded model (a bug)")
         if s >= la.num_experts:
-            norms = expert_norms([getattr(la.experts, n).detach() for n in la.expert_param_names])
+            params = {n: getattr(la.experts, n).detach() for n in la.expert_param_names}
+            norms = expert_norms(list(params.values()))
+            if layout is not None:  # quantised: the whole layer's parts, moved to the device below
+                full_parts[la.name] = layout.encode(params)
+                _leave_placeholders(la, layout.dtypes)
             staged.append((la, None, norms, None, None))
         elif streamed:
-            staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name])))
+            staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name], layout)))
         else:
-            staged.append((la, *_virtualise(la, s, initial, rng, pin, None if keep else where)))
+            staged.append((la, *_virtualise(la, s, initial, rng, pin, None if keep else where, layout)))
     model.to(dev)  # non-expert weights (and experts of full layers) only
 
-    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     states = []
-    for (la, store, norms, first, dtypes), b in zip(staged, expert_bytes, strict=True):
+    for (la, store, norms, first, dtypes), b, layout in zip(staged, expert_bytes, layouts, strict=True):
         pool = None
         if store is not None:
             pool = SlotPool.create(store, first, dev, dtypes)
-            for n, t in pool.slots.items():
-                la.experts._parameters[n] = nn.Parameter(t, requires_grad=False)
+            if layout is not None:
+                install_quantised(la.experts, layout, pool.slots)  # the slots hold parts, not parameters
+            else:
+                for n, t in pool.slots.items():
+                    la.experts._parameters[n] = nn.Parameter(t, requires_grad=False)
             la.experts.num_experts = pool.num_slots
             # transformers' kernels skip expert ids >= num_experts only in this mode (5.23; always in 5.17)
             la.experts._is_expert_parallel = True
+        elif layout is not None:  # a full quantised layer: every expert's parts on the device
+            install_quantised(la.experts, layout, {n: t.to(dev) for n, t in full_parts.pop(la.name).items()})
         rule, params = rule_for(model.config.model_type, la.router, la.top_k, compute_dtype, block=la.block)
         states.append(
             LayerState(

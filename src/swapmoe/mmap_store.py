@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from swapmoe.pool import copy_tensors
+from swapmoe.quant import ExpertLayout
 
 # one recipe per fused parameter: key templates whose tensors are concatenated along dim 0; a key
 # without "{e}" is a fused [E, ...] tensor indexed by expert
@@ -64,23 +65,40 @@ class SafetensorsFiles:
 
 
 class CheckpointStore:
-    """One layer's experts, read from safetensors on demand (same interface as ``HostStore``)."""
+    """One layer's experts, read from safetensors on demand (same interface as ``HostStore``).
+
+    With a ``layout`` (``--expert-dtype int8|int4``) every expert is quantised as it is read, so the
+    slots receive its parts (:class:`swapmoe.quant.ExpertLayout`) and parameters held in memory are
+    held quantised.
+    """
 
     pinned = False
     location = "checkpoint"
 
     def __init__(self, recipes: dict[str, Recipe], files: SafetensorsFiles, shapes: dict[str, torch.Size],
-                 dtypes: dict[str, torch.dtype], held: dict[str, torch.Tensor] | None = None):
+                 dtypes: dict[str, torch.dtype], held: dict[str, torch.Tensor] | None = None,
+                 layout: ExpertLayout | None = None):
         self.recipes = recipes
         # parameters whose checkpoint tensors could not be verified stay in memory ([E, ...])
         self.held = dict(held or {})
         self.files = files  # open files, reused by every swap
         self.shapes = shapes  # name -> [E, ...]
         self.dtypes = dtypes
+        self.layout = layout
+        # quantised: the held parameters as parts ([E, ...]), quantised once here
+        self.held_parts = layout.encode(self.held) if layout is not None else {}
+        if layout is not None:
+            self.held = {}
+
+    def with_layout(self, layout: ExpertLayout) -> CheckpointStore:
+        """The same experts, quantised as they are read (and held parameters quantised now)."""
+        return CheckpointStore(self.recipes, self.files, self.shapes, self.dtypes, self.held, layout)
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         """Shape and dtype stand-ins (meta tensors): nothing of the experts is held in memory."""
+        if self.layout is not None:
+            return {n: torch.empty(s, dtype=dt, device="meta") for n, (s, dt) in self.layout.parts().items()}
         return {n: torch.empty(s, dtype=self.dtypes[n], device="meta") for n, s in self.shapes.items()}
 
     @property
@@ -88,6 +106,8 @@ class CheckpointStore:
         return next(iter(self.shapes.values()))[0]
 
     def expert_bytes(self) -> int:
+        if self.layout is not None:
+            return self.layout.expert_bytes()
         return sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=self.dtypes[n]).element_size()
                    for n, s in self.shapes.items())
 
@@ -99,14 +119,25 @@ class CheckpointStore:
         assert t is not None, "a recipe is verified before a store is built from it"
         return t.to(self.dtypes[name])
 
+    def _read(self, expert: int) -> dict[str, torch.Tensor]:
+        """Expert ``expert`` as the slots hold it: its tensors, or (with a layout) their parts."""
+        if self.layout is None:
+            return {name: self.expert(name, expert) for name in self.shapes}
+        parts = self.layout.encode({name: self.expert(name, expert) for name in self.recipes})
+        parts.update({n: t[expert] for n, t in self.held_parts.items()})
+        return parts
+
     def copy_into(self, dests: dict[str, torch.Tensor], expert: int, non_blocking: bool) -> int:
         # from pageable memory: a synchronous copy whatever ``non_blocking`` says (see stage())
-        return copy_tensors(dests, {name: self.expert(name, expert) for name in dests}, non_blocking=False)
+        if self.layout is None:
+            return copy_tensors(dests, {name: self.expert(name, expert) for name in dests}, non_blocking=False)
+        return copy_tensors(dests, self._read(expert), non_blocking=False)
 
     def stage(self, expert: int, pin: bool) -> dict[str, torch.Tensor]:
-        """Expert ``expert`` read from the files into host memory, pinned if ``pin`` (so that its copy to
-        the device can be asynchronous); the swapper's reader thread calls this off the critical path."""
-        parts = {name: self.expert(name, expert) for name in self.shapes}
+        """Expert ``expert`` read from the files into host memory (quantised, with a layout), pinned if
+        ``pin`` (so that its copy to the device can be asynchronous); the swapper's reader thread calls
+        this off the critical path."""
+        parts = self._read(expert)
         return {n: t.pin_memory() for n, t in parts.items()} if pin else parts
 
 

@@ -1,0 +1,215 @@
+"""Weight-only, group-wise quantisation of expert weights: pure functions, no state.
+
+Formats (``--expert-dtype`` / ``swapmoe.load(expert_dtype=...)``)
+    bf16  each per-expert matrix stored as bfloat16 (a cast: no scales); a no-op on a bf16 model
+    int8  symmetric: per group of ``G`` consecutive values along the last dim, ``s = absmax / 127``
+          (float16), ``q = round(w / s)`` in ``[-127, 127]`` (int8); ``w' = q * s``
+    int4  asymmetric: per group, ``s = (max - min) / 15`` and ``z = -min / s`` (both float16),
+          ``q = clamp(round(w / s + z), 0, 15)``, two values per byte along the last dim (low nibble
+          first); ``w' = (q - z) * s``
+
+``G`` is :data:`GROUP_SIZE` where the last dim is a multiple of it, else the whole row. Per-expert
+tensors of one dimension (biases, ``[E, N]``) are kept as they are: they are a sliver of the bytes,
+and a bias error is not averaged away by a dot product.
+
+Why these choices: 64 is HQQ's default group (mixtral-offloading's 4-bit attention); float16 scales
+and zero points as GPTQ/HQQ/AWQ store them (10 mantissa bits, where bfloat16 has 7); a float zero
+point (HQQ) maps the group's minimum exactly. Scales are rounded to float16 *before* ``q`` is
+computed, so ``q`` is the best code for the scale that is stored. A group whose scale underflows
+float16 (``absmax < 127 * 2**-24``) stores ``s = 1`` and ``q = 0``: its values are below ``1e-5``.
+
+Bytes per weight: bf16 2, int8 ``1 + 2/G`` (1.031 at G=64), int4 ``0.5 + 4/G`` (0.5625): a byte budget
+holds 1.94x (int8) or 3.56x (int4) as many bfloat16 experts.
+
+    E = experts (or S slots, or C gathered experts), N = last dim of a weight, G = group size
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from swapmoe.errors import SwapMoEError
+
+FORMATS = ("bf16", "int8", "int4")
+#: values per scale: HQQ's default group size (see the module docstring)
+GROUP_SIZE = 64
+_SCALE_DTYPE = torch.float16
+_QMAX = {"int8": 127, "int4": 15}
+
+
+def parse_expert_dtype(value: str | None, model_dtype: torch.dtype) -> str | None:
+    """The quantisation format for ``--expert-dtype``, or None where experts stay as the model holds
+    them (no value, or ``bf16`` on a bfloat16 model): then nothing in the load changes."""
+    if value is None:
+        return None
+    name = str(value).strip().lower().replace("bfloat16", "bf16")
+    if name not in FORMATS:
+        raise SwapMoEError(f"unknown expert dtype {value!r}: choose one of {', '.join(FORMATS)} "
+                           "(--expert-dtype, expert_dtype=)")
+    if name == "bf16" and model_dtype == torch.bfloat16:
+        return None
+    return name
+
+
+def group_size(n: int, group: int = GROUP_SIZE) -> int:
+    """Values per scale along a last dim of ``n``: ``group`` where it divides ``n``, else the row."""
+    return group if n % group == 0 else n
+
+
+def quantised(shape: tuple[int, ...]) -> bool:
+    """Is a per-expert tensor of this shape (without the expert dim) quantised? Matrices are; biases not."""
+    return len(shape) >= 2
+
+
+def part_specs(shape: tuple[int, ...], fmt: str, group: int = GROUP_SIZE) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each stored part of one ``shape`` weight (any leading dims) in ``fmt``."""
+    *lead, n = shape
+    if fmt == "bf16":
+        return {"q": (tuple(shape), torch.bfloat16)}
+    g = n // group_size(n, group)
+    if fmt == "int8":
+        return {"q": (tuple(shape), torch.int8), "scale": ((*lead, g), _SCALE_DTYPE)}
+    if fmt == "int4":
+        if n % 2:
+            raise SwapMoEError(f"int4 packs two values per byte and needs an even last dim, got {n}; "
+                               "use --expert-dtype int8")
+        return {"q": ((*lead, n // 2), torch.uint8), "scale": ((*lead, g), _SCALE_DTYPE),
+                "zero": ((*lead, g), _SCALE_DTYPE)}
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``[..., N]`` -> ``[..., N/G, G]`` float32."""
+    n = w.shape[-1]
+    g = group_size(n, group)
+    return w.float().reshape(*w.shape[:-1], n // g, g)
+
+
+def _stored_scale(s: torch.Tensor) -> torch.Tensor:
+    """The scale as stored (float16); an empty or underflowing group gets 1 (its codes are 0)."""
+    s16 = s.to(_SCALE_DTYPE)
+    return torch.where(s16 == 0, torch.ones_like(s16), s16)
+
+
+def quantise(w: torch.Tensor, fmt: str, group: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """Weight ``w [..., N]`` -> its parts in ``fmt`` (see the module docstring and :func:`part_specs`)."""
+    if fmt == "bf16":
+        return {"q": w.to(torch.bfloat16)}
+    x = _groups(w, group)  # [..., N/G, G]
+    if fmt == "int8":
+        s = _stored_scale(x.abs().amax(-1) / _QMAX[fmt])  # [..., N/G]
+        q = torch.round(x / s.float().unsqueeze(-1)).clamp(-_QMAX[fmt], _QMAX[fmt])
+        return {"q": q.to(torch.int8).reshape(w.shape), "scale": s}
+    if fmt == "int4":
+        lo, hi = x.amin(-1), x.amax(-1)
+        s = _stored_scale((hi - lo) / _QMAX[fmt])
+        z = (-lo / s.float()).to(_SCALE_DTYPE)
+        q = torch.round(x / s.float().unsqueeze(-1) + z.float().unsqueeze(-1)).clamp(0, _QMAX[fmt])
+        q = q.to(torch.uint8).reshape(w.shape)
+        return {"q": q[..., 0::2] | (q[..., 1::2] << 4), "scale": s, "zero": z}
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def dequantise(parts: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Parts from :func:`quantise` -> the weight ``[..., N]`` in ``dtype`` (computed in float32)."""
+    q = parts["q"]
+    if fmt == "bf16":
+        return q.to(dtype)
+    s = parts["scale"].float().unsqueeze(-1)  # [..., N/G, 1]
+    if fmt == "int8":
+        x = q.float()
+    elif fmt == "int4":
+        x = torch.empty((*q.shape, 2), dtype=torch.float32, device=q.device)  # [..., N/2, 2]: low, high nibble
+        x[..., 0] = q & 15
+        x[..., 1] = q >> 4
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    n = q.shape[-1] * (2 if fmt == "int4" else 1)
+    x = x.reshape(*q.shape[:-1], s.shape[-2], n // s.shape[-2])  # [..., N/G, G], a tensor of our own
+    if fmt == "int4":
+        x = x.sub_(parts["zero"].float().unsqueeze(-1))
+    return x.mul_(s).reshape(*q.shape[:-1], n).to(dtype)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one MoE layer's per-expert tensors are stored in a format.
+
+    ``shapes`` and ``dtypes`` are the model's per-expert tensors (``name -> [E, ...]`` shape, and the
+    dtype the model computes in). A quantised tensor ``name`` is stored as parts ``name.q``,
+    ``name.scale`` (and ``name.zero``), each ``[E, ...]``; any other keeps its name and dtype. Stores
+    and slots hold the parts under these names, so a swap copies every part of an expert.
+    """
+
+    fmt: str
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    group: int = GROUP_SIZE
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor], fmt: str, group: int = GROUP_SIZE) -> ExpertLayout:
+        return cls(fmt, {n: tuple(t.shape) for n, t in tensors.items()},
+                   {n: t.dtype for n, t in tensors.items()}, group)
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.shapes.values()))[0]
+
+    def parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every stored tensor: ``part name -> ([E, ...] shape, dtype)``."""
+        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name, shape in self.shapes.items():
+            if not quantised(shape[1:]):
+                out[name] = (shape, self.dtypes[name])
+                continue
+            for part, spec in part_specs(shape, self.fmt, self.group).items():
+                out[f"{name}.{part}"] = spec
+        return out
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert as stored: weights, scales and zero points."""
+        return sum(torch.Size(shape[1:]).numel() * torch.empty((), dtype=dt).element_size()
+                   for shape, dt in self.parts().values())
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``name -> [..., *expert shape]`` tensors (all experts, one, or a gathered few) -> their parts."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if not quantised(self.shapes[name][1:]):
+                out[name] = t.to(self.dtypes[name])
+                continue
+            for part, v in quantise(t, self.fmt, self.group).items():
+                out[f"{name}.{part}"] = v
+        return out
+
+    def decode(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parts (with any leading dims) -> ``name -> tensor`` in the model's dtypes."""
+        out: dict[str, torch.Tensor] = {}
+        for name, shape in self.shapes.items():
+            if not quantised(shape[1:]):
+                out[name] = parts[name]
+                continue
+            mine = {p: parts[f"{name}.{p}"] for p in part_specs(shape, self.fmt, self.group)}
+            out[name] = dequantise(mine, self.fmt, self.dtypes[name])
+        return out
+
+
+def layer_expert_bytes(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
+                       fmt: str | None) -> int:
+    """Bytes of one expert of a layer with per-expert tensors ``shapes`` (``[E, ...]``) in ``fmt``
+    (None: as the model holds them)."""
+    if fmt is None:
+        return sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=dtypes[n]).element_size()
+                   for n, s in shapes.items())
+    return ExpertLayout(fmt, dict(shapes), dict(dtypes)).expert_bytes()
+
+
+def lowest_fitting(budget_bytes: int, totals: Mapping[str | None, int]) -> str | None:
+    """The least lossy format whose whole model fits ``budget_bytes`` (``totals``: format -> bytes of
+    all experts, in order from least to most lossy, None = the model's dtype); the most lossy when
+    none fits (pure; the ``quantized-all`` baseline)."""
+    formats = list(totals)
+    return next((f for f in formats if totals[f] <= budget_bytes), formats[-1])
