@@ -161,16 +161,11 @@ def _leave_placeholders(layer: MoELayer, dtypes: dict[str, torch.dtype]) -> None
         layer.experts._parameters[n] = nn.Parameter(torch.empty(0, dtype=dtypes[n]), requires_grad=False)
 
 
-def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None) -> tuple[list[int], int, int]:
-    """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots."""
-    return _slots_as(layers, budget, slots, None)
-
-
-def _slots_as(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None,
-              fmt: str | None) -> tuple[list[int], int, int]:
-    """:func:`_slots` with experts held in ``fmt``: a share of a budget is of all experts as the model
-    holds them; slots are counted in the bytes of ``fmt`` (a quantised expert is smaller, so the same
-    bytes hold more of them)."""
+def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None,
+           fmt: str | None = None) -> tuple[list[int], int, int]:
+    """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots, with experts
+    held in ``fmt``: a share of a budget is of all experts as the model holds them; slots are counted
+    in the bytes of ``fmt`` (a quantised expert is smaller, so the same bytes hold more of them)."""
     total = sum(la.expert_bytes() * la.num_experts for la in layers)
     expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
     if budget is not None:
@@ -223,7 +218,7 @@ def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    per_layer, _, total = _slots_as(layers, budget, slots, fmt)
+    per_layer, _, total = _slots(layers, budget, slots, fmt)
     names = {id(m): n for n, m in skeleton.named_modules()}
     targets = {
         f"{names[id(la.experts)]}.{p}": (la.name, p)
@@ -322,7 +317,7 @@ def load(
     layers = require_moe_layers(model)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     fmt = parse_expert_dtype(expert_dtype, compute_dtype)
-    slots, budget_bytes, total = _slots_as(layers, budget, slots, fmt)
+    slots, budget_bytes, total = _slots(layers, budget, slots, fmt)
     expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
     layouts = [_layout(la, fmt) for la in layers]
 
