@@ -50,6 +50,8 @@ def test_the_reason_a_model_decodes_eagerly_is_the_models_own(engine_checkpoint,
                                experts_implementation="eager")).startswith("the 'eager' experts kernel")
     assert reason(load_policy("ondemand", engine_checkpoint, "50%", device="cpu",
                               dtype=torch.bfloat16)).startswith("on-demand loading")
+    assert reason(swapmoe.load(engine_checkpoint, "50%", device="cpu", dtype=torch.bfloat16,
+                               expert_dtype="int8")).startswith("quantised experts")
     llama4 = make_adapted("llama4_text", tmp_path / "llama4")
     assert reason(swapmoe.load(llama4, "50%", device="cpu", dtype=torch.bfloat16)).startswith("an adapted family")
 

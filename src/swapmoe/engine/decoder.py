@@ -65,6 +65,7 @@ def graph_blocker(model: Any) -> str | None:
     """
     from swapmoe.adapters.base import SparseExperts
     from swapmoe.families import find_moe_layers
+    from swapmoe.qexperts import QuantisedForward
     from swapmoe.runtime.step import uses_eager_kernel
 
     if getattr(model.config, "is_encoder_decoder", False):
@@ -77,6 +78,10 @@ def graph_blocker(model: Any) -> str | None:
         return "on-demand loading (copies decided on the host inside the forward)"
     layers = [st.layer for st in runtime.layers] if runtime is not None else find_moe_layers(model)
     for layer in layers:
+        if isinstance(layer.experts.__dict__.get("forward"), QuantisedForward):
+            # its decode path is written to be capturable (swapmoe.qexperts), but no capture of it
+            # has run on a GPU yet: until one has, it decodes eagerly
+            return "quantised experts (--expert-dtype int8/int4): their graph capture is not yet verified"
         if isinstance(layer.experts, SparseExperts):
             return "an adapted family (its experts dispatch on data-dependent shapes)"
         if uses_eager_kernel(layer.experts):
