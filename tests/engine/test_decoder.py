@@ -127,6 +127,19 @@ def test_model_generate_through_the_decoder_equals_plain_generate(engine_checkpo
     # padding, batches and beams run as plain transformers (the static path derives positions itself)
     two = torch.tensor([PROMPT, PROMPT])
     assert torch.equal(routed.generate(two, **kw), plain.generate(two, **kw))
+    # so do calls that want what a replay does not return (hidden states), or no cache at all
+    seen = len(dec.history)
+    out = routed.generate(ids, **kw, output_hidden_states=True, return_dict_in_generate=True)
+    assert out.hidden_states is not None and torch.equal(out.sequences, out_plain)
+    assert torch.equal(routed.generate(ids, **kw, use_cache=False), out_plain)
+    assert len(dec.history) == seen  # neither went through the decoder
+    # a generation config given positionally sizes the cache as it sizes the call
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=40, do_sample=False, pad_token_id=0)
+    dec.min_capacity, dec.cache = 16, None  # so that a cache sized from the wrong config would be too short
+    assert torch.equal(routed.generate(ids, config), plain.generate(ids, config))
+    assert dec.capacity == 64 and len(dec.history) == len(PROMPT) + 39
 
 
 @pytest.mark.parametrize("budget", ["100%", "50%"])

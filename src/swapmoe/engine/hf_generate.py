@@ -23,7 +23,18 @@ def _cache_of(kwargs: dict[str, Any]) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
-def _eligible(model: Any, dec: Decoder, inputs: Any, kwargs: dict[str, Any]) -> bool:
+def _generation_config(model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The generation config a call uses: given by keyword, as generate's second positional argument,
+    or the model's."""
+    from transformers import GenerationConfig
+
+    given = kwargs.get("generation_config")
+    if given is None and args and isinstance(args[0], GenerationConfig):
+        given = args[0]
+    return given or model.generation_config
+
+
+def _eligible(model: Any, dec: Decoder, inputs: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     """Can this generate call decode through ``dec``? (At most one host read: the attention mask.)"""
     if dec.mode == "dynamic" or getattr(model.config, "is_encoder_decoder", False):
         return False
@@ -31,7 +42,11 @@ def _eligible(model: Any, dec: Decoder, inputs: Any, kwargs: dict[str, Any]) -> 
         return False
     if _cache_of(kwargs) is not None or kwargs.get("assistant_model") is not None:
         return False
-    config = kwargs.get("generation_config") or model.generation_config
+    config = _generation_config(model, args, kwargs)
+    wanted = {k: kwargs.get(k, getattr(config, k, None)) for k in ("use_cache", "output_attentions",
+                                                                    "output_hidden_states")}
+    if wanted["use_cache"] is False or wanted["output_attentions"] or wanted["output_hidden_states"]:
+        return False  # the replay returns logits only, and needs the cache
     beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
     if (beams or 1) != 1 or kwargs.get("prompt_lookup_num_tokens") or kwargs.get("inputs_embeds") is not None:
         return False
@@ -39,9 +54,9 @@ def _eligible(model: Any, dec: Decoder, inputs: Any, kwargs: dict[str, Any]) -> 
     return mask is None or bool(mask.all())  # padding shifts positions the graph derives from the cache
 
 
-def _room(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> int:
+def _room(model: Any, prompt_len: int, args: tuple, kwargs: dict[str, Any]) -> int:
     """Tokens the call may hold: prompt + max_new_tokens (or max_length), as generate will decide."""
-    config = kwargs.get("generation_config") or model.generation_config
+    config = _generation_config(model, args, kwargs)
     new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
     if new is not None:
         return prompt_len + int(new)
@@ -60,9 +75,9 @@ def install(model: Any, mode: str | None = None) -> Decoder:
 
     def generate(self: Any, inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
         ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if not _eligible(self, dec, ids, kwargs):
+        if not _eligible(self, dec, ids, args, kwargs):
             return plain_generate(inputs, *args, **kwargs)
-        dec.start(_room(self, ids.shape[1], kwargs))
+        dec.start(_room(self, ids.shape[1], args, kwargs))
         kwargs[dec.cache_kw] = dec.cache
         # transformers compiles the forward when it is handed a static cache; the decoder captures the
         # step itself, and a compile inside a capture fails
