@@ -133,11 +133,12 @@ def test_model_generate_through_the_decoder_equals_plain_generate(engine_checkpo
     assert out.hidden_states is not None and torch.equal(out.sequences, out_plain)
     assert torch.equal(routed.generate(ids, **kw, use_cache=False), out_plain)
     assert len(dec.history) == seen  # neither went through the decoder
-    # a generation config given positionally sizes the cache as it sizes the call
+    # a generation config given positionally goes through the decoder too; a cache that turns out too
+    # short (here: the smallest capacity forced to 16) is regrown, and transformers follows the new one
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=40, do_sample=False, pad_token_id=0)
-    dec.min_capacity, dec.cache = 16, None  # so that a cache sized from the wrong config would be too short
+    dec.min_capacity, dec.cache = 16, None
     assert torch.equal(routed.generate(ids, config), plain.generate(ids, config))
     assert dec.capacity == 64 and len(dec.history) == len(PROMPT) + 39
 
