@@ -19,8 +19,6 @@ from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
 
 EXIT_USER_ERROR = 2
-# commands that load through load_from_args, and so hold experts in --expert-dtype
-_EXPERT_DTYPE_COMMANDS = ("generate", "serve", "eval-ppl")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -333,10 +331,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
-        if getattr(args, "expert_dtype", None) is not None and args.command not in _EXPERT_DTYPE_COMMANDS:
-            raise SwapMoEError(f"--expert-dtype is not taken by `swapmoe {args.command}` yet; use it with "
-                               f"{', '.join(_EXPERT_DTYPE_COMMANDS)}, or the policies swapmoe-int8, swapmoe-int4 "
-                               "and quantized-all of eval/sweep")
         resolve_model_argument(args)
         return int(args.func(args, console) or 0)
     except SwapMoEError as e:
