@@ -37,8 +37,11 @@ def _layer_bytes(st) -> int:
 
 
 def _format_of(st):
+    """The format a layer's slots (or, for a full layer, its parts) hold, read from the tensors."""
     fwd = st.layer.experts.__dict__.get("forward")
-    return fwd.layout.fmt if isinstance(fwd, QuantisedForward) else None
+    held = st.pool.slots if st.pool is not None else (fwd.parts if isinstance(fwd, QuantisedForward) else {})
+    q = held.get("gate_up_proj.q")
+    return None if q is None else {torch.uint8: "int4", torch.int8: "int8", torch.bfloat16: "bf16"}[q.dtype]
 
 
 def _one_expert_bytes(st, fmt) -> int:
@@ -201,3 +204,17 @@ def test_checkpoint_backed_layers_hold_their_own_format(tiny, ids):
     assert mapped.swapmoe.stats()["total"]["swaps"] == held.swapmoe.stats()["total"]["swaps"] > 0
     for x, y, fmt in zip(held.swapmoe.layers, mapped.swapmoe.layers, kw["expert_dtype"], strict=True):
         assert _format_of(y) == fmt and y.pool.store.expert_bytes() == x.pool.store.expert_bytes()
+
+
+def test_ondemand_with_per_layer_formats_is_exact(tiny, ids):
+    """`ondemand` loads every missing expert: it computes what the full model in the same formats does."""
+    from swapmoe.baselines import load_policy
+
+    full = swapmoe.load(tiny, "100%", expert_dtype=MIXED)
+    od = load_policy("ondemand", tiny, "25%", expert_dtype=MIXED)
+    assert [_format_of(st) for st in od.swapmoe.layers] == MIXED
+    with torch.inference_mode():
+        torch.testing.assert_close(od(ids).logits, full(ids).logits, rtol=1e-5, atol=1e-5)
+        a = full.generate(ids[:, :4], max_new_tokens=10, do_sample=False)
+        b = od.generate(ids[:, :4], max_new_tokens=10, do_sample=False)
+    assert torch.equal(a, b) and od.swapmoe.stats()["total"]["swaps"] > 0

@@ -39,7 +39,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
                    help="hold experts quantised (weight-only, group-wise; docs/quantization.md); the budget counts "
-                        "their bytes, so it holds more of them (default: the model's dtype)")
+                        "their bytes, so it holds more of them; in eval/sweep for the swapmoe policies; overrides a "
+                        "plan's expert_dtype (which may give one per MoE layer) (default: the model's dtype)")
     p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
