@@ -168,8 +168,6 @@ def test_info_and_cli(tiny, capsys):
     assert info.slots_for(0.3, "int8") == [8, 8] and info.slots_for(0.2, "int4") == [8, 8]
     assert main(["info", str(tiny)]) == 0
     assert "--expert-dtype int4:" in capsys.readouterr().err
-    assert main(["sweep", str(tiny), "--text", str(tiny / "config.json"), "--expert-dtype", "int8"]) == 2
-    assert "--expert-dtype is not taken by `swapmoe sweep`" in capsys.readouterr().err
 
 
 def test_parameters_held_in_memory_by_a_checkpoint_store_are_held_quantised(tiny):

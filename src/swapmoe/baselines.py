@@ -32,6 +32,10 @@ POLICIES = ("full", "swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magni
 #: policies whose expert memory is bounded by the budget
 BUDGETED = ("swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "accelerate-offload",
             "swapmoe-int8", "swapmoe-int4", "quantized-all")
+#: policies that hold experts in ``expert_dtype=`` (eval/sweep ``--expert-dtype``) when given one: the
+#: Virtual Experts runtime at a budget. ``full`` stays the original model (the reference), ``static`` and
+#: ``accelerate-offload`` are plain transformers, and the policies whose precision is in their name keep it.
+TAKE_EXPERT_DTYPE = ("swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep")
 
 
 def dense_twin_path(model_path: str | Path | None) -> Path:
@@ -52,12 +56,16 @@ def dense_twin_path(model_path: str | Path | None) -> Path:
 def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: Any) -> Any:
     """Load ``path`` as policy ``name`` at ``memory_budget`` (see the module table).
 
-    ``kw`` goes to :func:`swapmoe.load` (update_interval, swaps_per_update, device, dtype, seed, ...).
+    ``kw`` goes to :func:`swapmoe.load` (update_interval, swaps_per_update, device, dtype, seed, ...);
+    its ``expert_dtype`` only to the policies of :data:`TAKE_EXPERT_DTYPE`.
     """
     import swapmoe
 
     if name not in POLICIES:
         raise SwapMoEError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}")
+    expert_dtype = kw.pop("expert_dtype", None)
+    if expert_dtype is not None and name in TAKE_EXPERT_DTYPE:
+        kw["expert_dtype"] = expert_dtype
     if name == "full":
         return swapmoe.load(path, "100%", **kw)
     if name in ("swapmoe", "swapmoe-skip"):

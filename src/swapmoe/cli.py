@@ -19,8 +19,6 @@ from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
 
 EXIT_USER_ERROR = 2
-# commands that load through load_from_args, and so hold experts in --expert-dtype
-_EXPERT_DTYPE_COMMANDS = ("generate", "serve", "eval-ppl")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +39,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
                    help="hold experts quantised (weight-only, group-wise; docs/quantization.md); the budget counts "
-                        "their bytes, so it holds more of them (default: the model's dtype)")
+                        "their bytes, so it holds more of them; in eval/sweep for the swapmoe policies; overrides a "
+                        "plan's expert_dtype (which may give one per MoE layer) (default: the model's dtype)")
     p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
@@ -333,10 +332,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
-        if getattr(args, "expert_dtype", None) is not None and args.command not in _EXPERT_DTYPE_COMMANDS:
-            raise SwapMoEError(f"--expert-dtype is not taken by `swapmoe {args.command}` yet; use it with "
-                               f"{', '.join(_EXPERT_DTYPE_COMMANDS)}, or the policies swapmoe-int8, swapmoe-int4 "
-                               "and quantized-all of eval/sweep")
         resolve_model_argument(args)
         return int(args.func(args, console) or 0)
     except SwapMoEError as e:

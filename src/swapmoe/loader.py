@@ -27,7 +27,7 @@ from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.qexperts import install as install_quantised
-from swapmoe.quant import ExpertLayout, layer_expert_bytes, parse_expert_dtype
+from swapmoe.quant import ExpertLayout, check_expert_dtypes, expert_dtypes_per_layer, layer_expert_bytes
 from swapmoe.runtime import LayerState, RuntimeConfig, VirtualExperts
 
 log = logging.getLogger(__name__)
@@ -162,12 +162,14 @@ def _leave_placeholders(layer: MoELayer, dtypes: dict[str, torch.dtype]) -> None
 
 
 def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | None,
-           fmt: str | None = None) -> tuple[list[int], int, int]:
-    """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots, with experts
-    held in ``fmt``: a share of a budget is of all experts as the model holds them; slots are counted
-    in the bytes of ``fmt`` (a quantised expert is smaller, so the same bytes hold more of them)."""
+           fmts: list[str | None] | None = None) -> tuple[list[int], int, int]:
+    """(slots per layer, budget bytes, all expert bytes) for a budget or explicit slots, with each
+    layer's experts held in its format (``fmts``, one per layer; None: as the model holds them): a
+    share of a budget is of all experts as the model holds them; each layer's slots are counted in
+    the bytes of its format (a quantised expert is smaller, so the same bytes hold more of them)."""
+    fmts = fmts if fmts is not None else [None] * len(layers)
     total = sum(la.expert_bytes() * la.num_experts for la in layers)
-    expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
+    expert_bytes = [stored_expert_bytes(la, f) for la, f in zip(layers, fmts, strict=True)]
     if budget is not None:
         budget_bytes = budget.resolve(total)
         return (allocate_slots(budget_bytes, expert_bytes, [la.num_experts for la in layers],
@@ -179,13 +181,15 @@ def _slots(layers: list[MoELayer], budget: Budget | None, slots: list[int] | Non
     return slots, sum(s * b for s, b in zip(slots, expert_bytes, strict=True)), total
 
 
-def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None, fmt: str | None = None) -> list[bool]:
-    """Per layer: are its experts kept in host memory? Whole layers that fit the host budget (in the
-    bytes of ``fmt``), first layers first (None: no host budget, all of them). Layers kept whole on the
-    device need neither."""
+def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None,
+             fmts: list[str | None] | None = None) -> list[bool]:
+    """Per layer: are its experts kept in host memory? Whole layers that fit the host budget (each in
+    the bytes of its format), first layers first (None: no host budget, all of them). Layers kept whole
+    on the device need neither."""
     out = []
     left = host_bytes
-    for la, s in zip(layers, slots, strict=True):
+    fmts = fmts if fmts is not None else [None] * len(layers)
+    for la, s, fmt in zip(layers, slots, fmts, strict=True):
         size = stored_expert_bytes(la, fmt) * la.num_experts
         keep = s >= la.num_experts or left is None or left >= size
         if left is not None and s < la.num_experts and keep:
@@ -210,7 +214,7 @@ def stored_expert_bytes(layer: MoELayer, fmt: str | None) -> int:
 
 def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
                      dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path],
-                     fmt: str | None = None) -> Any:
+                     fmt: str | list[str | None] | None = None) -> Any:
     """Which expert parameters need never be held in host memory (the layers beyond the host
     budget), worked out on a meta-device skeleton before anything is read."""
     from swapmoe.inspect import meta_model
@@ -218,11 +222,12 @@ def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    per_layer, _, total = _slots(layers, budget, slots, fmt)
+    fmts = expert_dtypes_per_layer(fmt, len(layers), dtype)
+    per_layer, _, total = _slots(layers, budget, slots, fmts)
     names = {id(m): n for n, m in skeleton.named_modules()}
     targets = {
         f"{names[id(la.experts)]}.{p}": (la.name, p)
-        for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total), fmt), strict=True)
+        for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total), fmts), strict=True)
         if not keep for p in la.expert_param_names
     }
     return ExpertStreamer(targets, where)
@@ -246,7 +251,7 @@ def load(
     cuda_graph: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    expert_dtype: str | None = None,
+    expert_dtype: str | list[str | None] | None = None,
     experts_implementation: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -272,7 +277,9 @@ def load(
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
-                   their bytes; None (default): the model's dtype, nothing changes
+                   their bytes; None (default): the model's dtype, nothing changes. A list: one format per
+                   MoE layer (None entries: the model's dtype), each layer's store and slots in its own
+                   format and its slots counted in that format's bytes; a plan may carry such a list
     """
     if plan is not None:
         from swapmoe.plan import Plan, read_plan
@@ -284,11 +291,12 @@ def load(
         strategy = strategy if strategy is not None else p.strategy
         update_interval = update_interval if update_interval is not None else p.update_interval
         swaps_per_update = swaps_per_update if swaps_per_update is not None else p.swaps_per_update
+        expert_dtype = expert_dtype if expert_dtype is not None else p.expert_dtype
     strategy = strategy if strategy is not None else "exchange"
     update_interval = update_interval if update_interval is not None else 16
     swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
     host = parse_budget(host_budget) if host_budget is not None else None  # malformed: fail before loading
-    parse_expert_dtype(expert_dtype, torch.float32)  # a malformed expert dtype fails before loading too
+    check_expert_dtypes(expert_dtype)  # a malformed expert dtype fails before loading too
     ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle,
                             revision=revision)  # a repo id (org/name) resolves through the Hub cache
     if host is not None and not ckpt.use_safetensors:
@@ -310,20 +318,19 @@ def load(
         where = weight_files(ckpt.weight_files)
         # the plan made before loading must see the bytes the load will have: no "auto" left to decide
         load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else ckpt.auto_dtype()
-        fmt = parse_expert_dtype(expert_dtype, load_dtype)
-        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, fmt)
+        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, expert_dtype)
     with streamer if streamer is not None else contextlib.nullcontext():
         model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation)
     layers = require_moe_layers(model)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    fmt = parse_expert_dtype(expert_dtype, compute_dtype)
-    slots, budget_bytes, total = _slots(layers, budget, slots, fmt)
-    expert_bytes = [stored_expert_bytes(la, fmt) for la in layers]
-    layouts = [_layout(la, fmt) for la in layers]
+    fmts = expert_dtypes_per_layer(expert_dtype, len(layers), compute_dtype)  # one format per MoE layer
+    slots, budget_bytes, total = _slots(layers, budget, slots, fmts)
+    expert_bytes = [stored_expert_bytes(la, f) for la, f in zip(layers, fmts, strict=True)]
+    layouts = [_layout(la, f) for la, f in zip(layers, fmts, strict=True)]
 
     rng = random.Random(seed)
     pin = dev.type == "cuda"
-    in_host = _in_host(layers, slots, host.resolve(total) if host is not None else None, fmt)
+    in_host = _in_host(layers, slots, host.resolve(total) if host is not None else None, fmts)
     staged = []
     full_parts: dict[str, dict[str, torch.Tensor]] = {}  # full quantised layers: their parts [E, ...]
     for la, s, keep, layout in zip(layers, slots, in_host, layouts, strict=True):

@@ -1,7 +1,10 @@
 """Plans: the configuration a run uses, chosen offline and written to JSON.
 
 A plan is ``{update_interval, swaps_per_update, strategy, slots: [S_l per MoE layer]}`` plus what
-it was planned for (budget, model). Every command that takes a budget also takes ``--plan``.
+it was planned for (budget, model), and optionally ``expert_dtype``: one format (``"int8"``) or one
+per MoE layer (``["int4", "int8", "bf16", ...]``, null: the model's dtype) in which the experts are
+held (docs/quantization.md); absent, the experts stay as the model holds them. Every command that
+takes a budget also takes ``--plan``; all of them load through ``swapmoe.load(plan=...)``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,17 @@ class Plan:
     swaps_per_update: int = 1
     strategy: str = "exchange"
     meta: dict[str, Any] = field(default_factory=dict)
+    #: experts' format: one for every layer, or one per MoE layer (None: the model's dtype)
+    expert_dtype: str | list[str | None] | None = None
+
+    def __post_init__(self) -> None:
+        _check_expert_dtype(self.expert_dtype, len(self.slots), "the plan's")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        d = asdict(self)
+        if d["expert_dtype"] is None:  # plans without it read as they did before it existed
+            del d["expert_dtype"]
+        return json.dumps(d, indent=2)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
@@ -51,11 +62,14 @@ def read_plan(path: str | Path) -> Plan:
     strategy = raw.get("strategy", "exchange")
     if strategy not in ("exchange", "skip"):
         raise PlanError(f"plan file {p}: 'strategy' must be 'exchange' or 'skip', got {strategy!r}")
-    unknown = set(raw) - {"slots", "update_interval", "swaps_per_update", "strategy", "meta"}
+    unknown = set(raw) - {"slots", "update_interval", "swaps_per_update", "strategy", "meta", "expert_dtype"}
     if unknown:
         raise PlanError(f"plan file {p}: unknown field(s) {sorted(unknown)}")
+    expert_dtype = raw.get("expert_dtype")
+    _check_expert_dtype(expert_dtype, len(slots), f"plan file {p}:")
     return Plan(
         slots=slots,
+        expert_dtype=list(expert_dtype) if isinstance(expert_dtype, list) else expert_dtype,
         update_interval=raw.get("update_interval", 16),
         swaps_per_update=raw.get("swaps_per_update", 1),
         strategy=strategy,
@@ -73,3 +87,14 @@ def check_slots(slots: list[int], layers: list) -> None:
                 f"the plan gives MoE layer {la.index} {s} slots; it needs between top-k={la.top_k} "
                 f"and {la.num_experts} (its experts)"
             )
+
+
+def _check_expert_dtype(value: Any, num_layers: int, prefix: str) -> None:
+    """A plan's ``expert_dtype``: a format, or one per MoE layer (as many as ``slots``), else PlanError."""
+    from swapmoe.errors import SwapMoEError
+    from swapmoe.quant import check_expert_dtypes
+
+    try:
+        check_expert_dtypes(value, num_layers, "'expert_dtype'")
+    except SwapMoEError as e:
+        raise PlanError(f"{prefix} {e}") from None

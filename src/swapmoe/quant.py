@@ -26,7 +26,7 @@ holds 1.94x (int8) or 3.56x (int4) as many bfloat16 experts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +52,37 @@ def parse_expert_dtype(value: str | None, model_dtype: torch.dtype) -> str | Non
     if name == "bf16" and model_dtype == torch.bfloat16:
         return None
     return name
+
+
+def expert_dtypes_per_layer(value: str | Sequence[str | None] | None, num_layers: int,
+                            model_dtype: torch.dtype) -> list[str | None]:
+    """One format per MoE layer (each as :func:`parse_expert_dtype` gives it) from ``expert_dtype=``:
+    one format for every layer, or a list with one entry per MoE layer (None: as the model holds it)."""
+    if value is None or isinstance(value, str):
+        return [parse_expert_dtype(value, model_dtype)] * num_layers
+    check_expert_dtypes(value, num_layers)
+    return [parse_expert_dtype(v, model_dtype) for v in value]
+
+
+def check_expert_dtypes(value: str | Sequence[str | None] | None, num_layers: int | None = None,
+                        where: str = "expert_dtype") -> None:
+    """Raise a one-line :class:`SwapMoEError` where ``value`` is not a format, or not a list of formats
+    (or None) with one entry per MoE layer (``num_layers``; None: any non-empty length)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        parse_expert_dtype(value, torch.float32)
+        return
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SwapMoEError(f"{where} must be one of {', '.join(FORMATS)} or a non-empty list of them, one per "
+                           f"MoE layer; got {value!r}")
+    if num_layers is not None and len(value) != num_layers:
+        raise SwapMoEError(f"{where} lists {len(value)} formats for {num_layers} MoE layers: give one per MoE layer")
+    for i, v in enumerate(value):
+        if v is not None and (not isinstance(v, str) or str(v).strip().lower().replace("bfloat16", "bf16")
+                              not in FORMATS):
+            raise SwapMoEError(f"{where}[{i}] is {v!r}: each entry must be one of {', '.join(FORMATS)} "
+                               "(or null: the model's dtype)")
 
 
 def group_size(n: int, group: int = GROUP_SIZE) -> int:

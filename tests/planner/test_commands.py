@@ -168,3 +168,27 @@ def test_a_profile_of_another_model_is_refused(tiny_profile, tiny_ckpt, tmp_path
     other.write_text(json.dumps(data))
     assert main(["plan", str(tiny_ckpt), "-m", "50%", "--profile", str(other), "--out", str(tmp_path / "p.json")]) == 2
     assert "another model" in capsys.readouterr().err
+
+
+def test_profile_and_plan_in_an_expert_dtype(tiny_ckpt, calibration, tmp_path):
+    """`profile --expert-dtype int8` measures the model held in int8; `plan` writes int8 into the plan,
+    and the planned run holds int8 experts within the budget."""
+    from swapmoe.quant import ExpertLayout
+
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(tiny_ckpt), "--calibration", str(calibration), "--out", str(out),
+                 "--expert-dtype", "int8", *SMALL]) == 0
+    prof = read_profile(out)
+    assert prof["meta"]["expert_dtype"] == "int8"
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", str(tiny_ckpt), "--memory-budget", "50%", "--profile", str(out), "--out", str(plan_path)]) == 0
+    plan = read_plan(plan_path)
+    assert plan.expert_dtype == "int8"
+    # a share is of the experts as the model holds them (float32 here), as `-m 50% --expert-dtype int8` counts it
+    assert plan.meta["budget_bytes"] == prof["model"]["share_of_bytes"] // 2 > prof["model"]["total_expert_bytes"] // 2
+    model = load_with_plan(tiny_ckpt, plan_path)
+    for st, b in zip(model.swapmoe.layers, prof["model"]["expert_bytes"], strict=True):
+        layout = st.layer.experts.forward.layout
+        assert isinstance(layout, ExpertLayout) and layout.fmt == "int8" and layout.expert_bytes() == b
+    stats = model.swapmoe.stats()["total"]
+    assert experts_storages(model).bytes == stats["resident_bytes"] <= plan.meta["budget_bytes"]

@@ -48,6 +48,8 @@ def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
                           "async_swaps": not args.sync_swaps, "allow_pickle": args.allow_pickle,
                           "cuda_graph": not getattr(args, "no_cuda_graph", False),
                           "trust_remote_code": args.trust_remote_code}
+    if getattr(args, "expert_dtype", None) is not None:  # load_policy gives it to the swapmoe policies only
+        kw["expert_dtype"] = args.expert_dtype
     if args.update_interval is not None:
         kw["update_interval"] = args.update_interval
     if args.swaps_per_update is not None:
@@ -83,6 +85,7 @@ def _release_device_memory() -> None:
 def _reference(args: argparse.Namespace) -> Any:
     from swapmoe.baselines import load_policy
 
+    # the reference is the original model: --expert-dtype does not apply to the full policy
     return None if args.no_reference else load_policy("full", args.model, None, **_load_kw(args))
 
 
@@ -133,7 +136,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     meta = {"model": str(model_path.resolve()), "model_name": model_path.name, "text": str(Path(args.text).resolve()),
             "stream": stream_fingerprint(ids), "window": args.window, "tokens": len(ids) - 1,
             "decode_tokens": args.decode_tokens, "update_interval": args.update_interval,
-            "swaps_per_update": args.swaps_per_update, "device": args.device, "dtype": args.dtype}
+            "swaps_per_update": args.swaps_per_update, "device": args.device, "dtype": args.dtype,
+            "expert_dtype": args.expert_dtype}
     cells = grid(policies, budgets)
     reference: list[Any] = []
 
@@ -192,7 +196,7 @@ def cmd_trace(args: argparse.Namespace, console: Console) -> int:
     from swapmoe.evaluation.trace import activation_counts, heatmap, locality_stats, record_routing
 
     _, ids = _stream(args)
-    model = swapmoe.load(args.model, "100%", device=args.device, dtype=args.dtype,
+    model = swapmoe.load(args.model, "100%", device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                          trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     layers = model.swapmoe.layers
     chosen = [int(x) for x in args.layers.split(",")] if args.layers else sorted({0, len(layers) // 2, len(layers) - 1})
@@ -266,6 +270,8 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--out", default="runs/trace")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+                   help="hold experts quantised while routing is traced (docs/quantization.md)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_trace)

@@ -49,7 +49,8 @@ def load_results(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise SwapMoEError(f"{path} is not valid JSON ({e}): delete it or choose another --out") from None
     old = data.get("meta", {})
-    differs = [k for k in ("model", "text", "stream", "window", "tokens", "decode_tokens") if old.get(k) != meta.get(k)]
+    differs = [k for k in ("model", "text", "stream", "window", "tokens", "decode_tokens", "expert_dtype")
+               if old.get(k) != meta.get(k)]
     if differs:
         raise SwapMoEError(
             f"{path} holds a sweep of another set-up (differs in {', '.join(differs)}): "

@@ -19,17 +19,13 @@ from swapmoe.planner.search import InfeasibleError, Result, SearchSpace, search,
 
 
 def load_with_plan(path: str | Path | None, plan: str | Path, **kw: Any) -> Any:
-    """``swapmoe.load`` with the slots, schedule and strategy of a plan file (``kw`` may override
-    the schedule or strategy, not the slots)."""
+    """``swapmoe.load(path, plan=plan)``: the slots, schedule, strategy and expert formats of a plan
+    file (``kw`` may override the schedule, strategy or expert_dtype, not the slots)."""
     from swapmoe.loader import load
-    from swapmoe.plan import read_plan
 
-    p = read_plan(plan)
     if "memory_budget" in kw or "slots" in kw:
         raise TypeError("a plan sets the slots: give either a plan or memory_budget/slots, not both")
-    settings = {"update_interval": p.update_interval, "swaps_per_update": p.swaps_per_update, "strategy": p.strategy}
-    settings.update(kw)
-    return load(path, slots=p.slots, **settings)
+    return load(path, plan=plan, **kw)
 
 
 __all__ = ["Config", "InfeasibleError", "PerfModel", "Prediction", "Result", "SearchSpace", "fit",

@@ -112,7 +112,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
         data = profile(args.model, ids, args.out, settings, device=args.device, dtype=args.dtype,
                        calibration=str(path.resolve()), on_plan=lambda n: progress.update(task, total=n),
                        on_step=on_step, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                       cuda_graph=not args.no_cuda_graph)
+                       cuda_graph=not args.no_cuda_graph, expert_dtype=args.expert_dtype)
     if len(resumed) > 1:
         console.print(f"resumed: {len(resumed) - 1} measurement(s) were already in {args.out}")
     s = summary(data)
@@ -168,7 +168,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     data = read_profile(args.profile)
     _check_model(args, data, console)
     pm = fit(data)
-    budget = parse_budget(args.memory_budget).resolve(pm.total_bytes)
+    # a share is of all experts as the model holds them (as swapmoe.load counts it), whatever
+    # --expert-dtype the profile was measured in
+    budget = parse_budget(args.memory_budget).resolve(data["model"].get("share_of_bytes", pm.total_bytes))
     latency = parse_latency(args.latency_budget) if args.latency_budget else None
     intervals = _ints(args.intervals, "--intervals") if args.intervals else tuple(data["grid"]["intervals"])
     strategies = tuple(s for s in _strategies(args.strategies) if s in pm.strategies)
@@ -194,7 +196,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     cfg, pred = result.config, result.prediction
     assert pred.expert_bytes <= budget
     plan = Plan(slots=list(cfg.slots), update_interval=cfg.update_interval, swaps_per_update=cfg.swaps_per_update,
-                strategy=cfg.strategy, meta={
+                strategy=cfg.strategy, expert_dtype=data["meta"].get("expert_dtype"), meta={
                     "model": data["meta"]["model"], "budget": str(args.memory_budget), "budget_bytes": budget,
                     "latency_budget_s": latency, "dtype": data["model"]["dtype"], "device": data["meta"]["device"],
                     "objective": args.objective, "method": result.method, "profile": str(Path(args.profile).resolve()),
@@ -241,6 +243,9 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--out", default="profile.json", help="profile file, written after every measurement")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+                   help="profile the model with its experts held in this format (the full model in it is the "
+                        "reference; bytes are its bytes); `swapmoe plan` writes it into the plan")
     p.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens used (the first ones)")
     p.add_argument("--window", type=int, default=256, help="tokens per forward (batch 1)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per latency measurement")

@@ -361,7 +361,7 @@ def _open(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "meta": meta, "runs": {}}
     data = read_profile(path)
     old = data.get("meta", {})
-    keys = ("model_fingerprint", "stream", "tokens", "window", "decode_tokens", "device", "dtype")
+    keys = ("model_fingerprint", "stream", "tokens", "window", "decode_tokens", "device", "dtype", "expert_dtype")
     differs = [k for k in keys if old.get(k) != meta.get(k)]
 
     def fixed(settings: dict[str, Any] | None) -> dict[str, Any]:  # more held-out runs may be added later
@@ -413,6 +413,7 @@ def profile(
         "model": str(path), "model_fingerprint": model_fingerprint(path), "calibration": calibration,
         "stream": stream_fingerprint(ids.tolist()), "tokens": int(ids.numel()), "window": settings.window,
         "decode_tokens": settings.decode_tokens, "device": dev.type, "dtype": dtype or "auto",
+        "expert_dtype": load_kw.get("expert_dtype"),
         "settings": json.loads(json.dumps(asdict(settings))),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -434,13 +435,16 @@ def profile(
     if "model" not in data:
         full_model = swapmoe.load(path, "100%", **kw)
         layers = [st.layer for st in full_model.swapmoe.layers]
-        eb = [la.expert_bytes() for la in layers]
+        # bytes of one expert as held (in --expert-dtype where given: weights, scales and zero points)
+        eb = [st.full_bytes // st.layer.num_experts for st in full_model.swapmoe.layers]
         data["model"] = {
             "model_type": full_model.config.model_type, "num_layers": len(layers),
             "num_experts": [la.num_experts for la in layers], "top_k": [la.top_k for la in layers],
             "expert_bytes": eb, "layer_bytes": [b * la.num_experts for b, la in zip(eb, layers, strict=True)],
             "total_expert_bytes": sum(b * la.num_experts for b, la in zip(eb, layers, strict=True)),
             "minimum_bytes": sum(b * la.top_k for b, la in zip(eb, layers, strict=True)),
+            # what a share ("50%") is of, as swapmoe.load counts it: all experts as the model holds them
+            "share_of_bytes": full_model.swapmoe.total_expert_bytes,
             "other_bytes": weight_bytes(full_model)[1],
             "dtype": str(next(p.dtype for p in full_model.parameters() if p.is_floating_point())).replace("torch.", ""),
         }
