@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
 import time
@@ -35,8 +34,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.requests import ClientDisconnect
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from swapmoe.engine.generate import FINISH_CANCELLED, context_length, stop_token_ids
 from swapmoe.engine.sampling import SamplingParams
@@ -45,7 +43,8 @@ from swapmoe.families import require_causal_lm
 from swapmoe.hostmem import return_freed_memory
 from swapmoe.server.body import PromptBytes, is_json_media_type, parse_body
 from swapmoe.server.chat import chat_prompt
-from swapmoe.server.errors import APIError, error_body, install_handlers
+from swapmoe.server.errors import APIError, install_handlers
+from swapmoe.server.guard import Guard
 from swapmoe.server.metrics import ServerMetrics
 from swapmoe.server.protocol import ChatCompletionRequest, CompletionRequest, stop_list
 from swapmoe.server.render import ChatRenderer, CompletionRenderer
@@ -61,7 +60,6 @@ DEFAULT_COMPLETION_TOKENS = 16
 FALLBACK_MAX_TOKENS = 8192
 # Seeds are taken modulo 2**64, the range torch.Generator.manual_seed accepts.
 _SEED_MODULUS = 2**64
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 # Bodies above this size are prepared one at a time (their parsing and tokenising buffers are what
 # grows memory), and freed memory is handed back to the system after each.
 LARGE_BODY_BYTES = 256 * 1024
@@ -497,80 +495,6 @@ class _Server:
         return card
 
 
-def _endpoint_label(path: str) -> str:
-    if path in ENDPOINTS:
-        return path
-    return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-    payload = json.dumps(body).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-class _Guard:
-    """Outermost ASGI layer of the app (inside Starlette's error middleware).
-
-    * checks the API key before routing, so an unknown path or method gets 401 without the key;
-    * counts answered HTTP requests by endpoint and status (streams included; a client that left
-      before its answer counts as 499);
-    * answers an unexpected exception with one OpenAI error object (500) and one log entry with its
-      traceback, instead of Starlette's text/plain 500 re-raised into uvicorn's log (two tracebacks);
-      a client that disconnected is not an error and is not logged.
-    """
-
-    def __init__(self, app: Any, server: _Server) -> None:
-        self.app = app
-        self.server = server
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = {"code": None, "gone": False}
-
-        async def receive_and_note() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                state["gone"] = True
-            return message
-
-        async def send_and_note(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                state["code"] = message["status"]
-            await send(message)
-
-        try:
-            key = self.server.config.api_key
-            if key is not None and not _key_matches(scope, key):
-                await _send_json(send_and_note, 401, error_body(
-                    401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
-                return
-            await self.app(scope, receive_and_note, send_and_note)
-        except ClientDisconnect:  # it left while sending its body: nothing to answer, nothing to log
-            state["gone"] = True
-        except Exception as e:
-            if state["code"] is None:
-                logger.error("internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=e)
-                await _send_json(send_and_note, 500, error_body(500, f"internal server error: {type(e).__name__}: {e}"))
-            else:  # the answer had begun: nothing to send, the connection is closed
-                logger.error("internal error on %s %s after the answer began", scope.get("method"),
-                             scope.get("path"), exc_info=e)
-        finally:
-            code = state["code"] if state["code"] is not None else (499 if state["gone"] else 500)
-            self.server.metrics.http_requests.labels(_endpoint_label(scope.get("path", "")), str(code)).inc()
-
-
-def _key_matches(scope: Scope, key: str) -> bool:
-    header = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"").decode("latin-1")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
-
-
 def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` (any transformers causal LM) with ``tokenizer``."""
     require_causal_lm(model, "the OpenAI server")
@@ -591,7 +515,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     app = FastAPI(title="swapmoe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     install_handlers(app)
-    app.add_middleware(_Guard, server=server)
+    app.add_middleware(Guard, server=server)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
