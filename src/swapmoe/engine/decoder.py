@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MODES = ("graph", "static", "dynamic")
 
 
-def _plain_no_grad() -> contextlib.ExitStack:
+def plain_no_grad() -> contextlib.ExitStack:
     """No autograd, and no inference tensors even inside a caller's ``torch.inference_mode()``: the
     cache and graph buffers are kept across calls, some made under ``inference_mode`` (the CLI) and
     some not (``model.generate``, which uses ``no_grad``), and an inference tensor cannot be updated
@@ -127,13 +127,13 @@ class Decoder:
             raise ValueError(f"this model's decode step cannot be captured in a CUDA graph: {why}")
         self.model = model
         self.mode = mode
-        runtime = getattr(model, "swapmoe", None)
+        self.runtime = getattr(model, "swapmoe", None)  # None: plain transformers
         # graph mode: the router hooks' tensor work compiled into a few kernels (runtime/step.py)
         fuse = mode == "graph" if fuse_router is None else fuse_router
-        self.fused = compiled_route() if fuse and runtime is not None and hasattr(runtime, "fused") else None
+        self.fused = compiled_route() if fuse and self.runtime is not None else None
         self.device = model_device(model)
         self.cache_kw = cache_argument(model)
-        self.limit = _context_length(model)
+        self.limit = context_length(model)
         self.min_capacity = min_capacity
         self.cache: Any = None
         self.capacity = 0
@@ -181,7 +181,7 @@ class Decoder:
     def _forward(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         # the model's own forward, also where model.generate's wrapper is installed (hf_generate.py)
         forward = self.model.__dict__.get("_swapmoe_plain_forward", self.model)
-        with _plain_no_grad():
+        with plain_no_grad():
             out = forward(input_ids=ids, **{self.cache_kw: self.cache}, use_cache=True,
                              logits_to_keep=0 if all_logits else 1)
             return out.logits[0].float()  # [T or 1, V]
@@ -213,11 +213,10 @@ class Decoder:
         if self.mode != "dynamic" and len(self.history) + 1 > self.capacity:
             self._grow()
         if self.mode == "static" and self.history:
-            runtime = getattr(self.model, "swapmoe", None)
-            if runtime is None:
+            if self.runtime is None:
                 return self._extend([token], all_logits=False)
-            runtime.before_replay(1)
-            with runtime.capturing():
+            self.runtime.before_replay(1)
+            with self.runtime.capturing():
                 return self._extend([token], all_logits=False)
         if self.mode != "graph" or self.graph is None:
             with self._fused_router():
@@ -226,14 +225,13 @@ class Decoder:
                     self._capture()  # after an eager step, which warmed up (and compiled) what it records
             return logits
         assert self._input is not None and self._output is not None
-        with _plain_no_grad():
+        with plain_no_grad():
             if isinstance(token, torch.Tensor):
                 self._input.copy_(token.view(1, 1))  # device to device: no host sync
             else:
                 self._input.fill_(token)  # a kernel with the id as argument: no host sync
-        runtime = getattr(self.model, "swapmoe", None)
-        if runtime is not None:
-            runtime.before_replay(1)
+        if self.runtime is not None:
+            self.runtime.before_replay(1)
         self.graph.replay()
         self.history.append(token)
         return self._output
@@ -241,15 +239,14 @@ class Decoder:
     @contextlib.contextmanager
     def _fused_router(self) -> Any:
         """The runtime routes single-token calls through this decoder's compiled step meanwhile."""
-        runtime = getattr(self.model, "swapmoe", None)
-        if self.fused is None or runtime is None:
+        if self.fused is None:
             yield
             return
-        previous, runtime.fused = runtime.fused, self.fused
+        previous, self.runtime.fused = self.runtime.fused, self.fused
         try:
             yield
         finally:
-            runtime.fused = previous
+            self.runtime.fused = previous
 
     def _grow(self) -> None:
         """The cache is full: re-prefill the sequence into a cache twice as large (rare: callers size
@@ -264,12 +261,11 @@ class Decoder:
 
     def _capture(self) -> None:
         """Capture one decode step at the current cache addresses (no kernel runs: nothing changes)."""
-        runtime = getattr(self.model, "swapmoe", None)
-        with _plain_no_grad():
+        with plain_no_grad():
             self._input = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        hooks = runtime.capturing() if runtime is not None else contextlib.nullcontext()
+        hooks = self.runtime.capturing() if self.runtime is not None else contextlib.nullcontext()
         try:
             with hooks, torch.cuda.graph(graph):
                 self._output = self._forward(self._input, all_logits=False)[-1]  # [V]
@@ -297,10 +293,11 @@ class Decoder:
         return self._host.clone()
 
 
-def _context_length(model: Any) -> int | None:
+def context_length(model: Any) -> int | None:
+    """The model's maximum sequence length (prompt + generated), or None when the config has none."""
     config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
     return int(value) if value else None
 
 

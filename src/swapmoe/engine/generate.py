@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from swapmoe.engine.decoder import Decoder, decoder_for
+from swapmoe.engine.decoder import Decoder, context_length, decoder_for
 from swapmoe.engine.detokenize import IncrementalDetokenizer
 from swapmoe.engine.sampling import SamplingParams, make_generator, sample_token, top_logprobs
 from swapmoe.engine.stops import StopStringMatcher
@@ -82,14 +82,6 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-
-
-def context_length(model: Any) -> int | None:
-    """The model's maximum sequence length (prompt + generated), or None when the config has none."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text_config, "max_position_embeddings", None)
-    return int(value) if value else None
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from swapmoe.engine.decoder import Decoder, _plain_no_grad, decoder_for
+from swapmoe.engine.decoder import Decoder, decoder_for, plain_no_grad
 
 
 def _cache_of(kwargs: dict[str, Any]) -> Any:
@@ -94,7 +94,7 @@ def install(model: Any, mode: str | None = None) -> Decoder:
             return plain_forward(*args, **kwargs)
         if ids.shape[-1] != 1 or not dec.history or not output_type:
             # the prompt (or anything but a single-token step): the model's own forward, on our cache
-            with _plain_no_grad():
+            with plain_no_grad():
                 out = plain_forward(*args, **kwargs)
             dec.history.extend(ids[0])
             output_type["cls"] = type(out)
