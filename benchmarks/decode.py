@@ -39,7 +39,7 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
                "aten::_local_scalar_dense", "cudaMemcpy")
 
 
-def settings(arch_experts: int) -> list[tuple[str, str, dict[str, Any], str]]:
+def settings() -> list[tuple[str, str, dict[str, Any], str]]:
     """(name, loader, load kwargs, decode mode)."""
     return [
         ("plain transformers, eager", "plain", {}, "dynamic"),
@@ -127,7 +127,7 @@ def main() -> None:
     vocab = ARCHS[args.arch]["vocab_size"]
     prompt = torch.randint(0, vocab, (32,), generator=rng).tolist()
     feed = torch.randint(0, vocab, (max(args.tokens + 8, 20 + args.profile_tokens),), generator=rng).tolist()
-    chosen = settings(ARCHS[args.arch]["num_experts"])
+    chosen = settings()
     if device.type != "cuda":  # accelerate's offloading moves weights from the GPU to host memory
         chosen = [c for c in chosen if c[1] != "accelerate-offload"]
     if args.only:
