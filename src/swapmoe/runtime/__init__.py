@@ -117,6 +117,8 @@ class VirtualExperts:
         Copies in flight finish first. Used to show the overlap (``--sync-swaps``); no effect on CPU.
         """
         self.synchronize()
+        if self.swapper.reader is not None:
+            self.swapper.reader.shutdown()  # idle after synchronize(): its thread would linger otherwise
         self.config = RuntimeConfig(**{**asdict(self.config), "async_swaps": enabled})
         self.swapper = Swapper(self.device, enabled)
 
