@@ -23,6 +23,7 @@ from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
+from swapmoe.fused import check_moe_kernel, use_fused_kernel
 from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
 from swapmoe.pool import HostStore, SlotPool
@@ -249,6 +250,7 @@ def load(
     seed: int = 0,
     async_swaps: bool = True,
     cuda_graph: bool = True,
+    moe_kernel: str = "auto",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     expert_dtype: str | list[str | None] | None = None,
@@ -274,6 +276,10 @@ def load(
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
+    moe_kernel     expert compute of decode steps: "auto" (default: on CUDA with Triton, the fused Triton
+                   kernel over slot ids in the layers swapmoe computes itself), "triton" (in every MoE layer
+                   it supports) or "transformers" (transformers' kernels only); prefills keep transformers'
+                   kernels (swapmoe.fused)
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
@@ -297,6 +303,7 @@ def load(
     swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
     host = parse_budget(host_budget) if host_budget is not None else None  # malformed: fail before loading
     check_expert_dtypes(expert_dtype)  # a malformed expert dtype fails before loading too
+    check_moe_kernel(moe_kernel)
     ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle,
                             revision=revision)  # a repo id (org/name) resolves through the Hub cache
     if host is not None and not ckpt.use_safetensors:
@@ -375,6 +382,9 @@ def load(
             )
         )
     model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
+    ours = [(st.layer.experts, st.pool is not None or lay is not None) for st, lay in zip(states, layouts, strict=True)]
+    for line in use_fused_kernel(ours, moe_kernel, dev):
+        log.info("transformers' experts kernel kept in %s", line)
     _use_decoder(model, cuda_graph)
     return_freed_memory()  # the load's temporaries
     return model

@@ -1,0 +1,249 @@
+"""A fused MoE decode kernel pair over slot ids, in Triton: the experts part of one MoE layer in two launches.
+
+transformers' grouped_mm path runs a dozen small kernels per layer and call (sort, gather, histogram,
+offsets, two grouped GEMMs, activation, weighting, inverse permutation, sum). At batch-1 decode every
+one of them is a launch of a few microseconds on a GPU that waits for the next; the weights they read
+would take a fraction of that. Here the same computation is two kernels that read the expert weights
+straight from the layer's ``[S, ...]`` slot tensors (no gather copy):
+
+1. ``_gate_up_kernel``, one program per (term, block of the intermediate dim):
+   ``h[j] = act(gate_up[s_j] @ x_t)``, the gated activation fused in;
+2. ``_down_kernel``, one program per (token, block of the hidden dim):
+   ``out[t] = sum_k w_tk * (down[s_tk] @ h[tk] + b)``, summed per token in registers: no atomics,
+   deterministic, no zero-filled output buffer.
+
+A term whose slot id is ``>= S`` (or negative) is *skipped*: its program reads no byte of any slot
+(the id is tested before any weight load, and a slot may be the target of a copy in flight) and it
+adds nothing. Accumulation is float32 whatever the weights' dtype.
+
+Weights are addressed through strides, so one kernel serves both layouts of transformers' fused experts:
+``gate_up [S, 2I, H]`` / ``down [S, H, I]`` and the transposed ``[S, H, 2I]`` / ``[S, I, H]`` (gpt-oss),
+with gate and up halves concatenated (``gate = rows [0, I)``) or interleaved (``gate = even rows``).
+Quantised int8 weights (:mod:`swapmoe.quant`: ``q`` int8 and a float16 scale per group of ``G`` values
+along the stored last dim) are dequantised inside the loads.
+
+Activations (``ACT``): 0 = SiLU-gated, ``silu(gate) * up`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...);
+1 = gpt-oss's clamped SwiGLU, ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
+``g = min(gate, l)``.
+
+Everything here is shape-static for a given ``T*K`` and never reads a device value on the host, so the
+launches can be captured in a CUDA graph (compile them with one eager call first).
+
+    T = tokens, K = experts per token, J = T*K terms, S = slots, H = hidden size, I = intermediate size,
+    G = values per int8 scale
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_SILU = 0
+ACT_GPT_OSS = 1
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """One layer's per-slot tensors as the kernels read them (all ``[S, ...]`` on the same device).
+
+    ``gate_up``/``down`` are the weights (or their int8 codes ``q`` when ``*_scale`` is given);
+    ``transposed``: stored ``[S, in, out]`` rather than ``[S, out, in]``; ``interleaved``: gate and up
+    rows alternate (gpt-oss) rather than being the two halves.
+    """
+
+    gate_up: torch.Tensor  # [S, 2I, H] (transposed: [S, H, 2I])
+    down: torch.Tensor  # [S, H, I] (transposed: [S, I, H])
+    gate_up_bias: torch.Tensor | None = None  # [S, 2I]
+    down_bias: torch.Tensor | None = None  # [S, H]
+    gate_up_scale: torch.Tensor | None = None  # int8: [S, 2I, H/G]
+    down_scale: torch.Tensor | None = None  # int8: [S, H, I/G]
+    transposed: bool = False
+    interleaved: bool = False
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate_up.shape[0]
+
+    def dims(self) -> tuple[int, int]:
+        """(H, I) from the down projection's shape."""
+        out_in = self.down.shape[1:]
+        h, i = (out_in[1], out_in[0]) if self.transposed else (out_in[0], out_in[1])
+        return int(h), int(i)
+
+
+# The kernels call language builtins only (tl.reduce, not tl.sum; tl.full, not tl.zeros): Triton's own
+# jit helpers are defined when triton is first imported, and under a TRITON_INTERPRET=1 set after that
+# (the CPU tests) they would not run. The sum's combine function is Triton's own where it has one: the
+# interpreter recognises it and sums with numpy (a combine function of ours runs element by element).
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+_SUM = getattr(tl.standard, "_sum_combine", _add)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, ids_ptr, w_ptr, sc_ptr, b_ptr, h_ptr,
+    S, H, N_I, K, group,  # N_I: intermediate size (I)
+    stride_x, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
+    up_row, gate_step, alpha, limit,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    j = tl.program_id(0)  # term
+    pid_n = tl.program_id(1)
+    s = tl.load(ids_ptr + j).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate index
+    mask_n = offs_n < N_I
+    gate = tl.full([BLOCK_N], 0.0, tl.float32)
+    up = tl.full([BLOCK_N], 0.0, tl.float32)
+    if (s >= 0) & (s < S):  # a skipped term reads nothing
+        t = j // K
+        rows_g = offs_n * gate_step  # [BN] stored row of the gate half
+        rows_u = up_row + offs_n * gate_step  # [BN] stored row of the up half
+        w_base = w_ptr + s * sw_s
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+            mask_k = offs_k < H
+            x = tl.load(x_ptr + t * stride_x + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
+            m2 = mask_n[:, None] & mask_k[None, :]
+            wg = tl.load(w_base + rows_g[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m2, other=0.0)
+            wu = tl.load(w_base + rows_u[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m2, other=0.0)
+            wg = wg.to(tl.float32)
+            wu = wu.to(tl.float32)
+            if QUANT:
+                sc_base = sc_ptr + s * ss_s + (offs_k[None, :] // group) * ss_g
+                wg = wg * tl.load(sc_base + rows_g[:, None] * ss_n, mask=m2, other=0.0).to(tl.float32)
+                wu = wu * tl.load(sc_base + rows_u[:, None] * ss_n, mask=m2, other=0.0).to(tl.float32)
+            gate += tl.reduce(wg * x[None, :], 1, _SUM)
+            up += tl.reduce(wu * x[None, :], 1, _SUM)
+        if HAS_BIAS:
+            gate += tl.load(b_ptr + s * sb_s + rows_g, mask=mask_n, other=0.0).to(tl.float32)
+            up += tl.load(b_ptr + s * sb_s + rows_u, mask=mask_n, other=0.0).to(tl.float32)
+    if ACT == 0:
+        act = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        act = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+    tl.store(h_ptr + j * N_I + offs_n, act, mask=mask_n)  # a skipped term's row: act(0, 0) = 0, never read
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, ids_ptr, tw_ptr, w_ptr, sc_ptr, b_ptr, out_ptr,
+    S, H, N_I, K, group,  # N_I: intermediate size (I)
+    stride_o, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
+    HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)  # token
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden index
+    mask_n = offs_n < H
+    acc = tl.full([BLOCK_N], 0.0, tl.float32)
+    for kk in range(0, K):
+        j = t * K + kk
+        s = tl.load(ids_ptr + j).to(tl.int64)
+        if (s >= 0) & (s < S):  # a skipped term reads nothing and adds nothing
+            w_base = w_ptr + s * sw_s
+            part = tl.full([BLOCK_N], 0.0, tl.float32)
+            for i0 in range(0, N_I, BLOCK_K):
+                offs_i = i0 + tl.arange(0, BLOCK_K)  # [BK]
+                mask_i = offs_i < N_I
+                h = tl.load(h_ptr + j * N_I + offs_i, mask=mask_i, other=0.0)  # [BK] float32
+                m2 = mask_n[:, None] & mask_i[None, :]
+                w = tl.load(w_base + offs_n[:, None] * sw_n + offs_i[None, :] * sw_k, mask=m2, other=0.0)
+                w = w.to(tl.float32)
+                if QUANT:
+                    sc = tl.load(sc_ptr + s * ss_s + offs_n[:, None] * ss_n + (offs_i[None, :] // group) * ss_g,
+                                 mask=m2, other=0.0)
+                    w = w * sc.to(tl.float32)
+                part += tl.reduce(w * h[None, :], 1, _SUM)
+            if HAS_BIAS:
+                part += tl.load(b_ptr + s * sb_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tl.load(tw_ptr + j).to(tl.float32) * part
+    tl.store(out_ptr + t * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and warps of the two kernels (see :func:`default_blocks`)."""
+
+    gate_up_n: int = 32
+    gate_up_k: int = 128
+    down_n: int = 16
+    down_k: int = 128
+    num_warps: int = 4
+
+
+def default_blocks(num_terms: int, hidden: int, inter: int) -> Blocks:
+    """Tiles for a decode call: small output blocks, so that a batch-1 step still spreads its weight
+    reads over more programs than a GPU has multiprocessors (132 on an H200): the gate/up kernel runs
+    ``J * I / gate_up_n`` programs, the down kernel ``T * H / down_n``."""
+    del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
+    return Blocks()
+
+
+def _strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """(slot, output row, input col) strides of a ``[S, out, in]`` (or transposed ``[S, in, out]``) tensor."""
+    return (w.stride(0), w.stride(2), w.stride(1)) if transposed else (w.stride(0), w.stride(1), w.stride(2))
+
+
+def _group(q: torch.Tensor, scale: torch.Tensor | None) -> int:
+    """Values per scale along the stored last dim (1 when unquantised: unused)."""
+    return 1 if scale is None else q.shape[-1] // scale.shape[-1]
+
+
+def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertTensors,
+                  act: int = ACT_SILU, alpha: float = 1.702, limit: float = 7.0,
+                  blocks: Blocks | None = None) -> torch.Tensor:
+    """``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t])`` over the slot tensors ``ex``.
+
+    ``hidden [T, H]``, ``ids [T, K]`` slot ids (``>= S`` or negative: skipped, nothing read),
+    ``weights [T, K]``. Returns ``[T, H]`` in ``hidden``'s dtype. ``alpha``/``limit``: gpt-oss's
+    activation constants (``act=ACT_GPT_OSS``).
+    """
+    if ex.transposed and ex.gate_up_scale is not None:
+        raise ValueError("quantised weights are read in the [S, out, in] layout only")
+    T, K = ids.shape
+    H, N_I = ex.dims()
+    J = T * K
+    b = blocks or default_blocks(J, H, N_I)
+    x = hidden.contiguous()
+    ids_flat = ids.reshape(-1).contiguous()  # [J]
+    w_flat = weights.reshape(-1).contiguous()  # [J]
+    h = torch.empty((J, N_I), dtype=torch.float32, device=hidden.device)  # [J, N_I] activations
+    out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)  # [T, H]
+    S = ex.num_slots
+    gu, dn = ex.gate_up, ex.down
+    gu_s = _strides(gu, ex.transposed)
+    dn_s = _strides(dn, ex.transposed)
+    up_row, step = (1, 2) if ex.interleaved else (N_I, 1)
+    gsc = ex.gate_up_scale if ex.gate_up_scale is not None else gu  # a dummy pointer when unused
+    dsc = ex.down_scale if ex.down_scale is not None else dn
+    gsc_s = (gsc.stride(0), gsc.stride(1), gsc.stride(2)) if ex.gate_up_scale is not None else (0, 0, 0)
+    dsc_s = (dsc.stride(0), dsc.stride(1), dsc.stride(2)) if ex.down_scale is not None else (0, 0, 0)
+    gb = ex.gate_up_bias if ex.gate_up_bias is not None else gu
+    db = ex.down_bias if ex.down_bias is not None else dn
+    _gate_up_kernel[(J, triton.cdiv(N_I, b.gate_up_n))](
+        x, ids_flat, gu, gsc, gb, h,
+        S, H, N_I, K, _group(gu, ex.gate_up_scale),
+        x.stride(0), *gu_s, *gsc_s, gb.stride(0) if ex.gate_up_bias is not None else 0,
+        up_row, step, float(alpha), float(limit),
+        ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=ex.gate_up_scale is not None,
+        BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.num_warps,
+    )
+    _down_kernel[(T, triton.cdiv(H, b.down_n))](
+        h, ids_flat, w_flat, dn, dsc, db, out,
+        S, H, N_I, K, _group(dn, ex.down_scale),
+        out.stride(0), *dn_s, *dsc_s, db.stride(0) if ex.down_bias is not None else 0,
+        HAS_BIAS=ex.down_bias is not None, QUANT=ex.down_scale is not None,
+        BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.num_warps,
+    )
+    return out
