@@ -10,6 +10,8 @@ tokens; device memory split. A table on stdout and a JSON with torch, transforme
 
     python benchmarks/decode.py --arch olmoe-1b-7b --out runs/decode       # on the GPU machine
     python benchmarks/decode.py --arch tiny --device cpu --out runs/tiny     # smoke test anywhere
+    python benchmarks/decode.py --arch olmoe-1b-7b --moe-kernel auto,transformers \
+        --only "swapmoe 100%, graph;swapmoe 50%, graph;plain transformers, graph"   # fused experts or not
 """
 
 from __future__ import annotations
@@ -53,6 +55,21 @@ def settings() -> list[tuple[str, str, dict[str, Any], str]]:
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
         ("accelerate offload 50%", "accelerate-offload", {"memory_budget": "50%"}, "dynamic"),
     ]
+
+
+def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels: list[str]
+                     ) -> list[tuple[str, str, dict[str, Any], str]]:
+    """Each swapmoe setting once per ``moe_kernel`` choice (``--moe-kernel auto,transformers``: with and
+    without the fused Triton kernel, in one process); one choice ``auto`` leaves the settings as they are."""
+    if kernels == ["auto"]:
+        return chosen
+    out = []
+    for name, kind, kw, mode in chosen:
+        if kind != "swapmoe":
+            out.append((name, kind, kw, mode))
+            continue
+        out.extend((f"{name}, moe {k}", kind, {**kw, "moe_kernel": k}, mode) for k in kernels)
+    return out
 
 
 # Settings too slow for every round (accelerate moves offloaded weights in on every forward): measured
@@ -113,6 +130,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile-tokens", type=int, default=8)
     p.add_argument("--only", default=None, help="';'-separated setting names to run (default: all)")
+    p.add_argument("--moe-kernel", default="auto",
+                   help="comma-separated swapmoe.load(moe_kernel=...) choices (auto, triton, transformers): every "
+                        "swapmoe setting runs once per choice, named '<setting>, moe <choice>' (e.g. "
+                        "auto,transformers: with and without the fused Triton kernel in one process)")
     p.add_argument("--out", type=Path, default=Path("runs/decode"))
     args = p.parse_args()
     console = Console()
@@ -127,12 +148,13 @@ def main() -> None:
     vocab = ARCHS[args.arch]["vocab_size"]
     prompt = torch.randint(0, vocab, (32,), generator=rng).tolist()
     feed = torch.randint(0, vocab, (max(args.tokens + 8, 20 + args.profile_tokens),), generator=rng).tolist()
-    chosen = settings()
+    chosen = with_moe_kernels(settings(), [k.strip() for k in args.moe_kernel.split(",") if k.strip()])
     if device.type != "cuda":  # accelerate's offloading moves weights from the GPU to host memory
         chosen = [c for c in chosen if c[1] != "accelerate-offload"]
     if args.only:
         wanted = {s.strip() for s in args.only.split(";")}
-        chosen = [c for c in chosen if c[0] in wanted]
+        # a setting's own name also selects its per-kernel twins
+        chosen = [c for c in chosen if c[0] in wanted or c[0].rsplit(", moe ", 1)[0] in wanted]
     loaded: dict[tuple, Any] = {}
     decoders: dict[str, Decoder] = {}
     rows: dict[str, dict[str, Any]] = {}
