@@ -301,6 +301,25 @@ def show(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(t)
 
 
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The docs' table (docs/benchmarks.md) from a result file: one row per shape and token count."""
+    lines = ["| shape | T | slots | rel. error fused | rel. error grouped_mm | us/layer fused | us/layer grouped_mm "
+             "| GB/s fused | kernels/layer fused | kernels/layer grouped_mm | us/layer int8 fused | "
+             "us/layer int8 gather |", "|" + "---|" * 12]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['shape']} | {r['T']} | {r['S']} | {_f(r['err_fused_skip'], '.1e')} | "
+            f"{_f(r['err_grouped_mm_skip'], '.1e')} | {_f(r.get('fused_graph_us'), '.1f')} | "
+            f"{_f(r.get('grouped_mm_graph_us'), '.1f')} | {_f(r.get('fused_gb_s'), '.0f')} | "
+            f"{_f(r['fused_kernels'], '.0f')} | {_f(r['grouped_mm_kernels'], '.0f')} | "
+            f"{_f(r.get('int8_fused_graph_us'), '.1f')} | {_f(r.get('int8_gather_graph_us'), '.1f')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="olmoe-1b-7b,qwen3-30b-a3b,gpt-oss-20b",
@@ -341,6 +360,7 @@ def main() -> None:
               **provenance(device), "rows": rows}
     out = args.out / "fused_moe.json"
     out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
     console.print(f"wrote {out}")
 
 
