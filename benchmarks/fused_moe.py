@@ -46,10 +46,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(model_type="olmoe", hidden=64, inter=32, experts=8, top_k=2),  # CPU smoke tests
     "tiny-gpt-oss": dict(model_type="gpt_oss", hidden=64, inter=32, experts=8, top_k=2),
 }
-SWEEP = [  # (gate_up_n, gate_up_k, down_n, down_k, num_warps)
-    (32, 128, 16, 128, 4), (16, 128, 8, 128, 4), (16, 256, 16, 256, 4), (32, 64, 32, 64, 4),
-    (64, 64, 16, 128, 4), (16, 128, 16, 128, 2), (8, 256, 8, 256, 2), (32, 128, 32, 128, 8),
-]
+# Tile sweep, each kernel on its own (their tiles are independent): (rows per program, columns per
+# loop step, warps)
+SWEEP_GATE_UP = [(n, k, w) for n in (8, 16, 32) for k in (128, 256, 512) for w in (4, 8)]
+SWEEP_DOWN = [(n, k, w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
 
 
 def experts_module(shape: dict[str, Any], slots: int, dtype: torch.dtype, device: torch.device,
@@ -228,22 +228,43 @@ def run_case(name: str, shape: dict[str, Any], T: int, S: int, layers: list[torc
     for tag in ("fused", "grouped_mm"):
         us = row[f"{tag}_graph_us"]
         row[f"{tag}_gb_s"] = read / us / 1e3 if us else None
-    if T == 1 and device.type == "cuda" and args.sweep:
-        sweep = []
-        for c in SWEEP:
-            b = fm.Blocks(*c)
-            try:
-                t = graph_time(all_layers(lambda i=0, b=b: fused(i=i, blocks=b)), device, args.iters)
-            except Exception as e:  # a tile the compiler rejects
-                sweep.append({"blocks": c, "error": str(e).splitlines()[0][:200]})
-                continue
-            sweep.append({"blocks": c, "graph_us": 1e6 * t / args.layers})
-        row["sweep"] = sweep
-        ok = [s for s in sweep if "graph_us" in s]
-        if ok:
-            best = min(ok, key=lambda s: s["graph_us"])
-            row["best_blocks"], row["best_graph_us"] = best["blocks"], best["graph_us"]
+    if T == 1 and device.type == "cuda" and args.sweep and shape["model_type"] != "gpt_oss":
+        row.update(sweep_tiles(x, ids, w, tensors, spec, args, device))
     return row
+
+
+def sweep_tiles(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, tensors: list[Any], spec: Any,
+                args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Per-layer graph time of each kernel alone over :data:`SWEEP_GATE_UP` / :data:`SWEEP_DOWN`."""
+    from swapmoe.kernels import fused_moe as fm
+
+    h = fm.gate_up_act(x, ids, tensors[0], spec.act, spec.alpha, spec.limit)  # [J, I], input of the down kernel
+    out: dict[str, Any] = {}
+    for kernel, configs in (("gate_up", SWEEP_GATE_UP), ("down", SWEEP_DOWN)):
+        results = []
+        for n, k, warps in configs:
+            if kernel == "gate_up":
+                b = fm.Blocks(gate_up_n=n, gate_up_k=k, gate_up_warps=warps)
+
+                def one(i: int, b: Any = b) -> Any:
+                    return fm.gate_up_act(x, ids, tensors[i], spec.act, spec.alpha, spec.limit, b)
+            else:
+                b = fm.Blocks(down_n=n, down_k=k, down_warps=warps)
+
+                def one(i: int, b: Any = b) -> Any:
+                    return fm.down_sum(h, ids, w, tensors[i], x.dtype, b)
+            try:
+                t = graph_time(lambda one=one: [one(i) for i in range(args.layers)], device, args.iters)
+            except Exception as e:  # a tile the compiler rejects (registers, shared memory)
+                results.append({"tiles": (n, k, warps), "error": str(e).splitlines()[0][:200]})
+                continue
+            results.append({"tiles": (n, k, warps), "graph_us": 1e6 * t / args.layers})
+        out[f"sweep_{kernel}"] = results
+        ok = [r for r in results if "graph_us" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["graph_us"])
+            out[f"best_{kernel}_tiles"], out[f"best_{kernel}_us"] = best["tiles"], best["graph_us"]
+    return out
 
 
 def run_int8(shape: dict[str, Any], T: int, S: int, layers: list[torch.nn.Module], spec: Any,
@@ -292,7 +313,8 @@ def show(rows: list[dict[str, Any]], console: Console) -> None:
             ("graph us fused", "fused_graph_us", ".1f"), ("graph us gmm", "grouped_mm_graph_us", ".1f"),
             ("GB/s fused", "fused_gb_s", ".0f"), ("kernels fused", "fused_kernels", ".0f"),
             ("kernels gmm", "grouped_mm_kernels", ".0f"), ("busy us fused", "fused_busy_us", ".1f"),
-            ("busy us gmm", "grouped_mm_busy_us", ".1f"), ("best tiles us", "best_graph_us", ".1f"),
+            ("busy us gmm", "grouped_mm_busy_us", ".1f"), ("best gate_up us", "best_gate_up_us", ".1f"),
+            ("best down us", "best_down_us", ".1f"),
             ("int8 fused us", "int8_fused_graph_us", ".1f"), ("int8 gather us", "int8_gather_graph_us", ".1f")]
     for head, _, _ in cols:
         t.add_column(head)

@@ -88,7 +88,7 @@ def test_small_tiles_loop_over_several_blocks(kernels):
     S, H, N = 4, 40, 24
     ex = _experts(kernels, S, H, N)
     x, idx, w = _inputs(2, 2, H, [0, 3, 2, 1])
-    blocks = kernels.Blocks(gate_up_n=8, gate_up_k=16, down_n=16, down_k=8)
+    blocks = kernels.Blocks(gate_up_n=8, gate_up_k=16, down_n=16, down_k=8, down_warps=2)
     out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
     torch.testing.assert_close(out.double(), reference_experts(x, idx, w, ex), rtol=1e-5, atol=1e-5)
 
@@ -267,3 +267,28 @@ def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, olmoe_ch
     assert 0 < worst < 1e-5  # float32 sums in another order (measured: ~1e-7 of the largest logit)
     assert sum(f.calls for f in fused) == len(feed) * len(fused)
     assert fast.swapmoe.stats()["total"]["swaps"] == plain.swapmoe.stats()["total"]["swaps"] > 0
+
+
+# ------------------------------------------------------------ transformers' ExpertsInterface (opt-in)
+@pytest.fixture
+def registered():
+    from transformers.integrations.moe import ExpertsInterface
+
+    from swapmoe.fused import REGISTERED_NAME, register_experts_implementation
+
+    assert REGISTERED_NAME not in ExpertsInterface._global_mapping  # nothing registers it at import
+    yield register_experts_implementation()
+    ExpertsInterface._global_mapping.pop(REGISTERED_NAME, None)
+
+
+def test_registered_implementation_falls_back_to_grouped_mm_off_cuda(registered):
+    """A plain transformers model can select it by name; a CPU call runs grouped_mm, bit for bit."""
+    from tests.tiny_models import build_model
+
+    ids = torch.tensor([[5, 17, 3, 42, 8]])
+    model = build_model("olmoe")
+    with torch.no_grad():
+        want = model(ids).logits
+        model.set_experts_implementation(registered)
+        assert model.config._experts_implementation == registered
+        assert torch.equal(model(ids).logits, want)

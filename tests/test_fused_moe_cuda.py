@@ -89,3 +89,27 @@ def test_graph_decode_captures_the_fused_kernel(tmp_path, expert_dtype):
         assert torch.equal(a, b)
     off = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, moe_kernel="transformers")
     assert not any(isinstance(st.layer.experts.__dict__.get("forward"), FusedForward) for st in off.swapmoe.layers)
+
+
+def test_registered_implementation_runs_the_fused_kernel_on_cuda():
+    """``model.set_experts_implementation("swapmoe_fused")`` on a plain transformers model: a decode-sized
+    call takes the fused kernel (float32, so the comparison with grouped_mm is tight), a prefill grouped_mm."""
+    from transformers import AutoModelForCausalLM, OlmoeConfig
+    from transformers.integrations.moe import ExpertsInterface
+
+    from swapmoe.fused import REGISTERED_NAME, register_experts_implementation
+
+    cfg = OlmoeConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, num_experts=16, num_experts_per_tok=4, vocab_size=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda().eval()
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1)).cuda()  # 80 terms
+    try:
+        with torch.no_grad():
+            want = model(ids).logits
+            step = model(ids[:, :1]).logits  # one token: K=4 terms
+            model.set_experts_implementation(register_experts_implementation())
+            torch.testing.assert_close(model(ids[:, :1]).logits, step, rtol=1e-4, atol=1e-4)
+            assert torch.equal(model(ids).logits, want)  # more than MAX_TERMS terms: grouped_mm
+    finally:
+        ExpertsInterface._global_mapping.pop(REGISTERED_NAME, None)

@@ -173,19 +173,23 @@ def _down_kernel(
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes and warps of the two kernels (see :func:`default_blocks`)."""
+    """Tile sizes and warps of the two kernels (see :func:`default_blocks`): ``*_n`` output rows per
+    program, ``*_k`` input columns per loop step."""
 
-    gate_up_n: int = 32
-    gate_up_k: int = 128
-    down_n: int = 16
-    down_k: int = 128
-    num_warps: int = 4
+    gate_up_n: int = 16
+    gate_up_k: int = 256
+    gate_up_warps: int = 4
+    down_n: int = 8
+    down_k: int = 512
+    down_warps: int = 4
 
 
 def default_blocks(num_terms: int, hidden: int, inter: int) -> Blocks:
-    """Tiles for a decode call: small output blocks, so that a batch-1 step still spreads its weight
-    reads over more programs than a GPU has multiprocessors (132 on an H200): the gate/up kernel runs
-    ``J * I / gate_up_n`` programs, the down kernel ``T * H / down_n``."""
+    """Tiles for a decode call. Batch-1 decode reads each chosen expert once and does two flops per
+    weight, so the kernels are bound by memory: small output blocks spread a step's reads over more
+    programs than the GPU has multiprocessors (132 on an H200; the gate/up kernel runs ``J * I /
+    gate_up_n`` programs, the down kernel ``T * H / down_n``), and long input steps keep 8-16 KiB of
+    loads in flight per program."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
     return Blocks()
 
@@ -195,9 +199,55 @@ def _strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
     return (w.stride(0), w.stride(2), w.stride(1)) if transposed else (w.stride(0), w.stride(1), w.stride(2))
 
 
-def _group(q: torch.Tensor, scale: torch.Tensor | None) -> int:
-    """Values per scale along the stored last dim (1 when unquantised: unused)."""
-    return 1 if scale is None else q.shape[-1] // scale.shape[-1]
+def _scale_args(q: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, int, int, int, int]:
+    """(pointer, values per scale along the stored last dim, slot/row/group strides); a dummy pointer
+    and zeros when unquantised."""
+    if scale is None:
+        return q, 1, 0, 0, 0
+    return scale, q.shape[-1] // scale.shape[-1], scale.stride(0), scale.stride(1), scale.stride(2)
+
+
+def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act: int = ACT_SILU,
+                alpha: float = 1.702, limit: float = 7.0, blocks: Blocks | None = None) -> torch.Tensor:
+    """The first kernel: ``h [J, I]`` float32, ``h[j] = act(gate_up[s_j] @ x_t (+ b))`` (0 for a skipped term)."""
+    T, K = ids.shape
+    H, N_I = ex.dims()
+    b = blocks or default_blocks(T * K, H, N_I)
+    x = hidden.contiguous()
+    h = torch.empty((T * K, N_I), dtype=torch.float32, device=hidden.device)  # [J, I]
+    up_row, step = (1, 2) if ex.interleaved else (N_I, 1)
+    sc, group, *sc_s = _scale_args(ex.gate_up, ex.gate_up_scale)
+    bias = ex.gate_up_bias if ex.gate_up_bias is not None else ex.gate_up  # a dummy pointer when unused
+    _gate_up_kernel[(T * K, triton.cdiv(N_I, b.gate_up_n))](
+        x, ids.reshape(-1).contiguous(), ex.gate_up, sc, bias, h,
+        ex.num_slots, H, N_I, K, group,
+        x.stride(0), *_strides(ex.gate_up, ex.transposed), *sc_s,
+        bias.stride(0) if ex.gate_up_bias is not None else 0,
+        up_row, step, float(alpha), float(limit),
+        ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=ex.gate_up_scale is not None,
+        BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
+    )
+    return h
+
+
+def down_sum(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertTensors, dtype: torch.dtype,
+             blocks: Blocks | None = None) -> torch.Tensor:
+    """The second kernel: ``out [T, H]`` in ``dtype``, ``out[t] = sum_k w_tk * (down[s_tk] @ h[tk] (+ b))``."""
+    T, K = ids.shape
+    H, N_I = ex.dims()
+    b = blocks or default_blocks(T * K, H, N_I)
+    out = torch.empty((T, H), dtype=dtype, device=h.device)  # [T, H]
+    sc, group, *sc_s = _scale_args(ex.down, ex.down_scale)
+    bias = ex.down_bias if ex.down_bias is not None else ex.down
+    _down_kernel[(T, triton.cdiv(H, b.down_n))](
+        h, ids.reshape(-1).contiguous(), weights.reshape(-1).contiguous(), ex.down, sc, bias, out,
+        ex.num_slots, H, N_I, K, group,
+        out.stride(0), *_strides(ex.down, ex.transposed), *sc_s,
+        bias.stride(0) if ex.down_bias is not None else 0,
+        HAS_BIAS=ex.down_bias is not None, QUANT=ex.down_scale is not None,
+        BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.down_warps,
+    )
+    return out
 
 
 def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertTensors,
@@ -211,39 +261,5 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     """
     if ex.transposed and ex.gate_up_scale is not None:
         raise ValueError("quantised weights are read in the [S, out, in] layout only")
-    T, K = ids.shape
-    H, N_I = ex.dims()
-    J = T * K
-    b = blocks or default_blocks(J, H, N_I)
-    x = hidden.contiguous()
-    ids_flat = ids.reshape(-1).contiguous()  # [J]
-    w_flat = weights.reshape(-1).contiguous()  # [J]
-    h = torch.empty((J, N_I), dtype=torch.float32, device=hidden.device)  # [J, N_I] activations
-    out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)  # [T, H]
-    S = ex.num_slots
-    gu, dn = ex.gate_up, ex.down
-    gu_s = _strides(gu, ex.transposed)
-    dn_s = _strides(dn, ex.transposed)
-    up_row, step = (1, 2) if ex.interleaved else (N_I, 1)
-    gsc = ex.gate_up_scale if ex.gate_up_scale is not None else gu  # a dummy pointer when unused
-    dsc = ex.down_scale if ex.down_scale is not None else dn
-    gsc_s = (gsc.stride(0), gsc.stride(1), gsc.stride(2)) if ex.gate_up_scale is not None else (0, 0, 0)
-    dsc_s = (dsc.stride(0), dsc.stride(1), dsc.stride(2)) if ex.down_scale is not None else (0, 0, 0)
-    gb = ex.gate_up_bias if ex.gate_up_bias is not None else gu
-    db = ex.down_bias if ex.down_bias is not None else dn
-    _gate_up_kernel[(J, triton.cdiv(N_I, b.gate_up_n))](
-        x, ids_flat, gu, gsc, gb, h,
-        S, H, N_I, K, _group(gu, ex.gate_up_scale),
-        x.stride(0), *gu_s, *gsc_s, gb.stride(0) if ex.gate_up_bias is not None else 0,
-        up_row, step, float(alpha), float(limit),
-        ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=ex.gate_up_scale is not None,
-        BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.num_warps,
-    )
-    _down_kernel[(T, triton.cdiv(H, b.down_n))](
-        h, ids_flat, w_flat, dn, dsc, db, out,
-        S, H, N_I, K, _group(dn, ex.down_scale),
-        out.stride(0), *dn_s, *dsc_s, db.stride(0) if ex.down_bias is not None else 0,
-        HAS_BIAS=ex.down_bias is not None, QUANT=ex.down_scale is not None,
-        BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.num_warps,
-    )
-    return out
+    h = gate_up_act(hidden, ids, ex, act, alpha, limit, blocks)  # [J, I]
+    return down_sum(h, ids, weights, ex, hidden.dtype, blocks)  # [T, H]
