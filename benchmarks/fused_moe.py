@@ -53,9 +53,10 @@ SWEEP_DOWN = [(n, k, w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (
 
 
 def experts_module(shape: dict[str, Any], slots: int, dtype: torch.dtype, device: torch.device,
-                   seed: int) -> torch.nn.Module:
+                   seed: int | None) -> torch.nn.Module:
     """A transformers experts module of ``shape`` holding ``slots`` random experts, as swapmoe sets a
-    virtualised layer up (``num_experts = S``, ids >= S skipped)."""
+    virtualised layer up (``num_experts = S``, ids >= S skipped). The weights are drawn on ``device``
+    (gigabytes per shape: the host would take minutes); ``seed`` None: parameters left on the meta device."""
     from transformers import AutoConfig
 
     kw: dict[str, Any] = {"hidden_size": shape["hidden"], "num_experts_per_tok": shape["top_k"],
@@ -72,14 +73,20 @@ def experts_module(shape: dict[str, Any], slots: int, dtype: torch.dtype, device
         kw.update(intermediate_size=shape["inter"], num_local_experts=slots)
     config = AutoConfig.for_model(mt, **kw)
     config._experts_implementation = "grouped_mm"
-    m = cls(config)
-    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta" if seed is None else device):
+        m = cls(config).to(dtype).eval()
+    m._is_expert_parallel = True  # transformers' kernels skip ids >= num_experts only in this mode
+    if seed is None:
+        return m
+    gen = torch.Generator(device=device).manual_seed(seed)
+    transposed = getattr(m, "is_transposed", False)
     with torch.no_grad():
         for p in m.parameters():
-            fan_in = p.shape[-1] if p.dim() == 3 and not getattr(m, "is_transposed", False) else p.shape[1]
-            p.copy_(torch.randn(p.shape, generator=gen) / (fan_in ** 0.5 if p.dim() == 3 else 10.0))
-    m = m.to(device=device, dtype=dtype).eval()
-    m._is_expert_parallel = True  # transformers' kernels skip ids >= num_experts only in this mode
+            if p.dim() == 3:  # [S, out, in] (transposed: [S, in, out]): unit-variance outputs
+                fan_in = p.shape[1] if transposed else p.shape[2]
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) / fan_in**0.5)
+            else:  # biases
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.1)
     return m
 
 
@@ -120,6 +127,17 @@ def graph_time(fn: Any, device: torch.device, iters: int) -> float | None:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / iters)
     return statistics.median(times)
+
+
+def per_layer_us(fn: Any, device: torch.device, args: argparse.Namespace, row: dict[str, Any], key: str) -> None:
+    """``row[key]``: microseconds per layer of ``fn`` (all layers) replayed from a graph; a capture that
+    fails is recorded under ``key + "_error"`` instead of ending the run."""
+    try:
+        t = graph_time(fn, device, args.iters)
+    except Exception as e:
+        row[key], row[f"{key}_error"] = None, str(e).splitlines()[0][:300]
+        return
+    row[key] = None if t is None else 1e6 * t / args.layers
 
 
 def eager_time(fn: Any, device: torch.device, iters: int) -> float:
@@ -216,8 +234,7 @@ def run_case(name: str, shape: dict[str, Any], T: int, S: int, layers: list[torc
         torch.cuda.synchronize()
         row["graph_equals_eager"] = bool(torch.equal(out, eager))
     for tag, fn in (("fused", fused), ("grouped_mm", grouped)):
-        t = graph_time(all_layers(fn), device, args.iters)
-        row[f"{tag}_graph_us"] = None if t is None else 1e6 * t / args.layers
+        per_layer_us(all_layers(fn), device, args, row, f"{tag}_graph_us")
         row[f"{tag}_eager_us"] = 1e6 * eager_time(fn, device, args.iters)
         prof = profile_call(fn, device, 10)
         row[f"{tag}_kernels"] = prof["kernels"]
@@ -282,8 +299,8 @@ def run_int8(shape: dict[str, Any], T: int, S: int, layers: list[torch.nn.Module
     ids, w = routing(T, K, S, 0, seed=11, device=device)
     ids_skip, _ = routing(T, K, S, max(1, K // 4), seed=11, device=device)
     quantised = []
-    for i, m in enumerate(layers):
-        q = experts_module(shape, S, dtype, device, seed=i)
+    for m in layers:
+        q = experts_module(shape, S, dtype, device, seed=None)  # its parameters: placeholders below
         params = {"gate_up_proj": m.gate_up_proj.detach(), "down_proj": m.down_proj.detach()}
         layout = ExpertLayout.of(params, "int8")
         for n in params:  # the slots hold the parts; the parameters become empty placeholders
@@ -294,15 +311,14 @@ def run_int8(shape: dict[str, Any], T: int, S: int, layers: list[torch.nn.Module
     ref = reference_experts(x, ids_skip, w, ex0, spec.act)
     row: dict[str, Any] = {"int8_err_fused_skip": rel_err(fm.fused_experts(x, ids_skip, w, ex0), ref),
                            "int8_err_gather_skip": rel_err(qf0(x, ids_skip, w), ref)}
-    t_gather = graph_time(lambda: [qf(x, ids, w) for _, qf in quantised], device, args.iters)
+    per_layer_us(lambda: [qf(x, ids, w) for _, qf in quantised], device, args, row, "int8_gather_graph_us")
     for q, _ in quantised:
         install(q, devices=(device.type,))  # FusedForward over the QuantisedForward
-    t_fused = graph_time(lambda: [q(x, ids, w) for q, _ in quantised], device, args.iters)
-    row["int8_gather_graph_us"] = None if t_gather is None else 1e6 * t_gather / args.layers
-    row["int8_fused_graph_us"] = None if t_fused is None else 1e6 * t_fused / args.layers
+    per_layer_us(lambda: [q(x, ids, w) for q, _ in quantised], device, args, row, "int8_fused_graph_us")
     read = len(set(ids.flatten().tolist())) * sum(t[0].numel() * t.element_size() for t in qf0.parts.values())
     row["int8_bytes_per_layer"] = read
-    row["int8_fused_gb_s"] = read / row["int8_fused_graph_us"] / 1e3 if t_fused else None
+    us = row["int8_fused_graph_us"]
+    row["int8_fused_gb_s"] = read / us / 1e3 if us else None
     return row
 
 
