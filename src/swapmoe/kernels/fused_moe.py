@@ -180,16 +180,19 @@ class Blocks:
     gate_up_k: int = 256
     gate_up_warps: int = 4
     down_n: int = 8
-    down_k: int = 512
+    down_k: int = 1024
     down_warps: int = 4
 
 
 def default_blocks(num_terms: int, hidden: int, inter: int) -> Blocks:
     """Tiles for a decode call. Batch-1 decode reads each chosen expert once and does two flops per
-    weight, so the kernels are bound by memory: small output blocks spread a step's reads over more
-    programs than the GPU has multiprocessors (132 on an H200; the gate/up kernel runs ``J * I /
-    gate_up_n`` programs, the down kernel ``T * H / down_n``), and long input steps keep 8-16 KiB of
-    loads in flight per program."""
+    weight, so both kernels are bound by memory, and by Little's law the bytes in flight must cover
+    bandwidth x latency (3.8 TB/s x ~0.7 us ~ 2.7 MB on an H200). Small output blocks spread a step's
+    reads over more programs than the GPU has multiprocessors (132 on an H200): the gate/up kernel runs
+    ``J * I / gate_up_n`` programs with ``2 * gate_up_n * gate_up_k`` weights in flight each (J*2I*256*2
+    bytes = 8 MB for OLMoE's shape at T=1); the down kernel ``T * H / down_n`` programs with
+    ``down_n * down_k`` each, ``T * H * down_k * 2`` bytes in all (4 MB at H=2048), hence the long step.
+    Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py once measured."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
     return Blocks()
 
