@@ -225,6 +225,10 @@ def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
     with pytest.raises(MoEKernelError, match="unknown MoE kernel"):
         swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="cuda")
     assert use_fused_kernel([], "transformers", torch.device("cuda")) == []
+    int4 = swapmoe.load(olmoe_checkpoint, "50%", expert_dtype="int4")  # a format the kernel does not read
+    why = use_fused_kernel([(st.layer.experts, True) for st in int4.swapmoe.layers], "triton", torch.device("cpu"))
+    assert len(why) == len(int4.swapmoe.layers) and all("int4" in line for line in why)
+    assert not any(isinstance(f, FusedForward) for f in _fused(int4))
     monkeypatch.setattr(swapmoe.fused, "triton_available", lambda: False)
     with pytest.raises(MoEKernelError, match="needs Triton"):
         swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="triton")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +41,6 @@ import torch
 from torch import nn
 
 from swapmoe.errors import SwapMoEError
-
-log = logging.getLogger(__name__)
 
 MOE_KERNELS = ("auto", "triton", "transformers")
 #: most (token, expert) terms a call may have to take the fused kernel. Each term reads its expert's
@@ -122,13 +119,6 @@ def gate_spec(module: nn.Module) -> GateSpec | None:
         if got.shape == (4, 8) and torch.allclose(got, gate_formula(y, spec), rtol=1e-9, atol=1e-9):
             return spec
     return None
-
-
-def _quantised_forward(module: nn.Module) -> Any:
-    from swapmoe.qexperts import QuantisedForward
-
-    fwd = module.__dict__.get("forward")
-    return fwd if isinstance(fwd, QuantisedForward) else None
 
 
 def unsupported(module: nn.Module) -> str | None:
