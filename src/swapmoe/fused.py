@@ -31,7 +31,6 @@ run grouped_mm.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,9 +54,8 @@ class MoEKernelError(SwapMoEError):
     """A ``moe_kernel`` choice that cannot be honoured."""
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Does Triton import here? (Looked up once per process: importing it costs about a second.)"""
+    """Does Triton import here? (The first call imports it, about a second; later ones find it loaded.)"""
     if importlib.util.find_spec("triton") is None:
         return False
     try:
