@@ -128,7 +128,8 @@ def test_bf16_weights_round_once_at_the_end(kernels):
     assert (err <= ref.abs() * 2**-7 + 1e-6).all() and err.max() > 0
 
 
-def test_int8_weights_are_dequantised_inside_the_kernel(kernels):
+@pytest.mark.parametrize("step", [32, 8])  # whole groups per loop step (scale per group), or a scale per weight
+def test_int8_weights_are_dequantised_inside_the_kernel(kernels, step):
     S, H, N = 4, 64, 32
     fp = _experts(kernels, S, H, N)
     gu, dn = quantise(fp.gate_up, "int8", group=16), quantise(fp.down, "int8", group=16)  # 4 and 2 groups a row
@@ -136,7 +137,9 @@ def test_int8_weights_are_dequantised_inside_the_kernel(kernels):
     for t in (ex.gate_up_scale, ex.down_scale):
         t[S - 1] = float("nan")  # only a skipped term could reach it
     x, idx, w = _inputs(2, 2, H, [0, 2, S, 1])
-    out = kernels.fused_experts(x, idx, w, ex)
+    blocks = kernels.Blocks(gate_up_k=step, down_k=step)  # several loop steps either way
+    assert kernels._group_tiles(gu["scale"], 16, step) == (16 if step == 32 else 0)
+    out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
     ref = reference_experts(x, idx, w, ex)  # dequantised as swapmoe.quant decodes them
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     # the scales were applied per group: the float weights give a different (nearby) answer

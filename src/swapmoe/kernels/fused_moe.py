@@ -87,12 +87,42 @@ _SUM = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit
+def _row_dots(w_ptr, sc_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
+              QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One loop step of ``W[rows] @ x``: ``sum over k in [k0, k0 + BK) of W[rows, k] * x[k]``, float32
+    ``[BN]``; ``W = q * scale`` when ``QUANT``. With ``GROUP`` (a power of two dividing BK, each scale's
+    group) the tile is read as ``[BN, BK/G, G]`` and each scale multiplies its group's partial sum, one
+    load per (row, group); otherwise (``GROUP = 0``) every weight reads its own scale."""
+    if QUANT and GROUP > 0:
+        offs3 = k0 + tl.arange(0, BLOCK_K // GROUP)[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+        mask3 = offs3 < n_in  # [1, BK/G, G]
+        x3 = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + rows[:, None, None] * sw_n + offs3 * sw_k, mask=mask_n[:, None, None] & mask3,
+                     other=0).to(tl.float32)  # [BN, BK/G, G]
+        part = tl.reduce(w3 * x3, 2, _SUM)  # [BN, BK/G]
+        offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)  # [BK/G] group index
+        sc = tl.load(sc_ptr + rows[:, None] * ss_n + offs_g[None, :] * ss_g,
+                     mask=mask_n[:, None] & (offs_g[None, :] * GROUP < n_in), other=0.0).to(tl.float32)
+        return tl.reduce(part * sc, 1, _SUM)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        mask_k = offs_k < n_in
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        m2 = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + rows[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m2, other=0.0).to(tl.float32)
+        if QUANT:
+            w = w * tl.load(sc_ptr + rows[:, None] * ss_n + (offs_k[None, :] // group) * ss_g, mask=m2,
+                            other=0.0).to(tl.float32)
+        return tl.reduce(w * x[None, :], 1, _SUM)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, ids_ptr, w_ptr, sc_ptr, b_ptr, h_ptr,
     S, H, N_I, K, group,  # N_I: intermediate size (I)
     stride_x, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
     up_row, gate_step, alpha, limit,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     j = tl.program_id(0)  # term
@@ -103,25 +133,16 @@ def _gate_up_kernel(
     gate = tl.full([BLOCK_N], 0.0, tl.float32)
     up = tl.full([BLOCK_N], 0.0, tl.float32)
     if (s >= 0) & (s < S):  # a skipped term reads nothing
-        t = j // K
+        x_base = x_ptr + (j // K) * stride_x
         rows_g = offs_n * gate_step  # [BN] stored row of the gate half
         rows_u = up_row + offs_n * gate_step  # [BN] stored row of the up half
         w_base = w_ptr + s * sw_s
+        sc_base = sc_ptr + s * ss_s
         for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-            mask_k = offs_k < H
-            x = tl.load(x_ptr + t * stride_x + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-            m2 = mask_n[:, None] & mask_k[None, :]
-            wg = tl.load(w_base + rows_g[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m2, other=0.0)
-            wu = tl.load(w_base + rows_u[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m2, other=0.0)
-            wg = wg.to(tl.float32)
-            wu = wu.to(tl.float32)
-            if QUANT:
-                sc_base = sc_ptr + s * ss_s + (offs_k[None, :] // group) * ss_g
-                wg = wg * tl.load(sc_base + rows_g[:, None] * ss_n, mask=m2, other=0.0).to(tl.float32)
-                wu = wu * tl.load(sc_base + rows_u[:, None] * ss_n, mask=m2, other=0.0).to(tl.float32)
-            gate += tl.reduce(wg * x[None, :], 1, _SUM)
-            up += tl.reduce(wu * x[None, :], 1, _SUM)
+            gate += _row_dots(w_base, sc_base, rows_g, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                              QUANT, GROUP, BLOCK_N, BLOCK_K)
+            up += _row_dots(w_base, sc_base, rows_u, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                            QUANT, GROUP, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             gate += tl.load(b_ptr + s * sb_s + rows_g, mask=mask_n, other=0.0).to(tl.float32)
             up += tl.load(b_ptr + s * sb_s + rows_u, mask=mask_n, other=0.0).to(tl.float32)
@@ -139,7 +160,7 @@ def _down_kernel(
     h_ptr, ids_ptr, tw_ptr, w_ptr, sc_ptr, b_ptr, out_ptr,
     S, H, N_I, K, group,  # N_I: intermediate size (I)
     stride_o, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
-    HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0)  # token
@@ -152,19 +173,11 @@ def _down_kernel(
         s = tl.load(ids_ptr + j).to(tl.int64)
         if (s >= 0) & (s < S):  # a skipped term reads nothing and adds nothing
             w_base = w_ptr + s * sw_s
+            sc_base = sc_ptr + s * ss_s
             part = tl.full([BLOCK_N], 0.0, tl.float32)
             for i0 in range(0, N_I, BLOCK_K):
-                offs_i = i0 + tl.arange(0, BLOCK_K)  # [BK]
-                mask_i = offs_i < N_I
-                h = tl.load(h_ptr + j * N_I + offs_i, mask=mask_i, other=0.0)  # [BK] float32
-                m2 = mask_n[:, None] & mask_i[None, :]
-                w = tl.load(w_base + offs_n[:, None] * sw_n + offs_i[None, :] * sw_k, mask=m2, other=0.0)
-                w = w.to(tl.float32)
-                if QUANT:
-                    sc = tl.load(sc_ptr + s * ss_s + offs_n[:, None] * ss_n + (offs_i[None, :] // group) * ss_g,
-                                 mask=m2, other=0.0)
-                    w = w * sc.to(tl.float32)
-                part += tl.reduce(w * h[None, :], 1, _SUM)
+                part += _row_dots(w_base, sc_base, offs_n, mask_n, h_ptr + j * N_I, i0, N_I, sw_n, sw_k, ss_n,
+                                  ss_g, group, QUANT, GROUP, BLOCK_N, BLOCK_K)
             if HAS_BIAS:
                 part += tl.load(b_ptr + s * sb_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc += tl.load(tw_ptr + j).to(tl.float32) * part
@@ -210,6 +223,14 @@ def _scale_args(q: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tens
     return scale, q.shape[-1] // scale.shape[-1], scale.stride(0), scale.stride(1), scale.stride(2)
 
 
+def _group_tiles(scale: torch.Tensor | None, group: int, block_k: int) -> int:
+    """The kernels' ``GROUP``: the scale group when a loop step holds whole groups of a power-of-two
+    size (one scale load per row and group), else 0 (a scale load per weight)."""
+    if scale is None or group & (group - 1) or block_k % group:
+        return 0
+    return group
+
+
 def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act: int = ACT_SILU,
                 alpha: float = 1.702, limit: float = 7.0, blocks: Blocks | None = None) -> torch.Tensor:
     """The first kernel: ``h [J, I]`` float32, ``h[j] = act(gate_up[s_j] @ x_t (+ b))`` (0 for a skipped term)."""
@@ -228,7 +249,7 @@ def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act:
         bias.stride(0) if ex.gate_up_bias is not None else 0,
         up_row, step, float(alpha), float(limit),
         ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=ex.gate_up_scale is not None,
-        BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
+        GROUP=_group_tiles(ex.gate_up_scale, group, b.gate_up_k), BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
     )
     return h
 
@@ -248,7 +269,7 @@ def down_sum(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: Expe
         out.stride(0), *_strides(ex.down, ex.transposed), *sc_s,
         bias.stride(0) if ex.down_bias is not None else 0,
         HAS_BIAS=ex.down_bias is not None, QUANT=ex.down_scale is not None,
-        BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.down_warps,
+        GROUP=_group_tiles(ex.down_scale, group, b.down_k), BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.down_warps,
     )
     return out
 
