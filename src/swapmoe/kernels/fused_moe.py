@@ -123,7 +123,7 @@ def _gate_up_kernel(
     stride_x, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
     up_row, gate_step, alpha, limit,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     j = tl.program_id(0)  # term
     pid_n = tl.program_id(1)
@@ -134,18 +134,29 @@ def _gate_up_kernel(
     up = tl.full([BLOCK_N], 0.0, tl.float32)
     if (s >= 0) & (s < S):  # a skipped term reads nothing
         x_base = x_ptr + (j // K) * stride_x
-        rows_g = offs_n * gate_step  # [BN] stored row of the gate half
-        rows_u = up_row + offs_n * gate_step  # [BN] stored row of the up half
         w_base = w_ptr + s * sw_s
         sc_base = sc_ptr + s * ss_s
-        for k0 in range(0, H, BLOCK_K):
-            gate += _row_dots(w_base, sc_base, rows_g, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
-                              QUANT, GROUP, BLOCK_N, BLOCK_K)
-            up += _row_dots(w_base, sc_base, rows_u, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
-                            QUANT, GROUP, BLOCK_N, BLOCK_K)
-        if HAS_BIAS:
-            gate += tl.load(b_ptr + s * sb_s + rows_g, mask=mask_n, other=0.0).to(tl.float32)
-            up += tl.load(b_ptr + s * sb_s + rows_u, mask=mask_n, other=0.0).to(tl.float32)
+        if INTERLEAVED:  # gate and up rows alternate: read both as one contiguous [2BN] block of rows
+            rows2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # [2BN] gate0, up0, gate1, up1, ...
+            mask2 = rows2 < 2 * N_I
+            both = tl.full([2 * BLOCK_N], 0.0, tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                both += _row_dots(w_base, sc_base, rows2, mask2, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                                  QUANT, GROUP, 2 * BLOCK_N, BLOCK_K)
+            if HAS_BIAS:
+                both += tl.load(b_ptr + s * sb_s + rows2, mask=mask2, other=0.0).to(tl.float32)
+            gate, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))  # [BN], [BN]
+        else:
+            rows_g = offs_n * gate_step  # [BN] stored row of the gate half
+            rows_u = up_row + offs_n * gate_step  # [BN] stored row of the up half
+            for k0 in range(0, H, BLOCK_K):
+                gate += _row_dots(w_base, sc_base, rows_g, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                                  QUANT, GROUP, BLOCK_N, BLOCK_K)
+                up += _row_dots(w_base, sc_base, rows_u, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                                QUANT, GROUP, BLOCK_N, BLOCK_K)
+            if HAS_BIAS:
+                gate += tl.load(b_ptr + s * sb_s + rows_g, mask=mask_n, other=0.0).to(tl.float32)
+                up += tl.load(b_ptr + s * sb_s + rows_u, mask=mask_n, other=0.0).to(tl.float32)
     if ACT == 0:
         act = gate / (1.0 + tl.exp(-gate)) * up
     else:
@@ -197,7 +208,7 @@ class Blocks:
     down_warps: int = 4
 
 
-def default_blocks(num_terms: int, hidden: int, inter: int) -> Blocks:
+def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False) -> Blocks:
     """Tiles for a decode call. Batch-1 decode reads each chosen expert once and does two flops per
     weight, so both kernels are bound by memory, and by Little's law the bytes in flight must cover
     bandwidth x latency (3.8 TB/s x ~0.7 us ~ 2.7 MB on an H200). Small output blocks spread a step's
@@ -205,9 +216,11 @@ def default_blocks(num_terms: int, hidden: int, inter: int) -> Blocks:
     ``J * I / gate_up_n`` programs with ``2 * gate_up_n * gate_up_k`` weights in flight each (J*2I*256*2
     bytes = 8 MB for OLMoE's shape at T=1); the down kernel ``T * H / down_n`` programs with
     ``down_n * down_k`` each, ``T * H * down_k * 2`` bytes in all (4 MB at H=2048), hence the long step.
-    Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py once measured."""
+    In the transposed layout (gpt-oss) the output dim is the contiguous one: the down kernel takes 16
+    rows a program so that its loads are 16 bytes wide (8 rows gave 8-byte loads; checked in the SASS of
+    an sm_90 build). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
-    return Blocks()
+    return Blocks(down_n=16, down_k=512) if transposed else Blocks()
 
 
 def _strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
@@ -236,7 +249,7 @@ def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act:
     """The first kernel: ``h [J, I]`` float32, ``h[j] = act(gate_up[s_j] @ x_t (+ b))`` (0 for a skipped term)."""
     T, K = ids.shape
     H, N_I = ex.dims()
-    b = blocks or default_blocks(T * K, H, N_I)
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed)
     x = hidden.contiguous()
     h = torch.empty((T * K, N_I), dtype=torch.float32, device=hidden.device)  # [J, I]
     up_row, step = (1, 2) if ex.interleaved else (N_I, 1)
@@ -249,7 +262,7 @@ def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act:
         bias.stride(0) if ex.gate_up_bias is not None else 0,
         up_row, step, float(alpha), float(limit),
         ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=ex.gate_up_scale is not None,
-        GROUP=_group_tiles(ex.gate_up_scale, group, b.gate_up_k), BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
+        GROUP=_group_tiles(ex.gate_up_scale, group, b.gate_up_k), INTERLEAVED=ex.interleaved, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
     )
     return h
 
@@ -259,7 +272,7 @@ def down_sum(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: Expe
     """The second kernel: ``out [T, H]`` in ``dtype``, ``out[t] = sum_k w_tk * (down[s_tk] @ h[tk] (+ b))``."""
     T, K = ids.shape
     H, N_I = ex.dims()
-    b = blocks or default_blocks(T * K, H, N_I)
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed)
     out = torch.empty((T, H), dtype=dtype, device=h.device)  # [T, H]
     sc, group, *sc_s = _scale_args(ex.down, ex.down_scale)
     bias = ex.down_bias if ex.down_bias is not None else ex.down
