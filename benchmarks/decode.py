@@ -10,7 +10,7 @@ tokens; device memory split. A table on stdout and a JSON with torch, transforme
 
     python benchmarks/decode.py --arch olmoe-1b-7b --out runs/decode       # on the GPU machine
     python benchmarks/decode.py --arch tiny --device cpu --out runs/tiny     # smoke test anywhere
-    python benchmarks/decode.py --arch olmoe-1b-7b --moe-kernel auto,transformers \
+    python benchmarks/decode.py --arch olmoe-1b-7b --moe-kernel transformers,auto \
         --only "swapmoe 100%, graph;swapmoe 50%, graph;plain transformers, graph"   # fused experts or not
 """
 
@@ -59,9 +59,9 @@ def settings() -> list[tuple[str, str, dict[str, Any], str]]:
 
 def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels: list[str]
                      ) -> list[tuple[str, str, dict[str, Any], str]]:
-    """Each swapmoe setting once per ``moe_kernel`` choice (``--moe-kernel auto,transformers``: with and
-    without the fused Triton kernel, in one process); one choice ``auto`` leaves the settings as they are."""
-    if kernels == ["auto"]:
+    """Each swapmoe setting once per ``moe_kernel`` choice (``--moe-kernel transformers,auto``: without and
+    with the fused Triton kernel, in one process); the one default choice leaves the settings as they are."""
+    if kernels == ["transformers"]:
         return chosen
     out = []
     for name, kind, kw, mode in chosen:
@@ -130,10 +130,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile-tokens", type=int, default=8)
     p.add_argument("--only", default=None, help="';'-separated setting names to run (default: all)")
-    p.add_argument("--moe-kernel", default="auto",
-                   help="comma-separated swapmoe.load(moe_kernel=...) choices (auto, triton, transformers): every "
+    p.add_argument("--moe-kernel", default="transformers",
+                   help="comma-separated swapmoe.load(moe_kernel=...) choices (transformers, auto, triton): every "
                         "swapmoe setting runs once per choice, named '<setting>, moe <choice>' (e.g. "
-                        "auto,transformers: with and without the fused Triton kernel in one process)")
+                        "transformers,auto: without and with the fused Triton kernel in one process)")
     p.add_argument("--out", type=Path, default=Path("runs/decode"))
     args = p.parse_args()
     console = Console()

@@ -15,6 +15,7 @@ swapmoe layer holds them) and each token count:
   swapmoe.kernels.fused_moe.default_blocks).
 
 A table on stdout and a JSON with provenance (torch, transformers, triton, GPU, commit) under --out.
+Not yet run on a GPU (written and smoke-tested on CPU under Triton's interpreter).
 
     python benchmarks/fused_moe.py --out runs/fused_moe                              # on the GPU machine
     python benchmarks/fused_moe.py --device cpu --shapes tiny,tiny-gpt-oss --layers 2 --out runs/fm-smoke  # interpreter

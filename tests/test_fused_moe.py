@@ -221,8 +221,15 @@ def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
     import swapmoe
     import swapmoe.fused
 
-    cpu = swapmoe.load(olmoe_checkpoint, "50%")  # auto off CUDA: transformers' kernels
+    default = swapmoe.load(olmoe_checkpoint, "50%")  # opt-in: transformers' kernels by default
+    assert not any(isinstance(f, FusedForward) for f in _fused(default))
+    cpu = swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="auto")  # auto off CUDA: transformers' kernels
     assert not any(isinstance(f, FusedForward) for f in _fused(cpu))
+    # auto on CUDA: only the layers swapmoe computes (the decision touches no GPU: the kernel is not called)
+    full = swapmoe.load(olmoe_checkpoint, "100%")
+    use_fused_kernel([(st.layer.experts, i == 0) for i, st in enumerate(full.swapmoe.layers)], "auto",
+                     torch.device("cuda"))
+    assert [isinstance(f, FusedForward) for f in _fused(full)] == [True, False]
     forced = swapmoe.load(olmoe_checkpoint, "100%", moe_kernel="triton")  # every layer, full ones too
     assert all(isinstance(f, FusedForward) and f.devices == ("cuda",) for f in _fused(forced))
     with pytest.raises(MoEKernelError, match="unknown MoE kernel"):

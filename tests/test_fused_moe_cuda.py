@@ -67,13 +67,14 @@ def _greedy(dec, prompt, new):
 
 @pytest.mark.parametrize("expert_dtype", [None, "int8"])
 def test_graph_decode_captures_the_fused_kernel(tmp_path, expert_dtype):
-    """At 50% on CUDA the fused kernel is the default in every virtualised layer, the decode step is
-    captured with it, and a replay gives what the same kernels give in eager forwards, bit for bit."""
+    """At 50% on CUDA with ``moe_kernel="auto"`` the fused kernel serves every virtualised layer, the
+    decode step is captured with it, and a replay gives what the same kernels give in eager forwards,
+    bit for bit."""
     from swapmoe.engine.decoder import Decoder
 
     path = _checkpoint(tmp_path)
     model = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, swaps_per_update=0,
-                         expert_dtype=expert_dtype)
+                         expert_dtype=expert_dtype, moe_kernel="auto")
     fused = [st.layer.experts.__dict__.get("forward") for st in model.swapmoe.layers]
     assert all(isinstance(f, FusedForward) for f in fused)
     assert all((f.quantised is not None) == (expert_dtype == "int8") for f in fused)
@@ -87,7 +88,7 @@ def test_graph_decode_captures_the_fused_kernel(tmp_path, expert_dtype):
     assert g_tokens == e_tokens
     for a, b in zip(g_rows, e_rows, strict=True):
         assert torch.equal(a, b)
-    off = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, moe_kernel="transformers")
+    off = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16)  # the default: opt-in
     assert not any(isinstance(st.layer.experts.__dict__.get("forward"), FusedForward) for st in off.swapmoe.layers)
 
 

@@ -44,9 +44,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
-    p.add_argument("--moe-kernel", choices=["auto", "triton", "transformers"], default="auto",
-                   help="expert compute of decode steps: the fused Triton kernel where swapmoe computes the layer "
-                        "(auto: on CUDA with Triton), in every layer (triton), or transformers' kernels only")
+    p.add_argument("--moe-kernel", choices=["transformers", "auto", "triton"], default="transformers",
+                   help="expert compute of decode steps: transformers' kernels (default), or swapmoe's fused Triton "
+                        "kernel (not yet verified on a GPU) where swapmoe computes the layer on CUDA (auto) or in "
+                        "every MoE layer (triton)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights: only for trusted files")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped in the model directory")
 
@@ -64,7 +65,7 @@ def load_from_args(args: argparse.Namespace) -> Any:
             dtype=args.dtype, expert_dtype=args.expert_dtype, async_swaps=not args.sync_swaps,
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph,
-            moe_kernel=getattr(args, "moe_kernel", "auto"), **kw,
+            moe_kernel=getattr(args, "moe_kernel", "transformers"), **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig
         raise SwapMoEError(str(e)) from None

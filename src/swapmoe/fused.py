@@ -6,25 +6,26 @@ experts module's ``forward`` and sends a *decode-sized* call (at most :data:`MAX
 terms, on a device the kernel runs on, no autograd) to the two-launch fused kernel, reading the slot
 tensors in place; any other call (a prefill, a CPU forward) goes to the forward it replaced (transformers'
 own experts kernel, or :class:`swapmoe.qexperts.QuantisedForward`). The choice depends on shapes only,
-so a captured decode graph always holds the fused kernel and an eager prefill always grouped_mm.
+so a captured decode graph would always hold the fused kernel and an eager prefill grouped_mm.
 
 Which modules it serves (:func:`unsupported` says why not, in one line): transformers' fused experts
 (``@use_experts_implementation``) with a gate whose activation is SiLU-gated (concatenated halves) or
 gpt-oss's clamped SwiGLU (interleaved, with biases), weights in a float dtype or swapmoe's int8 format
 (``[S, out, in]`` layout); not a post-expert norm, not int4 or other quantised formats.
 
-``moe_kernel`` (``swapmoe.load(moe_kernel=...)``, ``--moe-kernel``):
+``moe_kernel`` (``swapmoe.load(moe_kernel=...)``, ``--moe-kernel``). The kernel has not yet run on a
+GPU (it is tested under Triton's interpreter and compiled for sm_90 without one), so it is opt-in:
+    transformers  the default: transformers' experts kernels everywhere
     auto          the fused kernel on the layers swapmoe computes itself (virtualised or quantised) when
                   the model is on CUDA and Triton imports; a layer left as transformers built it (every
                   expert resident, full precision) keeps transformers' kernels, so a 100% budget stays
                   bit-identical to plain transformers
     triton        the fused kernel on every MoE layer that it supports (an error when Triton is missing)
-    transformers  never: transformers' experts kernels everywhere (the opt-out)
 
 Plain transformers users can select it without swapmoe's runtime: :func:`register_experts_implementation`
 adds ``"swapmoe_fused"`` to transformers' ``ExpertsInterface`` (a process-wide registry, so only when
 called), then ``model.set_experts_implementation("swapmoe_fused")``; calls that are not decode-sized
-run grouped_mm.
+run grouped_mm (the same caveat: not yet run on a GPU).
 
     T = tokens, K = experts per token, S = slots (or E experts), H = hidden size, I = intermediate size
 """
@@ -41,7 +42,8 @@ from torch import nn
 
 from swapmoe.errors import SwapMoEError
 
-MOE_KERNELS = ("auto", "triton", "transformers")
+MOE_KERNELS = ("transformers", "auto", "triton")
+DEFAULT_MOE_KERNEL = "transformers"  # opt-in until the kernel has run on a GPU (docs/benchmarks.md)
 #: most (token, expert) terms a call may have to take the fused kernel. Each term reads its expert's
 #: weights itself, so a call whose terms share experts (a prefill) re-reads them; up to a few dozen terms
 #: (a decode step: T=1, K<=8, or a short multi-token step) launch count dominates and fusing wins.
@@ -250,7 +252,7 @@ def use_fused_kernel(layers: Iterable[tuple[nn.Module, bool]], choice: str, devi
     if not triton_available():
         if choice == "triton":
             raise MoEKernelError("--moe-kernel triton needs Triton (pip install triton, the version your torch "
-                                 "pins); or use --moe-kernel auto/transformers")
+                                 "pins); or use --moe-kernel transformers")
         return []
     if choice == "auto" and device.type != "cuda":
         return []

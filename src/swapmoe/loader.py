@@ -23,7 +23,7 @@ from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
-from swapmoe.fused import check_moe_kernel, use_fused_kernel
+from swapmoe.fused import DEFAULT_MOE_KERNEL, check_moe_kernel, use_fused_kernel
 from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
 from swapmoe.pool import HostStore, SlotPool
@@ -250,7 +250,7 @@ def load(
     seed: int = 0,
     async_swaps: bool = True,
     cuda_graph: bool = True,
-    moe_kernel: str = "auto",
+    moe_kernel: str = DEFAULT_MOE_KERNEL,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     expert_dtype: str | list[str | None] | None = None,
@@ -276,10 +276,10 @@ def load(
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
-    moe_kernel     expert compute of decode steps: "auto" (default: on CUDA with Triton, the fused Triton
-                   kernel over slot ids in the layers swapmoe computes itself), "triton" (in every MoE layer
-                   it supports) or "transformers" (transformers' kernels only); prefills keep transformers'
-                   kernels (swapmoe.fused)
+    moe_kernel     expert compute of decode steps: "transformers" (default: transformers' kernels), or,
+                   opt-in and not yet verified on a GPU, swapmoe's fused Triton kernel over slot ids: "auto"
+                   (on CUDA with Triton, in the layers swapmoe computes itself) or "triton" (in every MoE
+                   layer it supports); prefills keep transformers' kernels (swapmoe.fused)
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
