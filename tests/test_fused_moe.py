@@ -254,16 +254,25 @@ def _auto_on(model):
     return [f for f in _fused(model) if isinstance(f, FusedForward)]
 
 
-@pytest.mark.parametrize(("expert_dtype", "budget"), [(None, "50%"), ("int8", "25%")])  # int8: half the experts
-def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, olmoe_checkpoint, expert_dtype, budget):
+@pytest.fixture(scope="module")
+def gpt_oss_checkpoint(tmp_path_factory):
+    from tests.tiny_models import make_checkpoint
+
+    return make_checkpoint("gpt_oss", tmp_path_factory.mktemp("gpt_oss"), layout="fused")
+
+
+@pytest.mark.parametrize(("family", "expert_dtype", "budget"),
+                         [("olmoe", None, "50%"), ("olmoe", "int8", "25%"), ("gpt_oss", None, "50%")])  # int8: half
+def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, request, family, expert_dtype, budget):
     """Half the experts resident, skip strategy (skipped terms reach the kernel), static decode with updates every
     token: the same tokens' logits with and without the fused kernel."""
     import swapmoe
     from swapmoe.engine.decoder import Decoder
 
+    path = request.getfixturevalue(f"{family}_checkpoint")
     kw = {"strategy": "skip", "update_interval": 1, "expert_dtype": expert_dtype}
-    plain = swapmoe.load(olmoe_checkpoint, budget, **kw)
-    fast = swapmoe.load(olmoe_checkpoint, budget, **kw)
+    plain = swapmoe.load(path, budget, **kw)
+    fast = swapmoe.load(path, budget, **kw)
     fused = _auto_on(fast)
     assert len(fused) == len(fast.swapmoe.layers)
     if expert_dtype == "int8":
@@ -278,7 +287,7 @@ def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, olmoe_ch
     for tok in feed:
         la, lb = a.step(tok), b.step(tok)
         worst = max(worst, (lb - la).abs().max().item() / la.abs().max().item())
-    assert 0 < worst < 1e-5  # float32 sums in another order (measured: ~1e-7 of the largest logit)
+    assert 0 < worst < 1e-5  # float32 sums in another order (measured: 1.2-2.1e-7 of the largest logit)
     assert sum(f.calls for f in fused) == len(feed) * len(fused)
     assert fast.swapmoe.stats()["total"]["swaps"] == plain.swapmoe.stats()["total"]["swaps"] > 0
 
