@@ -137,8 +137,8 @@ def test_plan_expert_dtype_round_trip_and_errors(tmp_path, tiny):
     # a Python list of the wrong length, or with an unknown format, fails before loading
     with pytest.raises(SwapMoEError, match="lists 2 formats for 3 MoE layers"):
         swapmoe.load(tiny, "50%", expert_dtype=["int8", "int4"])
-    with pytest.raises(SwapMoEError, match=r"expert_dtype\[0\] is 'int2'"):
-        swapmoe.load(tiny, "50%", expert_dtype=["int2", "int4", "int8"])
+    with pytest.raises(SwapMoEError, match=r"expert_dtype\[0\] is 'int1'"):
+        swapmoe.load(tiny, "50%", expert_dtype=["int1", "int4", "int8"])
 
 
 def test_explicit_expert_dtype_overrides_the_plans(tiny):
