@@ -1,10 +1,10 @@
 """A fused MoE decode kernel pair over slot ids, in Triton: the experts part of one MoE layer in two launches.
 
 transformers' grouped_mm path runs a dozen small kernels per layer and call (sort, gather, histogram,
-offsets, two grouped GEMMs, activation, weighting, inverse permutation, sum). At batch-1 decode every
-one of them is a launch of a few microseconds on a GPU that waits for the next; the weights they read
-would take a fraction of that. Here the same computation is two kernels that read the expert weights
-straight from the layer's ``[S, ...]`` slot tensors (no gather copy):
+offsets, two grouped GEMMs, activation, weighting, inverse permutation, sum), and a batch-1 decode step
+is bound by its kernel count (docs/benchmarks.md). Here the same computation is two kernels that read
+each chosen expert's weights once, straight from the layer's ``[S, ...]`` slot tensors (no gather
+copy), so that the bytes, not the launches, bound it:
 
 1. ``_gate_up_kernel``, one program per (term, block of the intermediate dim):
    ``h[j] = act(gate_up[s_j] @ x_t)``, the gated activation fused in;
