@@ -25,6 +25,11 @@ from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
 from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
+from swapmoe.mmap_store import SafetensorsFiles
+from swapmoe.mxfp4 import FORMAT as MXFP4
+from swapmoe.mxfp4 import Mxfp4Layout, checkpoint_is_mxfp4, find_parts
+from swapmoe.mxfp4 import checkpoint_store as mxfp4_checkpoint_store
+from swapmoe.mxfp4 import host_parts as mxfp4_host_parts
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.qexperts import install as install_quantised
 from swapmoe.quant import ExpertLayout, check_expert_dtypes, expert_dtypes_per_layer, layer_expert_bytes
@@ -62,7 +67,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def _load_on_host(path: Path, dtype: torch.dtype | str, use_safetensors: bool, trust_remote_code: bool,
-                  experts_implementation: str | None) -> nn.Module:
+                  experts_implementation: str | None, mxfp4: bool = False) -> nn.Module:
     from transformers import AutoConfig
 
     try:
@@ -76,6 +81,10 @@ def _load_on_host(path: Path, dtype: torch.dtype | str, use_safetensors: bool, t
                               "trust_remote_code": trust_remote_code}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
+    if mxfp4:  # the plain experts module (weights decoded, exactly), never the triton one swapmoe cannot slot
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     try:
         model = auto_model_class(config).from_pretrained(path, config=config, **kwargs)
     except ValueError as e:
@@ -128,6 +137,25 @@ def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Rando
             store = store.with_layout(layout)
     if store is None:
         store = HostStore(layout.encode(host) if layout is not None else host, pin=pin)
+    _leave_placeholders(layer, dtypes)
+    return store, norms, first, dtypes
+
+
+def _mxfp4_store(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool,
+                 checkpoint: dict[str, Path] | None, layout: Mxfp4Layout, keys: dict[str, str], where: dict[str, Path],
+                 ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
+    """A layer of an MXFP4 checkpoint held in the ``mxfp4`` format: its blocks and scales as the files
+    store them, in a host store, or (with ``checkpoint``: beyond the host budget) left in the files and
+    read per swap. The weights transformers decoded give the norms and the check, then are dropped."""
+    dense = {n: layer.experts._parameters[n].detach() for n in layer.expert_param_names}
+    dtypes = {n: t.dtype for n, t in dense.items()}
+    norms = expert_norms(list(dense.values()))
+    first = _initial_experts(norms, num_slots, initial, rng)
+    files = SafetensorsFiles(where)
+    if checkpoint is not None:
+        store: Any = mxfp4_checkpoint_store(layer.name, layout, keys, files, dense)
+    else:
+        store = HostStore(mxfp4_host_parts(layer.name, layout, keys, files, dense), pin=pin)
     _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
 
@@ -198,18 +226,31 @@ def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None,
     return out
 
 
-def _layout(layer: MoELayer, fmt: str | None) -> ExpertLayout | None:
+def _layout(layer: MoELayer, fmt: str | None) -> ExpertLayout | Mxfp4Layout | None:
     """How a layer's experts are stored in ``fmt`` (None: as the model holds them)."""
     if fmt is None:
         return None
-    return ExpertLayout.of({n: getattr(layer.experts, n) for n in layer.expert_param_names}, fmt)
+    params = {n: getattr(layer.experts, n) for n in layer.expert_param_names}
+    return Mxfp4Layout.of(params) if fmt == MXFP4 else ExpertLayout.of(params, fmt)
 
 
 def stored_expert_bytes(layer: MoELayer, fmt: str | None) -> int:
     """Bytes of one expert of ``layer`` as its slots and store hold it in ``fmt`` (scales included)."""
     params = {n: getattr(layer.experts, n) for n in layer.expert_param_names}
+    if fmt == MXFP4:
+        return Mxfp4Layout.of(params).expert_bytes()
     return layer_expert_bytes({n: tuple(p.shape) for n, p in params.items()},
                               {n: p.dtype for n, p in params.items()}, fmt)
+
+
+def _formats(expert_dtype: str | list[str | None] | None, layers: list[MoELayer], dtype: torch.dtype,
+             mxfp4_layers: Any = ()) -> list[str | None]:
+    """One format per MoE layer: what ``expert_dtype`` asks for; a layer stored in MXFP4 in the
+    checkpoint (its block name in ``mxfp4_layers``) and asked for nothing keeps the checkpoint's
+    MXFP4 parts (an explicit ``bf16``/``int8``/``int4`` converts it from MXFP4 at load)."""
+    fmts = expert_dtypes_per_layer(expert_dtype, len(layers), dtype)
+    asked = expert_dtype if isinstance(expert_dtype, (list, tuple)) else [expert_dtype] * len(layers)
+    return [MXFP4 if la.name in mxfp4_layers and a is None else f for la, f, a in zip(layers, fmts, asked, strict=True)]
 
 
 def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
@@ -222,15 +263,30 @@ def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    fmts = expert_dtypes_per_layer(fmt, len(layers), dtype)
+    mx = _mxfp4_parts(ckpt, skeleton, layers, where)
+    fmts = _formats(fmt, layers, dtype, mx)
     per_layer, _, total = _slots(layers, budget, slots, fmts)
     names = {id(m): n for n, m in skeleton.named_modules()}
     targets = {
         f"{names[id(la.experts)]}.{p}": (la.name, p)
         for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total), fmts), strict=True)
-        if not keep for p in la.expert_param_names
+        if not keep and la.name not in mx for p in la.expert_param_names  # MXFP4: read from the files below
     }
     return ExpertStreamer(targets, where)
+
+
+def _mxfp4_parts(ckpt: Any, model: nn.Module, layers: list[MoELayer], where: dict[str, Path] | None,
+                 ) -> dict[str, dict[str, str]]:
+    """The MXFP4 parts of each layer of an MXFP4 checkpoint stored so (swapmoe.mxfp4.find_parts), checked
+    against ``model``'s shapes; {} for any other checkpoint."""
+    if not checkpoint_is_mxfp4(ckpt.config):
+        return {}
+    from swapmoe.mmap_store import SafetensorsFiles, weight_files
+
+    if not ckpt.use_safetensors:
+        raise CheckpointError("an MXFP4 checkpoint must be in safetensors files (its blocks and scales are read "
+                              "from them); convert the checkpoint")
+    return find_parts(model, layers, SafetensorsFiles(where if where is not None else weight_files(ckpt.weight_files)))
 
 
 def load(
@@ -319,11 +375,23 @@ def load(
         # the plan made before loading must see the bytes the load will have: no "auto" left to decide
         load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else ckpt.auto_dtype()
         streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, expert_dtype)
+    mxfp4 = checkpoint_is_mxfp4(ckpt.config)
+    if mxfp4 and where is None:  # its blocks and scales are read from the files whatever the host budget
+        from swapmoe.mmap_store import weight_files
+
+        where = weight_files(ckpt.weight_files)
+    if mxfp4 and streamer is None:  # shapes checked before transformers reads a byte
+        from swapmoe.inspect import meta_model
+
+        skeleton = meta_model(ckpt, trust_remote_code, load_dtype if isinstance(load_dtype, torch.dtype) else None)
+        _mxfp4_parts(ckpt, skeleton, require_moe_layers(skeleton), where)
     with streamer if streamer is not None else contextlib.nullcontext():
-        model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation)
+        model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation,
+                              mxfp4)
     layers = require_moe_layers(model)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    fmts = expert_dtypes_per_layer(expert_dtype, len(layers), compute_dtype)  # one format per MoE layer
+    mx = _mxfp4_parts(ckpt, model, layers, where)  # block name -> MXFP4 part -> key ({}: not MXFP4)
+    fmts = _formats(expert_dtype, layers, compute_dtype, mx)  # one format per MoE layer
     slots, budget_bytes, total = _slots(layers, budget, slots, fmts)
     expert_bytes = [stored_expert_bytes(la, f) for la, f in zip(layers, fmts, strict=True)]
     layouts = [_layout(la, f) for la, f in zip(layers, fmts, strict=True)]
@@ -341,10 +409,16 @@ def load(
         if s >= la.num_experts:
             params = {n: getattr(la.experts, n).detach() for n in la.expert_param_names}
             norms = expert_norms(list(params.values()))
-            if layout is not None:  # quantised: the whole layer's parts, moved to the device below
+            if isinstance(layout, Mxfp4Layout):  # the checkpoint's own parts
+                full_parts[la.name] = mxfp4_host_parts(la.name, layout, mx[la.name], SafetensorsFiles(where), params)
+                _leave_placeholders(la, layout.dtypes)
+            elif layout is not None:  # quantised: the whole layer's parts, moved to the device below
                 full_parts[la.name] = layout.encode(params)
                 _leave_placeholders(la, layout.dtypes)
             staged.append((la, None, norms, None, None))
+        elif isinstance(layout, Mxfp4Layout):
+            staged.append((la, *_mxfp4_store(la, s, initial, rng, pin, None if keep else where, layout, mx[la.name],
+                                             where)))
         elif streamed:
             staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name], layout)))
         else:

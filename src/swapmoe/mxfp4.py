@@ -1,0 +1,262 @@
+"""Experts of checkpoints published in MXFP4 (gpt-oss), held as the checkpoint stores them.
+
+The published gpt-oss checkpoints (``quantization_config.quant_method == "mxfp4"``) store each fused
+expert matrix as two tensors, in the orientation ``[E, out, in]`` (the transpose of the module's
+``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]``):
+
+    ``{name}_blocks``  ``[E, out, in/32, 16]`` uint8: FP4 (OCP e2m1) codes, two per byte, low nibble
+                       first (value ``2j`` in bits 0-3, ``2j+1`` in bits 4-7)
+    ``{name}_scales``  ``[E, out, in/32]`` uint8: one e8m0 scale per 32 values, ``2 ** (s - 127)``
+
+An e2m1 code is ``sign | exponent (2 bits) | mantissa (1 bit)``: magnitudes
+``0, 0.5, 1, 1.5, 2, 3, 4, 6``. Decoding is exact in float32 and bfloat16 (two significant bits times a
+power of two in ``[2**-127, 2**127]``), so the weights decoded here are bit for bit those transformers
+builds with ``Mxfp4Config(dequantize=True)`` (``convert_moe_packed_tensors``).
+
+swapmoe holds these parts as they are, ``4.25`` bits per weight: the ``mxfp4`` format of a layer
+(:class:`Mxfp4Layout`) has parts ``gate_up_proj.blocks``, ``gate_up_proj.scales``, ``down_proj.blocks``,
+``down_proj.scales`` and the biases as the model holds them; the host store and the checkpoint-backed
+store read them from the files (one expert at a time with ``get_slice``), the slots hold them, and
+:mod:`swapmoe.qexperts` decodes only the experts the tokens chose (:meth:`Mxfp4Layout.decode`: tensor
+ops only, no host sync, so it runs inside a captured CUDA graph).
+
+    E = experts (or S slots, or C gathered experts), R = rows (out), N = in, G = N/32 groups
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from swapmoe.errors import CheckpointError
+from swapmoe.families import MoELayer
+from swapmoe.mmap_store import CheckpointStore, SafetensorsFiles
+
+FORMAT = "mxfp4"
+#: values per e8m0 scale (OCP MX block size; gpt-oss)
+BLOCK = 32
+_BYTES_PER_BLOCK = BLOCK // 2
+_E8M0_BIAS = 127
+_E8M0_NAN = 255
+#: e2m1 magnitudes by 3-bit code (sign is bit 3)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+#: the fused expert matrices gpt-oss stores in MXFP4 (their biases stay in the checkpoint's dtype)
+QUANTISED = ("gate_up_proj", "down_proj")
+
+
+def checkpoint_is_mxfp4(config: Mapping[str, object]) -> bool:
+    """Does a checkpoint's ``config.json`` (as a dict) say its experts are stored in MXFP4?"""
+    q = config.get("quantization_config")
+    return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == FORMAT
+
+
+# ----------------------------------------------------------------------------------------- the codec
+def _e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (any integer dtype, values 0..15) -> their e2m1 values, float32, by arithmetic
+    (no lookup table: a table would be a host-to-device copy, which a CUDA graph cannot hold)."""
+    c = codes.to(torch.int32)
+    exp = (c >> 1) & 3  # 0 (subnormal), 1, 2, 3
+    man = (c & 1).float()
+    normal = (1.0 + 0.5 * man) * (1 << (exp - 1).clamp(min=0)).float()  # 2**(e-1) * (1 + m/2)
+    mag = torch.where(exp == 0, 0.5 * man, normal)
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def _e8m0_values(scales: torch.Tensor) -> torch.Tensor:
+    """e8m0 bytes -> ``2 ** (s - 127)`` float32, exactly: the bits of the float built directly
+    (``s << 23``; ``s = 0`` is the subnormal ``2**-127``, bits ``1 << 22``)."""
+    s = scales.to(torch.int32)
+    bits = torch.where(s == 0, torch.full_like(s, 1 << 22), s << 23)
+    return bits.view(torch.float32)
+
+
+def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``blocks [..., G, 16]`` uint8 and ``scales [..., G]`` uint8 -> the values ``[..., G*32]`` in
+    ``dtype`` (computed in float32, exact; see the module docstring). Tensor ops only."""
+    lo = _e2m1_values(blocks & 15)  # [..., G, 16]
+    hi = _e2m1_values(blocks >> 4)
+    x = torch.stack((lo, hi), dim=-1).flatten(-2)  # [..., G, 32]: low nibble first
+    x = x * _e8m0_values(scales).unsqueeze(-1)
+    return x.flatten(-2).to(dtype)
+
+
+def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values ``w [..., N]`` (``N`` a multiple of 32) -> ``(blocks [..., N/32, 16], scales [..., N/32])``.
+
+    Per block of 32: the smallest power-of-two scale with ``amax / scale <= 6`` (no value clips), then
+    each value rounded to the nearest e2m1 magnitude. Values already on the MXFP4 grid of a block
+    come back exactly. Used to write MXFP4 checkpoints (tests, ``scripts``); loading never re-encodes.
+    """
+    n = w.shape[-1]
+    if n % BLOCK:
+        raise ValueError(f"MXFP4 needs a last dim that is a multiple of {BLOCK}, got {n}")
+    x = w.float().reshape(*w.shape[:-1], n // BLOCK, BLOCK)  # [..., G, 32]
+    amax = x.abs().amax(-1)  # [..., G]
+    # smallest e with amax <= 6 * 2**e; all-zero blocks get the smallest scale
+    e = torch.ceil(torch.log2(amax / E2M1[-1])).nan_to_num(neginf=-_E8M0_BIAS)
+    e = e.clamp(-_E8M0_BIAS, _E8M0_BIAS)
+    scales = (e + _E8M0_BIAS).to(torch.uint8)
+    y = (x / _e8m0_values(scales).unsqueeze(-1)).abs().clamp(max=E2M1[-1])  # [..., G, 32] in [0, 6]
+    grid = torch.tensor(E2M1)
+    mids = (grid[1:] + grid[:-1]) / 2  # [7]: a value above mids[i] rounds to code i+1
+    code = torch.bucketize(y, mids, right=False).to(torch.uint8)  # ties round to the lower magnitude
+    code = code | ((x < 0) & (code > 0)).to(torch.uint8) << 3
+    code = code.reshape(*x.shape[:-1], _BYTES_PER_BLOCK, 2)
+    blocks = code[..., 0] | (code[..., 1] << 4)
+    return blocks, scales
+
+
+# ------------------------------------------------------------------------------------- the format
+@dataclass(frozen=True)
+class Mxfp4Layout:
+    """How one MoE layer's experts are stored in the ``mxfp4`` format: the checkpoint's own parts.
+
+    Same interface as :class:`swapmoe.quant.ExpertLayout` (what the stores, the slots and
+    :mod:`swapmoe.qexperts` use): ``shapes``/``dtypes`` are the module's per-expert tensors
+    (``[E, ...]`` and the dtype it computes in); ``gate_up_proj``/``down_proj`` are stored as
+    ``name.blocks`` ``[E, out, in/32, 16]`` and ``name.scales`` ``[E, out, in/32]`` (the module holds
+    ``[E, in, out]``), any other tensor (the biases) as it is.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    fmt: str = FORMAT
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> Mxfp4Layout:
+        return cls({n: tuple(t.shape) for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()})
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.shapes.values()))[0]
+
+    def parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every stored tensor: ``part name -> ([E, ...] shape, dtype)``."""
+        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name, shape in self.shapes.items():
+            if name not in QUANTISED:
+                out[name] = (shape, self.dtypes[name])
+                continue
+            e, n_in, n_out = shape
+            if n_in % BLOCK:
+                raise CheckpointError(f"{name} has an input dim of {n_in}, not a multiple of {BLOCK}: it cannot "
+                                      "be MXFP4; load with --expert-dtype bf16")
+            out[f"{name}.blocks"] = ((e, n_out, n_in // BLOCK, _BYTES_PER_BLOCK), torch.uint8)
+            out[f"{name}.scales"] = ((e, n_out, n_in // BLOCK), torch.uint8)
+        return out
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert as stored: FP4 codes, e8m0 scales and biases."""
+        return sum(torch.Size(shape[1:]).numel() * torch.empty((), dtype=dt).element_size()
+                   for shape, dt in self.parts().values())
+
+    def decode(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parts (with any leading dims) -> ``name -> tensor`` as the module holds it ([..., in, out])."""
+        return {name: self.decode_matrix(parts, name) if name in QUANTISED else parts[name] for name in self.shapes}
+
+    def decode_matrix(self, parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        """One MXFP4 matrix ``name`` from its parts -> ``[..., in, out]`` in the module's dtype."""
+        w = decode(parts[f"{name}.blocks"], parts[f"{name}.scales"], self.dtypes[name])  # [..., out, in]
+        return w.transpose(-1, -2).contiguous()  # [..., in, out]
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``name -> [..., *expert shape]`` tensors as the module holds them -> their parts (lossy
+        where a value is off the MXFP4 grid; exact for weights decoded from MXFP4)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if name not in QUANTISED:
+                out[name] = t.to(self.dtypes[name])
+                continue
+            out[f"{name}.blocks"], out[f"{name}.scales"] = encode(t.transpose(-1, -2))
+        return out
+
+
+# ------------------------------------------------------------------------ the checkpoint's tensors
+def part_keys(experts_module_name: str) -> dict[str, str]:
+    """Checkpoint tensor name of each MXFP4 part of the experts module at ``experts_module_name``
+    (``model.layers.0.mlp.experts``): ``gate_up_proj.blocks -> ...experts.gate_up_proj_blocks``."""
+    return {f"{name}.{p}": f"{experts_module_name}.{name}_{p}" for name in QUANTISED for p in ("blocks", "scales")}
+
+
+def find_parts(model: nn.Module, layers: Sequence[MoELayer], files: SafetensorsFiles) -> dict[str, dict[str, str]]:
+    """The MXFP4 parts of each MoE layer stored in MXFP4 (block name -> part -> checkpoint key), each
+    checked against the shapes ``model`` (the skeleton, or the loaded model) needs; a layer stored
+    unquantised (``modules_to_not_convert``) is left out. Raises a one-line :class:`CheckpointError`
+    for a part that is missing, of the wrong shape or not uint8: transformers would otherwise load it
+    into weights of the wrong values, or fail deep inside."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[str, dict[str, str]] = {}
+    for la in layers:
+        keys = part_keys(names[id(la.experts)])
+        present = [k for k in keys.values() if k in files.where]
+        if not present:
+            continue
+        layout = Mxfp4Layout.of({n: getattr(la.experts, n) for n in la.expert_param_names})
+        specs = layout.parts()
+        for part, key in keys.items():
+            if key not in files.where:
+                raise CheckpointError(f"{la.name}: the MXFP4 checkpoint has {present[0]} but no {key}; copy or "
+                                      "download the complete checkpoint")
+            want = specs[part][0]
+            got = files.shape(key)
+            if got != want:
+                raise CheckpointError(f"{la.name}: {key} is {list(got)}, the config needs {list(want)} (MXFP4: FP4 "
+                                      f"codes two per byte, one scale per {BLOCK} values); the checkpoint does not "
+                                      "match its config.json")
+            dtype = files.dtype(key)
+            if dtype != "U8":
+                raise CheckpointError(f"{la.name}: {key} is {dtype}, MXFP4 blocks and scales are uint8 (U8); the "
+                                      "checkpoint is corrupt or not MXFP4")
+        found[la.name] = keys
+    return found
+
+
+def check_scales(scales: torch.Tensor, key: str) -> None:
+    """e8m0 byte 255 is NaN: a checkpoint holding it would decode to NaN weights. One line, before use."""
+    if bool((scales == _E8M0_NAN).any()):
+        raise CheckpointError(f"{key} holds the e8m0 NaN scale (255): the checkpoint is corrupt; copy or "
+                              "download it again")
+
+
+def _verify(layer: str, layout: Mxfp4Layout, parts_of: Callable[[int], dict[str, torch.Tensor]],
+            dense: Mapping[str, torch.Tensor]) -> None:
+    """The first and the last expert's parts must decode to exactly what transformers loaded from the
+    same files (``dense``: ``name -> [E, ...]``); otherwise the parts are not what they seem."""
+    for e in (0, layout.num_experts - 1):
+        parts = parts_of(e)
+        for name in QUANTISED:
+            if not torch.equal(layout.decode_matrix(parts, name), dense[name][e]):
+                raise CheckpointError(f"{layer}: expert {e}'s MXFP4 {name} does not decode to the weights "
+                                      "transformers loads from the same files; load with --expert-dtype bf16")
+
+
+def host_parts(layer: str, layout: Mxfp4Layout, keys: Mapping[str, str], files: SafetensorsFiles,
+               dense: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """All experts of one layer as the ``mxfp4`` format holds them (``part -> [E, ...]``): blocks and
+    scales read from the files, checked and verified; the biases from ``dense`` (the loaded module)."""
+    parts = {part: files.tensor(key) for part, key in keys.items()}
+    for part, key in keys.items():
+        if part.endswith(".scales"):
+            check_scales(parts[part], key)
+    _verify(layer, layout, lambda e: {p: t[e] for p, t in parts.items()}, dense)
+    parts.update({n: t for n, t in dense.items() if n not in QUANTISED})
+    return parts
+
+
+def checkpoint_store(layer: str, layout: Mxfp4Layout, keys: Mapping[str, str], files: SafetensorsFiles,
+                     dense: Mapping[str, torch.Tensor]) -> CheckpointStore:
+    """One layer's experts left in the files (``--host-budget``): each swap reads one expert's blocks and
+    scales (``get_slice(key)[e]``), as they are; the biases (a sliver) are held in memory. All scales
+    are read once here (1/16 of the blocks' bytes) to refuse a corrupt file before it is used."""
+    for part, key in keys.items():
+        if part.endswith(".scales"):
+            check_scales(files.tensor(key), key)
+    _verify(layer, layout, lambda e: {p: files.read_expert([k], e) for p, k in keys.items()}, dense)
+    specs = layout.parts()
+    held = {n: t for n, t in dense.items() if n not in QUANTISED}
+    return CheckpointStore({p: [k] for p, k in keys.items()}, files,
+                           {p: torch.Size(s) for p, (s, _) in specs.items()}, {p: dt for p, (_, dt) in specs.items()},
+                           held)
