@@ -27,7 +27,9 @@ from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
 from swapmoe.mmap_store import SafetensorsFiles
 from swapmoe.mxfp4 import FORMAT as MXFP4
-from swapmoe.mxfp4 import Mxfp4Layout, checkpoint_is_mxfp4, find_parts
+from swapmoe.mxfp4 import QUANTISED as QUANTISED_MXFP4
+from swapmoe.mxfp4 import Mxfp4Finder, Mxfp4Layout, checkpoint_is_mxfp4, find_parts
+from swapmoe.mxfp4 import check_scales as check_mxfp4_scales
 from swapmoe.mxfp4 import checkpoint_store as mxfp4_checkpoint_store
 from swapmoe.mxfp4 import host_parts as mxfp4_host_parts
 from swapmoe.pool import HostStore, SlotPool
@@ -141,23 +143,29 @@ def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Rando
     return store, norms, first, dtypes
 
 
-def _mxfp4_store(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool,
-                 checkpoint: dict[str, Path] | None, layout: Mxfp4Layout, keys: dict[str, str], where: dict[str, Path],
+def _mxfp4_store(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool, keep: bool,
+                 layout: Mxfp4Layout, keys: dict[str, str], files: SafetensorsFiles, streamed: dict[str, Any] | None,
                  ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
     """A layer of an MXFP4 checkpoint held in the ``mxfp4`` format: its blocks and scales as the files
-    store them, in a host store, or (with ``checkpoint``: beyond the host budget) left in the files and
-    read per swap. The weights transformers decoded give the norms and the check, then are dropped."""
-    dense = {n: layer.experts._parameters[n].detach() for n in layer.expert_param_names}
-    dtypes = {n: t.dtype for n, t in dense.items()}
-    norms = expert_norms(list(dense.values()))
+    store them, in a host store (``keep``), or left in the files and read per swap (beyond the host
+    budget). transformers' decoded weights (dropped while streaming, once verified) give the norms."""
+    norms, held = _norms(layer, streamed)
     first = _initial_experts(norms, num_slots, initial, rng)
-    files = SafetensorsFiles(where)
-    if checkpoint is not None:
-        store: Any = mxfp4_checkpoint_store(layer.name, layout, keys, files, dense)
+    if keep:
+        store: Any = HostStore(mxfp4_host_parts(layer.name, layout, keys, files, held), pin=pin)
     else:
-        store = HostStore(mxfp4_host_parts(layer.name, layout, keys, files, dense), pin=pin)
-    _leave_placeholders(layer, dtypes)
-    return store, norms, first, dtypes
+        store = mxfp4_checkpoint_store(layer.name, layout, keys, files, held)
+    _leave_placeholders(layer, layout.dtypes)
+    return store, norms, first, layout.dtypes
+
+
+def _norms(layer: MoELayer, streamed: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``||E_i||`` of a layer ``[E]`` (from the squares kept while streaming, and the parameters held),
+    and the parameters held in memory (``name -> [E, ...]``)."""
+    streamed = streamed or {}
+    held = {n: layer.experts._parameters[n].detach() for n in layer.expert_param_names if n not in streamed}
+    return norms_from_squares([streamed[n].norm_sq if n in streamed else expert_sq_norms(held[n])
+                               for n in layer.expert_param_names]), held
 
 
 def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, streamed: dict[str, Any],
@@ -253,40 +261,42 @@ def _formats(expert_dtype: str | list[str | None] | None, layers: list[MoELayer]
     return [MXFP4 if la.name in mxfp4_layers and a is None else f for la, f, a in zip(layers, fmts, asked, strict=True)]
 
 
-def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
+def _expert_streamer(ckpt: Any, host: Budget | None, budget: Budget | None, slots: list[int] | None,
                      dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path],
-                     fmt: str | list[str | None] | None = None) -> Any:
+                     fmt: str | list[str | None] | None = None) -> tuple[Any, dict[str, dict[str, str]], Any]:
     """Which expert parameters need never be held in host memory (the layers beyond the host
-    budget), worked out on a meta-device skeleton before anything is read."""
+    budget, and the MXFP4 matrices of an MXFP4 checkpoint's layers held as MXFP4), worked out on a
+    meta-device skeleton before anything is read; with the MXFP4 parts of each layer (checked) and
+    the open files."""
     from swapmoe.inspect import meta_model
     from swapmoe.streaming import ExpertStreamer
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    mx = _mxfp4_parts(ckpt, skeleton, layers, where)
+    files = SafetensorsFiles(where)
+    mx = _mxfp4_parts(ckpt, skeleton, layers, files)  # shapes checked before transformers reads a byte
+    for keys in mx.values():
+        check_mxfp4_scales(keys, files)
     fmts = _formats(fmt, layers, dtype, mx)
     per_layer, _, total = _slots(layers, budget, slots, fmts)
     names = {id(m): n for n, m in skeleton.named_modules()}
-    targets = {
-        f"{names[id(la.experts)]}.{p}": (la.name, p)
-        for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total), fmts), strict=True)
-        if not keep and la.name not in mx for p in la.expert_param_names  # MXFP4: read from the files below
-    }
-    return ExpertStreamer(targets, where)
+    in_host = _in_host(layers, per_layer, host.resolve(total) if host is not None else None, fmts)
+    targets = {}
+    for la, keep, f in zip(layers, in_host, fmts, strict=True):
+        # a layer held as MXFP4 parts needs none of transformers' decoded weights beyond their norms
+        streamed = [p for p in la.expert_param_names if p in QUANTISED_MXFP4] if f == MXFP4 else \
+            (la.expert_param_names if not keep else [])
+        targets.update({f"{names[id(la.experts)]}.{p}": (la.name, p) for p in streamed})
+    streamer = ExpertStreamer(targets, where)
+    streamer.finders.update({name: Mxfp4Finder(keys, files) for name, keys in mx.items()})
+    return streamer, mx, files
 
 
-def _mxfp4_parts(ckpt: Any, model: nn.Module, layers: list[MoELayer], where: dict[str, Path] | None,
+def _mxfp4_parts(ckpt: Any, model: nn.Module, layers: list[MoELayer], files: SafetensorsFiles,
                  ) -> dict[str, dict[str, str]]:
     """The MXFP4 parts of each layer of an MXFP4 checkpoint stored so (swapmoe.mxfp4.find_parts), checked
     against ``model``'s shapes; {} for any other checkpoint."""
-    if not checkpoint_is_mxfp4(ckpt.config):
-        return {}
-    from swapmoe.mmap_store import SafetensorsFiles, weight_files
-
-    if not ckpt.use_safetensors:
-        raise CheckpointError("an MXFP4 checkpoint must be in safetensors files (its blocks and scales are read "
-                              "from them); convert the checkpoint")
-    return find_parts(model, layers, SafetensorsFiles(where if where is not None else weight_files(ckpt.weight_files)))
+    return find_parts(model, layers, files) if checkpoint_is_mxfp4(ckpt.config) else {}
 
 
 def load(
@@ -358,6 +368,10 @@ def load(
     if host is not None and not ckpt.use_safetensors:
         raise CheckpointError("a host budget needs a safetensors checkpoint (experts are read from its files); "
                               "convert the checkpoint, or drop --host-budget")
+    mxfp4 = checkpoint_is_mxfp4(ckpt.config)  # gpt-oss as published: experts as MXFP4 blocks and scales
+    if mxfp4 and not ckpt.use_safetensors:
+        raise CheckpointError("an MXFP4 checkpoint must be in safetensors files (its blocks and scales are read "
+                              "from them); convert the checkpoint")
     # a malformed budget fails here, before minutes of loading
     budget = parse_budget(memory_budget if memory_budget is not None else "100%") if slots is None else None
     dev = resolve_device(device)
@@ -368,29 +382,21 @@ def load(
     where = None
     streamer = None
     load_dtype = resolve_dtype(dtype)
-    if host is not None:
+    mx: dict[str, dict[str, str]] = {}  # MXFP4 checkpoint: block name -> MXFP4 part -> key
+    files = None
+    if host is not None or mxfp4:
         from swapmoe.mmap_store import weight_files
 
         where = weight_files(ckpt.weight_files)
         # the plan made before loading must see the bytes the load will have: no "auto" left to decide
         load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else ckpt.auto_dtype()
-        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, expert_dtype)
-    mxfp4 = checkpoint_is_mxfp4(ckpt.config)
-    if mxfp4 and where is None:  # its blocks and scales are read from the files whatever the host budget
-        from swapmoe.mmap_store import weight_files
-
-        where = weight_files(ckpt.weight_files)
-    if mxfp4 and streamer is None:  # shapes checked before transformers reads a byte
-        from swapmoe.inspect import meta_model
-
-        skeleton = meta_model(ckpt, trust_remote_code, load_dtype if isinstance(load_dtype, torch.dtype) else None)
-        _mxfp4_parts(ckpt, skeleton, require_moe_layers(skeleton), where)
+        streamer, mx, files = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where,
+                                               expert_dtype)
     with streamer if streamer is not None else contextlib.nullcontext():
         model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation,
                               mxfp4)
     layers = require_moe_layers(model)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    mx = _mxfp4_parts(ckpt, model, layers, where)  # block name -> MXFP4 part -> key ({}: not MXFP4)
     fmts = _formats(expert_dtype, layers, compute_dtype, mx)  # one format per MoE layer
     slots, budget_bytes, total = _slots(layers, budget, slots, fmts)
     expert_bytes = [stored_expert_bytes(la, f) for la, f in zip(layers, fmts, strict=True)]
@@ -403,22 +409,25 @@ def load(
     full_parts: dict[str, dict[str, torch.Tensor]] = {}  # full quantised layers: their parts [E, ...]
     for la, s, keep, layout in zip(layers, slots, in_host, layouts, strict=True):
         streamed = streamer.streamed.get(la.name) if streamer is not None else None
+        if isinstance(layout, Mxfp4Layout):  # the checkpoint's own parts, read from the files
+            if s >= la.num_experts:
+                norms, held = _norms(la, streamed)
+                full_parts[la.name] = mxfp4_host_parts(la.name, layout, mx[la.name], files, held)
+                _leave_placeholders(la, layout.dtypes)
+                staged.append((la, None, norms, None, None))
+            else:
+                staged.append((la, *_mxfp4_store(la, s, initial, rng, pin, keep, layout, mx[la.name], files, streamed)))
+            continue
         if streamed and s >= la.num_experts:
             raise RuntimeError(f"{la.name} was streamed past host memory but is to be kept whole on the device: "
                                "the plan made before loading disagrees with the loaded model (a bug)")
         if s >= la.num_experts:
             params = {n: getattr(la.experts, n).detach() for n in la.expert_param_names}
             norms = expert_norms(list(params.values()))
-            if isinstance(layout, Mxfp4Layout):  # the checkpoint's own parts
-                full_parts[la.name] = mxfp4_host_parts(la.name, layout, mx[la.name], SafetensorsFiles(where), params)
-                _leave_placeholders(la, layout.dtypes)
-            elif layout is not None:  # quantised: the whole layer's parts, moved to the device below
+            if layout is not None:  # quantised: the whole layer's parts, moved to the device below
                 full_parts[la.name] = layout.encode(params)
                 _leave_placeholders(la, layout.dtypes)
             staged.append((la, None, norms, None, None))
-        elif isinstance(layout, Mxfp4Layout):
-            staged.append((la, *_mxfp4_store(la, s, initial, rng, pin, None if keep else where, layout, mx[la.name],
-                                             where)))
         elif streamed:
             staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name], layout)))
         else:

@@ -34,6 +34,7 @@ from torch import nn
 from swapmoe.errors import CheckpointError
 from swapmoe.families import MoELayer
 from swapmoe.mmap_store import CheckpointStore, SafetensorsFiles
+from swapmoe.quant import ExpertLayout
 
 FORMAT = "mxfp4"
 #: values per e8m0 scale (OCP MX block size; gpt-oss)
@@ -159,8 +160,7 @@ class Mxfp4Layout:
 
     def decode_matrix(self, parts: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         """One MXFP4 matrix ``name`` from its parts -> ``[..., in, out]`` in the module's dtype."""
-        w = decode(parts[f"{name}.blocks"], parts[f"{name}.scales"], self.dtypes[name])  # [..., out, in]
-        return w.transpose(-1, -2).contiguous()  # [..., in, out]
+        return decode_expert(parts[f"{name}.blocks"], parts[f"{name}.scales"], self.dtypes[name])
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``name -> [..., *expert shape]`` tensors as the module holds them -> their parts (lossy
@@ -214,49 +214,109 @@ def find_parts(model: nn.Module, layers: Sequence[MoELayer], files: SafetensorsF
     return found
 
 
-def check_scales(scales: torch.Tensor, key: str) -> None:
-    """e8m0 byte 255 is NaN: a checkpoint holding it would decode to NaN weights. One line, before use."""
-    if bool((scales == _E8M0_NAN).any()):
-        raise CheckpointError(f"{key} holds the e8m0 NaN scale (255): the checkpoint is corrupt; copy or "
-                              "download it again")
+def check_scales(keys: Mapping[str, str], files: SafetensorsFiles) -> None:
+    """Raise a one-line :class:`CheckpointError` where a layer's scales hold the e8m0 NaN byte (255),
+    which would decode to NaN weights. Reads every scale once (1/16 of the blocks' bytes)."""
+    for part, key in keys.items():
+        if part.endswith(".scales") and bool((files.tensor(key) == _E8M0_NAN).any()):
+            raise CheckpointError(f"{key} holds the e8m0 NaN scale (255): the checkpoint is corrupt; copy or "
+                                  "download it again")
 
 
-def _verify(layer: str, layout: Mxfp4Layout, parts_of: Callable[[int], dict[str, torch.Tensor]],
-            dense: Mapping[str, torch.Tensor]) -> None:
+def decode_expert(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One stored matrix (``[..., out, in/32, 16]`` and ``[..., out, in/32]``) -> ``[..., in, out]`` as
+    the module holds it."""
+    return decode(blocks, scales, dtype).transpose(-1, -2).contiguous()
+
+
+class Mxfp4Finder:
+    """The MXFP4 "recipe" of one layer's ``gate_up_proj``/``down_proj``: its blocks and scales keys,
+    verified as :class:`swapmoe.mmap_store.RecipeFinder` verifies a recipe (first and last expert,
+    value for value, against what transformers loaded). The loading streamer
+    (:class:`swapmoe.streaming.ExpertStreamer`) uses it in place of a RecipeFinder for a layer stored in
+    MXFP4, so that transformers' decoded copy of the layer is dropped as soon as it is checked."""
+
+    def __init__(self, keys: Mapping[str, str], files: SafetensorsFiles) -> None:
+        self.keys = dict(keys)
+        self.files = files
+        self.prefix = self.keys[f"{QUANTISED[0]}.blocks"].rsplit(".", 1)[0]  # the experts module's name
+
+    def recipe(self, name: str, target: torch.Tensor) -> list[str] | None:
+        """``[blocks key, scales key]`` of an MXFP4 matrix, ``[key]`` of a bias stored as it is, or None
+        where the checkpoint's tensors do not give ``target [E, ...]`` exactly."""
+        if name in QUANTISED:
+            recipe = [self.keys[f"{name}.blocks"], self.keys[f"{name}.scales"]]
+        elif f"{self.prefix}.{name}" in self.files.where:
+            recipe = [f"{self.prefix}.{name}"]
+        else:
+            return None
+        for e in (0, target.shape[0] - 1):
+            got = self._read(recipe, e, target.dtype)
+            if got.shape != target[e].shape or not torch.equal(got, target[e]):
+                return None
+        return recipe
+
+    def _read(self, recipe: list[str], e: int, dtype: torch.dtype) -> torch.Tensor:
+        if len(recipe) == 1:
+            return self.files.read_expert(recipe, e).to(dtype)
+        return decode_expert(*(self.files.read_expert([k], e) for k in recipe), dtype)
+
+    def store(self, recipes: dict[str, list[str]], shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype],
+              held: dict[str, torch.Tensor] | None = None) -> DecodingStore:
+        """The experts left in the files and decoded as they are read (``--expert-dtype bf16|int8|int4``
+        beyond the host budget: converted from MXFP4 one expert per swap)."""
+        return DecodingStore(recipes, self.files, shapes, dtypes, held)
+
+
+class DecodingStore(CheckpointStore):
+    """A :class:`CheckpointStore` whose MXFP4 parameters (recipe ``[blocks key, scales key]``) are decoded
+    as each expert is read; with a layout (int8/int4) the decoded expert is then quantised."""
+
+    def expert(self, name: str, e: int) -> torch.Tensor:
+        if name in self.held:
+            return self.held[name][e]
+        recipe = self.recipes[name]
+        if len(recipe) == 1:  # a bias, stored as it is
+            return self.files.read_expert(recipe, e).to(self.dtypes[name])
+        blocks, scales = (self.files.read_expert([k], e) for k in recipe)
+        return decode_expert(blocks, scales, self.dtypes[name])
+
+    def with_layout(self, layout: ExpertLayout) -> DecodingStore:
+        return DecodingStore(self.recipes, self.files, self.shapes, self.dtypes, self.held, layout)
+
+
+def _verify(layer: str, parts_of: Callable[[int], dict[str, torch.Tensor]], dense: Mapping[str, torch.Tensor],
+            dtypes: Mapping[str, torch.dtype], num_experts: int) -> None:
     """The first and the last expert's parts must decode to exactly what transformers loaded from the
-    same files (``dense``: ``name -> [E, ...]``); otherwise the parts are not what they seem."""
-    for e in (0, layout.num_experts - 1):
+    same files (``dense``: ``name -> [E, ...]``, for the matrices not verified while streaming);
+    otherwise the parts are not what they seem."""
+    for e in (0, num_experts - 1):
         parts = parts_of(e)
-        for name in QUANTISED:
-            if not torch.equal(layout.decode_matrix(parts, name), dense[name][e]):
+        for name in (n for n in QUANTISED if n in dense):
+            if not torch.equal(decode_expert(parts[f"{name}.blocks"], parts[f"{name}.scales"], dtypes[name]),
+                               dense[name][e]):
                 raise CheckpointError(f"{layer}: expert {e}'s MXFP4 {name} does not decode to the weights "
                                       "transformers loads from the same files; load with --expert-dtype bf16")
 
 
 def host_parts(layer: str, layout: Mxfp4Layout, keys: Mapping[str, str], files: SafetensorsFiles,
-               dense: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+               held: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """All experts of one layer as the ``mxfp4`` format holds them (``part -> [E, ...]``): blocks and
-    scales read from the files, checked and verified; the biases from ``dense`` (the loaded module)."""
+    scales read from the files; the biases from ``held`` (the loaded module's tensors, with any matrix
+    not already verified while streaming, which is verified here)."""
     parts = {part: files.tensor(key) for part, key in keys.items()}
-    for part, key in keys.items():
-        if part.endswith(".scales"):
-            check_scales(parts[part], key)
-    _verify(layer, layout, lambda e: {p: t[e] for p, t in parts.items()}, dense)
-    parts.update({n: t for n, t in dense.items() if n not in QUANTISED})
+    _verify(layer, lambda e: {p: t[e] for p, t in parts.items()}, held, layout.dtypes, layout.num_experts)
+    parts.update({n: t for n, t in held.items() if n not in QUANTISED})
     return parts
 
 
 def checkpoint_store(layer: str, layout: Mxfp4Layout, keys: Mapping[str, str], files: SafetensorsFiles,
-                     dense: Mapping[str, torch.Tensor]) -> CheckpointStore:
+                     held: Mapping[str, torch.Tensor]) -> CheckpointStore:
     """One layer's experts left in the files (``--host-budget``): each swap reads one expert's blocks and
-    scales (``get_slice(key)[e]``), as they are; the biases (a sliver) are held in memory. All scales
-    are read once here (1/16 of the blocks' bytes) to refuse a corrupt file before it is used."""
-    for part, key in keys.items():
-        if part.endswith(".scales"):
-            check_scales(files.tensor(key), key)
-    _verify(layer, layout, lambda e: {p: files.read_expert([k], e) for p, k in keys.items()}, dense)
+    scales (``get_slice(key)[e]``), as they are; the biases (a sliver) are held in memory."""
+    _verify(layer, lambda e: {p: files.read_expert([k], e) for p, k in keys.items()}, held, layout.dtypes,
+            layout.num_experts)
     specs = layout.parts()
-    held = {n: t for n, t in dense.items() if n not in QUANTISED}
     return CheckpointStore({p: [k] for p, k in keys.items()}, files,
                            {p: torch.Size(s) for p, (s, _) in specs.items()}, {p: dt for p, (_, dt) in specs.items()},
-                           held)
+                           {n: t for n, t in held.items() if n not in QUANTISED})
