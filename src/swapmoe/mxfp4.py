@@ -100,7 +100,7 @@ def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e = torch.ceil(torch.log2(amax / E2M1[-1])).nan_to_num(neginf=-_E8M0_BIAS)
     e = e.clamp(-_E8M0_BIAS, _E8M0_BIAS)
     scales = (e + _E8M0_BIAS).to(torch.uint8)
-    y = (x / _e8m0_values(scales).unsqueeze(-1)).abs().clamp(max=E2M1[-1])  # [..., G, 32] in [0, 6]
+    y = (x / _e8m0_values(scales).unsqueeze(-1)).abs().clamp(max=E2M1[-1]).contiguous()  # [..., G, 32] in [0, 6]
     grid = torch.tensor(E2M1)
     mids = (grid[1:] + grid[:-1]) / 2  # [7]: a value above mids[i] rounds to code i+1
     code = torch.bucketize(y, mids, right=False).to(torch.uint8)  # ties round to the lower magnitude
