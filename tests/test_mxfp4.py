@@ -230,3 +230,15 @@ def test_a_config_without_mxfp4_is_not_taken_for_one(ckpt):
     assert mxfp4.checkpoint_is_mxfp4(cfg)
     assert not mxfp4.checkpoint_is_mxfp4({**cfg, "quantization_config": {"quant_method": "fp8"}})
     assert not mxfp4.checkpoint_is_mxfp4({k: v for k, v in cfg.items() if k != "quantization_config"})
+
+
+def test_info_shows_the_published_format_and_agrees_with_the_load(ckpt):
+    from swapmoe.inspect import describe
+
+    info = describe(ckpt)
+    assert info.published == "mxfp4"
+    assert info.stored_bytes("mxfp4") == [mxfp4.Mxfp4Layout.of(
+        {n: getattr(st.layer.experts, n) for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+    ).expert_bytes() for st in swapmoe.load(ckpt, "100%", device="cpu", expert_dtype="bf16").swapmoe.layers]
+    model = swapmoe.load(ckpt, "12.5%", device="cpu")  # below the bf16 minimum (top-k), not MXFP4's
+    assert [la["slots"] for la in model.swapmoe.stats()["layers"]] == info.slots_for(0.125, "mxfp4") == [3, 3]
