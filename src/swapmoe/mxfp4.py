@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -320,3 +321,47 @@ def checkpoint_store(layer: str, layout: Mxfp4Layout, keys: Mapping[str, str], f
     return CheckpointStore({p: [k] for p, k in keys.items()}, files,
                            {p: torch.Size(s) for p, (s, _) in specs.items()}, {p: dt for p, (_, dt) in specs.items()},
                            {n: t for n, t in held.items() if n not in QUANTISED})
+
+
+# --------------------------------------------------------------------------------- writing a checkpoint
+#: what openai/gpt-oss-20b's config.json lists (its router, attention, embeddings and head are bf16)
+QUANTIZATION_CONFIG = {
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                               "lm_head"],
+    "quant_method": FORMAT,
+}
+
+
+def mxfp4_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A gpt-oss model's state dict as the published checkpoints store it: each experts module's
+    ``gate_up_proj``/``down_proj`` as ``*_blocks``/``*_scales`` (:func:`encode` of the ``[E, out, in]``
+    transpose), every other tensor in ``dtype``; on the host."""
+    state: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if ".experts." in name and name.rsplit(".", 1)[-1] in QUANTISED:
+            blocks, scales = encode(t.detach().transpose(-1, -2))  # [E, out, in/32, 16], [E, out, in/32]
+            state[f"{name}_blocks"], state[f"{name}_scales"] = blocks.contiguous().cpu(), scales.contiguous().cpu()
+        else:
+            state[name] = t.detach().to(dtype).contiguous().cpu()
+    return state
+
+
+def save_mxfp4(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save a gpt-oss ``model`` at ``path`` in the published MXFP4 layout (config.json with
+    ``quantization_config``, one ``model.safetensors``); ``state``: the tensors to write instead of
+    :func:`mxfp4_state_dict` (a test's corrupted copy). Experts' input dims must be multiples of 32."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = mxfp4_state_dict(model) if state is None else state
+    model.config.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = QUANTIZATION_CONFIG
+    cfg["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
