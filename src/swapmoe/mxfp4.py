@@ -102,7 +102,7 @@ def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e = e.clamp(-_E8M0_BIAS, _E8M0_BIAS)
     scales = (e + _E8M0_BIAS).to(torch.uint8)
     y = (x / _e8m0_values(scales).unsqueeze(-1)).abs().clamp(max=E2M1[-1]).contiguous()  # [..., G, 32] in [0, 6]
-    grid = torch.tensor(E2M1)
+    grid = torch.tensor(E2M1, device=x.device)
     mids = (grid[1:] + grid[:-1]) / 2  # [7]: a value above mids[i] rounds to code i+1
     code = torch.bucketize(y, mids, right=False).to(torch.uint8)  # ties round to the lower magnitude
     code = code | ((x < 0) & (code > 0)).to(torch.uint8) << 3
