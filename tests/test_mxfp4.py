@@ -161,8 +161,8 @@ def test_transformers_decoded_matrices_are_streamed_past_host_memory(ckpt):
     from swapmoe.mmap_store import weight_files
 
     c = check_checkpoint(ckpt)
-    streamer, mx, _ = _expert_streamer(c, None, None, [3, 3], torch.bfloat16, False,
-                                       weight_files(c.weight_files))
+    streamer = _expert_streamer(c, None, None, [3, 3], torch.bfloat16, False, weight_files(c.weight_files))
+    mx = streamer.mxfp4
     assert set(mx) == {"model.layers.0.mlp", "model.layers.1.mlp"}
     with streamer:
         AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=Mxfp4Config(dequantize=True))

@@ -263,17 +263,17 @@ def _formats(expert_dtype: str | list[str | None] | None, layers: list[MoELayer]
 
 def _expert_streamer(ckpt: Any, host: Budget | None, budget: Budget | None, slots: list[int] | None,
                      dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path],
-                     fmt: str | list[str | None] | None = None) -> tuple[Any, dict[str, dict[str, str]], Any]:
+                     fmt: str | list[str | None] | None = None, files: SafetensorsFiles | None = None) -> Any:
     """Which expert parameters need never be held in host memory (the layers beyond the host
     budget, and the MXFP4 matrices of an MXFP4 checkpoint's layers held as MXFP4), worked out on a
-    meta-device skeleton before anything is read; with the MXFP4 parts of each layer (checked) and
-    the open files."""
+    meta-device skeleton before anything is read; an MXFP4 checkpoint's parts are checked here too
+    (the streamer's ``mxfp4``: block name -> part -> key)."""
     from swapmoe.inspect import meta_model
     from swapmoe.streaming import ExpertStreamer
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    files = SafetensorsFiles(where)
+    files = files if files is not None else SafetensorsFiles(where)
     mx = _mxfp4_parts(ckpt, skeleton, layers, files)  # shapes checked before transformers reads a byte
     for keys in mx.values():
         check_mxfp4_scales(keys, files)
@@ -287,9 +287,9 @@ def _expert_streamer(ckpt: Any, host: Budget | None, budget: Budget | None, slot
         streamed = [p for p in la.expert_param_names if p in QUANTISED_MXFP4] if f == MXFP4 else \
             (la.expert_param_names if not keep else [])
         targets.update({f"{names[id(la.experts)]}.{p}": (la.name, p) for p in streamed})
-    streamer = ExpertStreamer(targets, where)
+    streamer = ExpertStreamer(targets, where, mxfp4=mx)
     streamer.finders.update({name: Mxfp4Finder(keys, files) for name, keys in mx.items()})
-    return streamer, mx, files
+    return streamer
 
 
 def _mxfp4_parts(ckpt: Any, model: nn.Module, layers: list[MoELayer], files: SafetensorsFiles,
@@ -388,10 +388,12 @@ def load(
         from swapmoe.mmap_store import weight_files
 
         where = weight_files(ckpt.weight_files)
+        files = SafetensorsFiles(where)  # opened once: the checks, the streamer and the stores read through it
         # the plan made before loading must see the bytes the load will have: no "auto" left to decide
         load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else ckpt.auto_dtype()
-        streamer, mx, files = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where,
-                                               expert_dtype)
+        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, expert_dtype,
+                                    files)
+        mx = streamer.mxfp4
     with streamer if streamer is not None else contextlib.nullcontext():
         model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation,
                               mxfp4)
