@@ -18,7 +18,9 @@ swapmoe holds these parts as they are, ``4.25`` bits per weight: the ``mxfp4`` f
 ``down_proj.scales`` and the biases as the model holds them; the host store and the checkpoint-backed
 store read them from the files (one expert at a time with ``get_slice``), the slots hold them, and
 :mod:`swapmoe.qexperts` decodes only the experts the tokens chose (:meth:`Mxfp4Layout.decode`: tensor
-ops only, no host sync, so it runs inside a captured CUDA graph).
+ops only, no host sync, so it runs inside a captured CUDA graph). transformers is asked for its decoded
+model (the plain experts module); while it loads, each decoded matrix is checked against the files
+(:class:`Mxfp4Finder`) and dropped, keeping only the experts' norms (swapmoe.streaming).
 
     E = experts (or S slots, or C gathered experts), R = rows (out), N = in, G = N/32 groups
 """
