@@ -1,6 +1,7 @@
 """A gpt-oss checkpoint in MXFP4, as published: experts held as MXFP4 against the same experts converted
 to bf16, int8 and int4 at load, at the same slot count. Batch-1 decode through one CUDA graph replay per
-token (swapmoe.engine.timing.time_decode, alternating rounds, teacher-forced on one random stream), the
+token where every setting can be captured, else static-cache steps for all (the reason is recorded;
+swapmoe.engine.timing.time_decode, alternating rounds, teacher-forced on one random stream), the
 true bytes of the slots, and each setting's logits against the bf16 conversion's (the same weights:
 MXFP4 decodes exactly to bf16).
 
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 import swapmoe
-from swapmoe.engine.decoder import Decoder
+from swapmoe.engine.decoder import Decoder, graph_blocker
 from swapmoe.engine.timing import time_decode
 from swapmoe.mxfp4 import save_mxfp4
 from swapmoe.provenance import provenance
@@ -71,10 +72,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (16,), generator=gen).tolist()
     feed = torch.randint(0, args.vocab, (args.tokens + 4,), generator=gen).tolist()
-    mode = "graph" if dev.type == "cuda" else "static"
+    mode = "graph"
     models: dict[str, Any] = {}
     for name, fmt in SETTINGS:
         models[name] = swapmoe.load(path, slots=[args.slots] * args.layers, device=dev, expert_dtype=fmt)
+    blocked = {name: why for name, m in models.items() if (why := graph_blocker(m)) is not None}
+    mode = "static" if blocked else "graph"  # one mode for every setting, so that they compare
     ids = torch.tensor([prompt], device=dev)
     with torch.inference_mode():  # each model's first forward: the same resident sets, before any swap
         first = {name: m(ids).logits.float() for name, m in models.items()}
@@ -94,7 +97,8 @@ def main() -> None:
                      "max_abs_logit_diff_vs_bf16": diffs[name], "swaps": st["swaps"]})
     record = {"rows": rows, "meta": {"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab,
                                      "slots_per_layer": args.slots, "experts": 32, "top_k": 4, "tokens": args.tokens,
-                                     "rounds": args.rounds, "mode": mode, "build_s": build_s},
+                                     "rounds": args.rounds, "mode": mode, "graph_blocked": blocked,
+                                     "build_s": build_s},
               "provenance": provenance(dev)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mxfp4.json").write_text(json.dumps(record, indent=2))
