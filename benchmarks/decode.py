@@ -50,6 +50,11 @@ def settings() -> list[tuple[str, str, dict[str, Any], str]]:
         ("swapmoe 50% skip, graph", "swapmoe", {"memory_budget": "50%", "strategy": "skip"}, "graph"),
         ("swapmoe 25%, graph", "swapmoe", {"memory_budget": "25%"}, "graph"),
         ("swapmoe 50%, eager", "swapmoe", {"memory_budget": "50%"}, "dynamic"),
+        # issue 14: quantised experts in the graph, at the same slot count as bf16 50% and at the same bytes
+        ("swapmoe int8, 50%'s slots, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int8"}, "graph"),
+        ("swapmoe int4, 50%'s slots, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int4"}, "graph"),
+        ("swapmoe 50% int8, graph", "swapmoe", {"memory_budget": "50%", "expert_dtype": "int8"}, "graph"),
+        ("swapmoe 25% int4, graph", "swapmoe", {"memory_budget": "25%", "expert_dtype": "int4"}, "graph"),
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
         ("accelerate offload 50%", "accelerate-offload", {"memory_budget": "50%"}, "dynamic"),
     ]
@@ -70,6 +75,12 @@ def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     elif kind == "swapmoe":
+        if "slots_fraction" in kw:  # the same slots per layer as a bf16 budget of that fraction gives
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(path)
+            n = round(kw["slots_fraction"] * (getattr(cfg, "num_experts", None) or cfg.num_local_experts))
+            kw = {**{k: v for k, v in kw.items() if k != "slots_fraction"}, "slots": [n] * cfg.num_hidden_layers}
         model = swapmoe.load(path, device=device, dtype=dtype, **kw)
     else:
         from swapmoe.baselines import load_policy
