@@ -77,13 +77,21 @@ def _e8m0_values(scales: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def _byte_values(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[256, 2]``: the two e2m1 values of every byte (low nibble first), built on ``device`` from an
+    ``arange`` (a kernel, not a host-to-device copy, so it is made inside a CUDA graph too)."""
+    b = torch.arange(256, device=device)
+    return torch.stack((_e2m1_values(b & 15), _e2m1_values(b >> 4)), dim=-1).to(dtype)
+
+
 def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``blocks [..., G, 16]`` uint8 and ``scales [..., G]`` uint8 -> the values ``[..., G*32]`` in
-    ``dtype`` (computed in float32, exact; see the module docstring). Tensor ops only."""
-    lo = _e2m1_values(blocks & 15)  # [..., G, 16]
-    hi = _e2m1_values(blocks >> 4)
-    x = torch.stack((lo, hi), dim=-1).flatten(-2)  # [..., G, 32]: low nibble first
-    x = x * _e8m0_values(scales).unsqueeze(-1)
+    ``dtype``, exactly (see the module docstring). Tensor ops only: one gather of each byte's two values
+    and one multiply by the scale, both in ``dtype`` where it holds every product exactly (bfloat16,
+    float32: far less memory traffic than building float32 values first), else in float32, then cast."""
+    work = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+    x = _byte_values(blocks.device, work)[blocks.int()]  # [..., G, 16, 2]
+    x = x.flatten(-2) * _e8m0_values(scales).to(work).unsqueeze(-1)  # [..., G, 32]
     return x.flatten(-2).to(dtype)
 
 
@@ -92,7 +100,7 @@ def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Per block of 32: the smallest power-of-two scale with ``amax / scale <= 6`` (no value clips), then
     each value rounded to the nearest e2m1 magnitude. Values already on the MXFP4 grid of a block
-    come back exactly. Used to write MXFP4 checkpoints (tests, ``scripts``); loading never re-encodes.
+    come back exactly. Used to write MXFP4 checkpoints (tests, benchmarks/mxfp4.py); loading never re-encodes.
     """
     n = w.shape[-1]
     if n % BLOCK:
