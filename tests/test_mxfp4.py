@@ -269,3 +269,18 @@ def test_static_split_steps_equal_eager_steps_while_swapping_mxfp4_slots(ckpt):
     assert all(s_sta[k] == s_dyn[k] for k in ("swaps", "bytes_copied", "hits", "lookups"))
     # a swap moves the MXFP4 bytes of one expert (blocks, scales, biases), not its bf16 bytes
     assert s_dyn["bytes_copied"] == s_dyn["swaps"] * model.swapmoe.layers[0].layer.experts.forward.layout.expert_bytes()
+
+
+def test_quantized_all_keeps_an_mxfp4_checkpoint_as_published(ckpt, caplog):
+    """MXFP4 as published is exact and smaller than int8 or int4: quantized-all never converts it."""
+    import logging
+
+    from swapmoe.baselines import load_policy, quantized_all_format
+
+    assert quantized_all_format(ckpt, "30%") is None  # all 8 MXFP4 experts fit in 30% of the bf16 bytes
+    model = load_policy("quantized-all", ckpt, "30%", device="cpu")
+    assert all(la["slots"] == la["num_experts"] for la in model.swapmoe.stats()["layers"])
+    assert model.swapmoe.layers[0].layer.experts.forward.layout.fmt == "mxfp4"
+    with caplog.at_level(logging.WARNING):
+        assert quantized_all_format(ckpt, "20%") is None
+    assert "even mxfp4 experts" in caplog.text

@@ -118,11 +118,13 @@ def quantized_all_format(path: str | Path | None, memory_budget: Any, dtype: Any
     for f in ("bf16", "int8", "int4"):
         if f in info.expert_bytes_as and not (f == "bf16" and info.dtype == "bfloat16"):
             totals[f] = info.total_bytes(f)
+    if info.published is not None:  # experts as published (MXFP4): exact, and smaller than int8 or int4
+        totals = {None: info.total_bytes(info.published)}
     fmt = lowest_fitting(budget, totals)
     if totals[fmt] > budget:
         logging.getLogger(__name__).warning(
             "quantized-all: even %s experts (%d bytes) exceed the budget (%d bytes); keeping the largest-norm "
-            "experts that fit, fixed", fmt, totals[fmt], budget)
+            "experts that fit, fixed", fmt or info.published or info.dtype, totals[fmt], budget)
     return fmt
 
 
