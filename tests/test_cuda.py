@@ -404,3 +404,45 @@ def test_checkpoint_backed_swaps_read_in_the_background_on_cuda(tmp_path):
         for s, e in enumerate(pool.expert_in):
             for name, t in pool.slots.items():
                 assert torch.equal(t[s].cpu(), pool.store.expert(name, e))
+
+
+@pytest.mark.parametrize(("fmt", "budget"), [("int8", "40%"), ("int4", "20%"), ("int3", "15%"), ("int2", "10%")])
+def test_quantised_experts_per_term_scratch_captures_in_a_cuda_graph(tmp_path, fmt, budget):
+    """The per-term scratch of a quantised layer (swapmoe.qexperts: gather the chosen slots' parts, unpack,
+    dequantise, renumber) has fixed shapes and no host sync, so it captures in a CUDA graph; replays with
+    new hidden states, slot ids (one term skipped) and weights equal eager calls of the same module."""
+    path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
+    model = swapmoe.load(path, budget, device="cuda", dtype=torch.bfloat16, expert_dtype=fmt)
+    experts = model.swapmoe.layers[0].layer.experts
+    S = experts.forward.num_slots
+    T, K = 2, 4
+    assert T * K <= S < 16  # the per-term path, slots fewer than experts
+    hidden = torch.zeros(T, 64, device="cuda", dtype=torch.bfloat16)
+    ids = torch.zeros(T, K, device="cuda", dtype=torch.long)
+    weights = torch.zeros(T, K, device="cuda", dtype=torch.bfloat16)
+
+    def fill(seed):
+        gen = torch.Generator().manual_seed(seed)
+        hidden.copy_(torch.randn(T, 64, generator=gen))
+        new = torch.randint(0, S, (T, K), generator=gen)
+        new[seed % T, seed % K] = S  # a skipped term (the runtime's sentinel)
+        ids.copy_(new)
+        weights.copy_(torch.rand(T, K, generator=gen))
+
+    with torch.inference_mode():
+        fill(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture, as the decoder does
+                experts(hidden, ids, weights)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # a host sync here raises
+            out = experts(hidden, ids, weights)
+        for seed in (1, 2, 3):
+            fill(seed)
+            graph.replay()
+            want = experts(hidden, ids, weights)
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
+            assert out.abs().sum() > 0

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
+from swapmoe.quant import FORMATS
 
 EXIT_USER_ERROR = 2
 
@@ -37,7 +38,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay", type=float, default=0.98, help="per-token decay of expert importance")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+    p.add_argument("--expert-dtype", default=None, choices=list(FORMATS),
                    help="hold experts quantised (weight-only, group-wise; docs/quantization.md); the budget counts "
                         "their bytes, so it holds more of them; in eval/sweep for the swapmoe policies; overrides a "
                         "plan's expert_dtype (which may give one per MoE layer) (default: the model's dtype)")

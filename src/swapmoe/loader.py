@@ -341,7 +341,7 @@ def load(
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
-    expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
+    expert_dtype   "bf16", "int8", "int4", "int3" or "int2": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
                    their bytes; None (default): the model's dtype, nothing changes. A list: one format per
                    MoE layer (None entries: the model's dtype), each layer's store and slots in its own

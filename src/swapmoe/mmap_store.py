@@ -75,7 +75,7 @@ class SafetensorsFiles:
 class CheckpointStore:
     """One layer's experts, read from safetensors on demand (same interface as ``HostStore``).
 
-    With a ``layout`` (``--expert-dtype int8|int4``) every expert is quantised as it is read, so the
+    With a ``layout`` (``--expert-dtype int8|int4|int3|int2``) every expert is quantised as it is read, so the
     slots receive its parts (:class:`swapmoe.quant.ExpertLayout`) and parameters held in memory are
     held quantised.
     """

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from swapmoe.errors import SwapMoEError
 from swapmoe.provenance import provenance
+from swapmoe.quant import FORMATS
 
 
 def _progress(console: Console) -> Progress:
@@ -270,7 +271,7 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--out", default="runs/trace")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+    p.add_argument("--expert-dtype", default=None, choices=list(FORMATS),
                    help="hold experts quantised while routing is traced (docs/quantization.md)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
