@@ -272,7 +272,8 @@ def test_static_split_steps_equal_eager_steps_while_swapping_mxfp4_slots(ckpt):
 
 
 def test_quantized_all_keeps_an_mxfp4_checkpoint_as_published(ckpt, caplog):
-    """MXFP4 as published is exact and smaller than int8 or int4: quantized-all never converts it."""
+    """MXFP4 as published is exact and smaller than int8 or int4: quantized-all keeps it where it fits,
+    and converts it only to a format smaller still."""
     import logging
 
     from swapmoe.baselines import load_policy, quantized_all_format
@@ -281,6 +282,8 @@ def test_quantized_all_keeps_an_mxfp4_checkpoint_as_published(ckpt, caplog):
     model = load_policy("quantized-all", ckpt, "30%", device="cpu")
     assert all(la["slots"] == la["num_experts"] for la in model.swapmoe.stats()["layers"])
     assert model.swapmoe.layers[0].layer.experts.forward.layout.fmt == "mxfp4"
+    # below MXFP4's bytes only a smaller format can hold them all: int3/int2 (converted from MXFP4)
+    assert quantized_all_format(ckpt, "27%") == "int3"  # MXFP4: 28.8%, int3: 25.3% of the bf16 bytes
     with caplog.at_level(logging.WARNING):
-        assert quantized_all_format(ckpt, "20%") is None
-    assert "even mxfp4 experts" in caplog.text
+        assert quantized_all_format(ckpt, "5%") == "int2"
+    assert "even int2 experts" in caplog.text
