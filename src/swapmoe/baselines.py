@@ -122,11 +122,14 @@ def quantized_all_format(path: str | Path | None, memory_budget: Any, dtype: Any
     for f in FORMATS:  # from the most bytes to the fewest
         if f in info.expert_bytes_as and not (f == "bf16" and info.dtype == "bfloat16"):
             totals[f] = info.total_bytes(f)
+    if info.published is not None:  # experts as published (MXFP4): exact, so first; then only smaller formats
+        exact = info.total_bytes(info.published)
+        totals = {None: exact, **{f: t for f, t in totals.items() if f is not None and t < exact}}
     fmt = lowest_fitting(budget, totals)
     if totals[fmt] > budget:
         logging.getLogger(__name__).warning(
             "quantized-all: even %s experts (%d bytes) exceed the budget (%d bytes); keeping the largest-norm "
-            "experts that fit, fixed", fmt, totals[fmt], budget)
+            "experts that fit, fixed", fmt or info.published or info.dtype, totals[fmt], budget)
     return fmt
 
 

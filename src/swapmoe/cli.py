@@ -146,7 +146,8 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     formats = [f for f in info.expert_bytes_as if not (f == "bf16" and info.dtype == "bfloat16")]
     for f in formats:
         b = info.stored_bytes(f)
-        console.print(f"  --expert-dtype {f}: {format_bytes(sum(b) / len(b))} per expert (scales included), "
+        how = f"as published ({f}, held so without --expert-dtype)" if f == info.published else f"--expert-dtype {f}"
+        console.print(f"  {how}: {format_bytes(sum(b) / len(b))} per expert (scales included), "
                       f"all experts {format_bytes(info.total_bytes(f))}")
     t = Table(title="what a budget means (experts per MoE layer that fit)")
     for col in ("budget", "bytes", f"{info.dtype} experts", *(f"{f} experts" for f in formats)):
