@@ -121,7 +121,14 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from swapmoe.baselines import POLICIES
-    from swapmoe.evaluation.sweep import grid, markdown_table, plot, run_sweep, stream_fingerprint
+    from swapmoe.evaluation.sweep import (
+        grid,
+        markdown_table,
+        plans_table,
+        plot,
+        run_sweep,
+        stream_fingerprint,
+    )
     from swapmoe.loader import default_model_path
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -194,6 +201,9 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
                      on_skip=lambda key: console.print(f"{key}: done already (resumed)"),
                      on_error=lambda key, msg: console.print(f"[red]{key} failed:[/red] {msg}", highlight=False))
     table = markdown_table(data)
+    plans = plans_table(data)
+    if plans:
+        table += "\nThe planner's choices (policy planned):\n\n" + plans
     (out / "sweep.md").write_text(table, encoding="utf-8")
     paths = plot(data, out)
     sys.stdout.write(table)
