@@ -39,6 +39,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from swapmoe.budget import allocate_slots, format_bytes
 from swapmoe.errors import BudgetError
@@ -249,13 +250,14 @@ def _layer_options(model: PerfModel, metric: str, schedule: tuple[int, int, str]
 
 def _states(model: PerfModel, metric: str, schedule: tuple[int, int, str], cap: int,
             fronts: bool, formats: Sequence[str | None] | None = None,
-            lat_cap: float = math.inf) -> dict[int, list[_Node]]:
+            lat_cap: float = math.inf, pen_cap: float = math.inf) -> dict[int, list[_Node]]:
     """Exact bytes used -> the configurations worth keeping, for one schedule ``(I, s, strategy)``.
 
     ``fronts``: the Pareto front of (latency of the layers, additive penalty), exact under a latency
     budget; otherwise only the lexicographic best (penalty, then latency), exact without one (both
     orders survive adding the same layer's option to every entry of a state). ``lat_cap``: drop
-    entries whose layers already take longer (a layer never takes negative time).
+    entries whose layers already take longer (a layer never takes negative time); ``pen_cap``: drop
+    entries whose additive penalty already reaches it (a layer never adds a negative penalty).
     """
     fmts = list(formats) if formats is not None else model.formats
     states: dict[int, list[_Node]] = {0: [(0.0, 0.0, -1, None, None)]}
@@ -269,7 +271,7 @@ def _states(model: PerfModel, metric: str, schedule: tuple[int, int, str], cap: 
                     if nb > cap:
                         break  # options are by bytes
                     nxt.setdefault(nb, []).extend((n[0] + olat, n[1] + open_, s, f, n) for n in front
-                                                  if n[0] + olat <= lat_cap)
+                                                  if n[0] + olat <= lat_cap and n[1] + open_ < pen_cap)
             states = _undominated({nb: _pareto(nodes) for nb, nodes in nxt.items()})
             continue
         best: dict[int, _Node] = {}  # the lexicographic best (penalty, latency) per byte total
@@ -285,6 +287,26 @@ def _states(model: PerfModel, metric: str, schedule: tuple[int, int, str], cap: 
                     best[nb] = (lat, pen, s, f, node)
         states = _undominated({nb: [n] for nb, n in best.items()})
     return states
+
+
+def _additive_cap(acc: Any, factor: float, limit: float) -> float:
+    """An additive penalty ``A`` from which on ``g(A) * factor > limit`` (``g`` non-decreasing): an
+    entry that reaches it cannot end within ``limit``. inf when none is found."""
+    if not math.isfinite(limit) or factor <= 0:
+        return math.inf
+    hi = 1.0
+    while acc.calibrate(hi) * factor <= limit:
+        hi *= 2.0
+        if hi > 1e12:
+            return math.inf
+    lo = 0.0
+    for _ in range(60):  # g(lo) * factor <= limit < g(hi) * factor
+        mid = 0.5 * (lo + hi)
+        if acc.calibrate(mid) * factor <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def _slots_of(node: _Node) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
@@ -321,7 +343,8 @@ def search_dp(model: PerfModel, memory_budget: int, latency_budget: float | None
     fronts = latency_budget is not None
     lat_cap = math.inf if latency_budget is None else latency_budget - model.latency.base_s
 
-    def run(cap: int, lat_cap: float) -> tuple[list[tuple[float, float, int, int, Config]], list[tuple[int, float]], int]:
+    def run(cap: int, lat_cap: float, fronts: bool = fronts, limit: float = math.inf
+            ) -> tuple[list[tuple[float, float, int, int, Config]], list[tuple[int, float]], int]:
         cands: list[tuple[float, float, int, int, Config]] = []
         seen: list[tuple[int, float]] = []
         looked = 0
@@ -329,7 +352,8 @@ def search_dp(model: PerfModel, memory_budget: int, latency_budget: float | None
             interval, swaps, strategy = sched
             acc = model.accuracy[metric][strategy]
             factor = acc.scale(interval, swaps)
-            for nb, nodes in _states(model, metric, sched, cap, fronts, formats, lat_cap).items():
+            pen_cap = _additive_cap(acc, factor, limit)
+            for nb, nodes in _states(model, metric, sched, cap, fronts, formats, lat_cap, pen_cap).items():
                 for n in nodes:
                     looked += 1
                     lat = model.latency.base_s + n[0]
@@ -339,7 +363,15 @@ def search_dp(model: PerfModel, memory_budget: int, latency_budget: float | None
                     cands.append((acc.calibrate(n[1]) * factor, lat, nb, g, _config(*_slots_of(n), sched)))
         return cands, seen, looked
 
-    cands, _, looked = run(memory_budget, lat_cap)
+    limit = math.inf
+    if fronts:
+        # an incumbent: the best entry per byte total without the latency budget, kept where it meets
+        # it; no configuration whose penalty is beyond the tolerance of it can be picked (branch and bound)
+        fast, _, _ = run(memory_budget, math.inf, fronts=False)
+        feasible = [c[0] for c in fast if c[1] <= latency_budget]
+        if feasible:
+            limit = min(feasible) * (1.0 + tolerance) + 1e-15
+    cands, _, looked = run(memory_budget, lat_cap, limit=limit)
     if not cands:
         assert latency_budget is not None
         # again at every memory total and latency, to name the nearest feasible budgets
