@@ -31,11 +31,11 @@ def base_format(data: dict[str, Any]) -> str | None:
     return "bf16" if data["model"].get("dtype") == "bfloat16" else None
 
 
-def plan_formats(data: dict[str, Any], cfg: Config) -> str | list[str | None] | None:
-    """The plan's ``expert_dtype`` for a configuration: one entry per MoE layer where the profile
-    measured formats (the planner chose each), else the profile's single format (as before formats
+def plan_formats(data: dict[str, Any], cfg: Config, model: PerfModel) -> str | list[str | None] | None:
+    """The plan's ``expert_dtype`` for a configuration: one entry per MoE layer where the performance
+    model knows formats (the planner chose each), else the profile's single format (as before formats
     were profiled)."""
-    if not data["model"].get("format_expert_bytes") or not data.get("grid", {}).get("formats"):
+    if not model.format_bytes:
         return data["meta"].get("expert_dtype")
     base = base_format(data)
     return [f if f is not None else base for f in cfg.formats()]
@@ -64,7 +64,7 @@ def make_plan(data: dict[str, Any], memory_budget: str | int, latency_budget: fl
     cfg, pred = result.config, result.prediction
     assert pred.expert_bytes <= budget
     plan = Plan(slots=list(cfg.slots), update_interval=cfg.update_interval, swaps_per_update=cfg.swaps_per_update,
-                strategy=cfg.strategy, expert_dtype=plan_formats(data, cfg), meta={
+                strategy=cfg.strategy, expert_dtype=plan_formats(data, cfg, pm), meta={
                     "model": data["meta"]["model"], "budget": str(memory_budget), "budget_bytes": budget,
                     "latency_budget_s": latency_budget, "dtype": data["model"]["dtype"],
                     "device": data["meta"]["device"], "objective": "ppl" if metric == "nll" else metric,
