@@ -65,3 +65,15 @@ def test_experts_per_budget_table_is_what_info_computes():
         cells = ["/".join(map(str, sorted(set(info.slots_for(frac, f))))) for f in (None, *FORMATS[1:])]
         rows.append(f"| {label} | {format_bytes(int(frac * info.total_expert_bytes))} | " + " | ".join(cells) + " |")
     assert not _missing(rows)
+
+
+def test_mixed_precision_sweep_and_its_plans_are_its_json():
+    """The sweep with the planner's mixed plans (policy planned): every cell, and every plan it ran."""
+    from swapmoe.evaluation.sweep import plans_table
+
+    data = json.loads((RESULTS / "mixed-sweep" / "sweep.json").read_text())
+    rows = _rows(markdown_table(data))
+    assert len(rows) == len(data["cells"]) and not _missing(rows)
+    plans = [ln for ln in _rows(plans_table(data)) if not ln.startswith("| budget")]
+    assert len(plans) == sum(1 for c in data["cells"].values() if c["policy"] == "planned") == 4
+    assert not _missing(plans)

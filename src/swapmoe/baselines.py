@@ -11,6 +11,9 @@ swapmoe-int8        swapmoe with experts held in int8 (swapmoe.quant): the same 
 swapmoe-int4        the same in int4 (~3.6x the experts)
 swapmoe-int3        the same in int3 (~4.6x the experts)
 swapmoe-int2        the same in int2 (~6.4x the experts)
+planned             the planner's choice at the budget from a profile (``profile=``; eval/sweep ``--profile``):
+                    slots, schedule, strategy and, where the profile measured formats, a precision per
+                    MoE layer (docs/planner.md, docs/quantization.md)
 quantized-all       every expert quantised to the least lossy format (quant.FORMATS, bf16 to int2) in
                     which all of them fit the budget, all resident, no swapping (what a llama.cpp user
                     does); where even int2 does not fit, int2 with the largest-norm experts that fit, fixed
@@ -30,12 +33,13 @@ from typing import Any
 from swapmoe.errors import SwapMoEError
 
 POLICIES = ("full", "swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "static",
-            "accelerate-offload", "swapmoe-int8", "swapmoe-int4", "swapmoe-int3", "swapmoe-int2", "quantized-all")
+            "accelerate-offload", "swapmoe-int8", "swapmoe-int4", "swapmoe-int3", "swapmoe-int2", "quantized-all",
+            "planned")
 #: swapmoe with its experts held in the format its name ends with
 QUANTISED_SWAPMOE = ("swapmoe-int8", "swapmoe-int4", "swapmoe-int3", "swapmoe-int2")
 #: policies whose expert memory is bounded by the budget
 BUDGETED = ("swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "accelerate-offload",
-            *QUANTISED_SWAPMOE, "quantized-all")
+            *QUANTISED_SWAPMOE, "quantized-all", "planned")
 #: policies that hold experts in ``expert_dtype=`` (eval/sweep ``--expert-dtype``) when given one: the
 #: Virtual Experts runtime at a budget. ``full`` stays the original model (the reference), ``static`` and
 #: ``accelerate-offload`` are plain transformers, and the policies whose precision is in their name keep it.
@@ -61,12 +65,17 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
     """Load ``path`` as policy ``name`` at ``memory_budget`` (see the module table).
 
     ``kw`` goes to :func:`swapmoe.load` (update_interval, swaps_per_update, device, dtype, seed, ...);
-    its ``expert_dtype`` only to the policies of :data:`TAKE_EXPERT_DTYPE`.
+    its ``expert_dtype`` only to the policies of :data:`TAKE_EXPERT_DTYPE`; ``profile`` (a profile
+    file) only to ``planned``, which is refused without one. A ``planned`` model carries its plan as
+    ``model.swapmoe_plan``.
     """
     import swapmoe
 
     if name not in POLICIES:
         raise SwapMoEError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}")
+    profile = kw.pop("profile", None)
+    if name == "planned":
+        return _planned(path, memory_budget, profile, kw)
     expert_dtype = kw.pop("expert_dtype", None)
     if expert_dtype is not None and name in TAKE_EXPERT_DTYPE:
         kw["expert_dtype"] = expert_dtype
@@ -98,6 +107,24 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
     if kw.get("cuda_graph") is False:
         plain.swapmoe_decode_mode = "dynamic"
     return plain
+
+
+def _planned(path: str | Path | None, memory_budget: Any, profile: str | Path | None, kw: dict[str, Any]) -> Any:
+    """The ``planned`` policy: ``swapmoe plan``'s choice at ``memory_budget`` (defaults), loaded."""
+    import swapmoe
+    from swapmoe.planner.make import make_plan
+    from swapmoe.planner.profile import read_profile
+
+    if profile is None:
+        raise SwapMoEError("policy 'planned' needs a profile: pass --profile profile.json (from `swapmoe profile`)")
+    if memory_budget is None:
+        raise SwapMoEError("policy 'planned' needs a memory budget (--memory-budget or --budgets)")
+    data = read_profile(profile)
+    plan = make_plan(data, memory_budget, profile_path=profile).plan
+    kw = {k: v for k, v in kw.items() if k not in ("update_interval", "swaps_per_update", "expert_dtype")}
+    model = swapmoe.load(path, plan=plan, **kw)  # the plan's schedule and formats, not the flags'
+    model.swapmoe_plan = plan
+    return model
 
 
 def quantized_all_format(path: str | Path | None, memory_budget: Any, dtype: Any = None) -> str | None:

@@ -16,18 +16,26 @@ from swapmoe.planner.profile import read_profile
 from tests.memory import bookkeeping_allowance, experts_storages, held_storages
 from tests.planner.conftest import SMALL
 
-
-def expert_tensor_bytes(model) -> int:
-    """The expert tensors the kernels read (slot tensors, or a full layer's), summed."""
-    total = 0
-    for st in model.swapmoe.layers:
-        for n in st.layer.expert_param_names:
-            t = getattr(st.layer.experts, n)
-            total += t.numel() * t.element_size()
-    return total
+ROLES = {"full", "layer", "uniform", "static", "interval", "precision", "holdout"}
+#: bytes of one expert of the tiny model (gate_up [2I, H] + down [H, I], I=16, H=32) in each format: bf16 is a
+#: cast of the float32 weights; int8 adds a float16 scale per row (32 and 16 do not hold a group of 64); int4
+#: packs two codes a byte and adds a float16 scale and zero point per row
+FORMAT_BYTES = {"bf16": 3 * 16 * 32 * 2, "int8": 3 * 16 * 32 + 2 * (32 + 32),
+                "int4": 3 * 16 * 32 // 2 + 2 * 2 * (32 + 32)}
 
 
-ROLES = {"full", "layer", "uniform", "static", "interval", "holdout"}
+def run_bytes(run: dict, model: dict) -> int:
+    """A configuration's expert bytes by arithmetic, each layer in its format (None: the base)."""
+    fmts = run.get("expert_dtype") or [None] * len(run["slots"])
+    return sum(s * (b if f is None else model["format_expert_bytes"][f][i])
+               for i, (s, b, f) in enumerate(zip(run["slots"], model["expert_bytes"], fmts, strict=True)))
+
+
+def plan_bytes(plan, model: dict) -> int:
+    """A plan's expert bytes: its formats name the base (float32 here) None."""
+    fmts = plan.expert_dtype if isinstance(plan.expert_dtype, list) else [plan.expert_dtype] * len(plan.slots)
+    return sum(s * (b if f is None else model["format_expert_bytes"][f][i])
+               for i, (s, b, f) in enumerate(zip(plan.slots, model["expert_bytes"], fmts, strict=True)))
 
 
 def test_profile_measures_memory_timing_and_accuracy(tiny_profile):
@@ -42,8 +50,20 @@ def test_profile_measures_memory_timing_and_accuracy(tiny_profile):
     runs = prof["runs"].values()
     assert {r["role"] for r in runs} == ROLES
     assert {r["strategy"] for r in runs if r["role"] in ("layer", "uniform")} == {"exchange", "skip"}
+    # each layer alone in each format, all its experts resident, the others full in the base (float32)
+    assert m["format_expert_bytes"] == {f: [b, b] for f, b in FORMAT_BYTES.items()}
+    precision = sorted((r["expert_dtype"].index(next(f for f in r["expert_dtype"] if f)),
+                        next(f for f in r["expert_dtype"] if f)) for r in runs if r["role"] == "precision")
+    assert precision == sorted((i, f) for i in range(2) for f in FORMAT_BYTES)
+    assert all(r["slots"] == [8, 8] and r["decode_s_per_token"] > 0 for r in runs if r["role"] == "precision")
+    # int4 rounds a layer coarser than int8, and int8 coarser than a cast to bf16 (KL against the float32 model)
+    for i in range(2):
+        kl = {f: r["kl"] for r in runs if r["role"] == "precision" for f in [r["expert_dtype"][i]] if f}
+        assert 0 < kl["bf16"] < kl["int8"] < kl["int4"], kl
+    assert set(t["format_decode_delta_s"]) == set(FORMAT_BYTES)
     for r in runs:
-        assert r["expert_bytes"] == sum(s * b for s, b in zip(r["slots"], m["expert_bytes"], strict=True))
+        # measured (the runtime's resident bytes) against arithmetic in each layer's format
+        assert r["expert_bytes"] == run_bytes(r, m), r
         assert r["tokens"] == 63 and r["kl"] >= 0 and 0 < r["top1"] <= 1
     full = next(r for r in runs if r["role"] == "full")
     # measured, not written down (profile.py once wrote kl=0.0 for this row): the 100% model scored against
@@ -79,24 +99,26 @@ def test_plan_writes_a_plan_within_the_budget(tiny_profile, tiny_ckpt, tmp_path,
     plan = read_plan(out)
     budget = prof["model"]["total_expert_bytes"] // 2
     assert plan.meta["budget_bytes"] == budget
-    used = sum(s * b for s, b in zip(plan.slots, prof["model"]["expert_bytes"], strict=True))
-    assert used == plan.meta["predicted"]["expert_bytes"] <= budget
+    assert isinstance(plan.expert_dtype, list) and len(plan.expert_dtype) == 2  # a precision per MoE layer
+    assert plan_bytes(plan, prof["model"]) == plan.meta["predicted"]["expert_bytes"] <= budget
     assert plan.update_interval >= 1 and plan.strategy in ("exchange", "skip")
     assert "planned" in capsys.readouterr().err
 
 
 def test_planned_run_never_holds_more_expert_bytes_than_the_budget(tiny_profile, tiny_ckpt, tmp_path):
     path, prof = tiny_profile
-    budgets = {"25%": None, "60%": None}
+    # 10%: even int4 cannot hold every expert (experts swap); 25% and 60%: the planner's precisions
+    budgets = {"10%": None, "25%": None, "60%": None}
     for b in budgets:
         out = tmp_path / f"plan-{b}.json"
         assert main(["plan", str(tiny_ckpt), "-m", b, "--profile", str(path), "--out", str(out),
                      "--no-static"]) == 0
-        budgets[b] = read_plan(out)
-    for plan in budgets.values():
-        # update every token, two swaps at a time: as many copies as the runtime will make
-        model = swapmoe.load(tiny_ckpt, slots=plan.slots, update_interval=1, swaps_per_update=2,
-                             strategy=plan.strategy, device="cpu")
+        budgets[b] = (out, read_plan(out))
+    assert any(f is not None for _, p in budgets.values() for f in p.expert_dtype)  # some layer quantised
+    for out, plan in budgets.values():
+        # loaded through the plan (each layer in its format), updating every token, two swaps at a
+        # time: as many copies as the runtime will make
+        model = swapmoe.load(tiny_ckpt, plan=out, update_interval=1, swaps_per_update=2, device="cpu")
         # measured from the storages the experts modules and the runtime hold (tests/memory.py), not
         # from the slot tensors' declared size
         peak: list[int] = []
@@ -112,9 +134,10 @@ def test_planned_run_never_holds_more_expert_bytes_than_the_budget(tiny_profile,
             model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
         handle.remove()
         stats = model.swapmoe.stats()["total"]
-        assert stats["swaps"] > 0  # experts did move
+        if any(s < 8 for s in plan.slots):
+            assert stats["swaps"] > 0  # experts did move
         assert max(peak) <= plan.meta["budget_bytes"]
-        assert max(peak) == plan.meta["predicted"]["expert_bytes"] == expert_tensor_bytes(model)
+        assert max(peak) == plan.meta["predicted"]["expert_bytes"] == stats["resident_bytes"]
         assert max(held) <= plan.meta["budget_bytes"] + bookkeeping_allowance(model)
 
 
@@ -137,9 +160,14 @@ def test_impossible_budgets_are_one_line_errors(tiny_profile, tiny_ckpt, tmp_pat
     path, prof = tiny_profile
     out = tmp_path / "plan.json"
     base = ["plan", str(tiny_ckpt), "--profile", str(path), "--out", str(out)]
-    assert main([*base, "-m", "10%"]) == 2
+    assert main([*base, "-m", "3%"]) == 2
     err = capsys.readouterr().err
-    assert f"--memory-budget {prof['model']['minimum_bytes']} or more" in err and "Traceback" not in err
+    least = 2 * 2 * FORMAT_BYTES["int4"]  # top-2 of both layers, in the most compact format profiled
+    assert f"--memory-budget {least} or more" in err and "Traceback" not in err
+    assert main([*base, "-m", "10%", "--formats", "float32,bf16"]) == 2  # not a format
+    assert "--formats" in capsys.readouterr().err
+    assert main([*base, "-m", "10%", "--formats", "bf16"]) == 2  # bf16 alone: top-2 in bf16 does not fit
+    assert f"--memory-budget {2 * 2 * FORMAT_BYTES['bf16']} or more" in capsys.readouterr().err
     assert main([*base, "-m", "25%", "--latency-budget", "1us"]) == 2
     err = capsys.readouterr().err
     assert "--latency-budget" in err and "no memory budget reaches it" in err
@@ -176,8 +204,9 @@ def test_profile_and_plan_in_an_expert_dtype(tiny_ckpt, calibration, tmp_path):
     from swapmoe.quant import ExpertLayout
 
     out = tmp_path / "profile.json"
+    # --formats none: one format for the whole model, as before the planner chose precision per layer
     assert main(["profile", str(tiny_ckpt), "--calibration", str(calibration), "--out", str(out),
-                 "--expert-dtype", "int8", *SMALL]) == 0
+                 "--expert-dtype", "int8", "--formats", "none", *SMALL]) == 0
     prof = read_profile(out)
     assert prof["meta"]["expert_dtype"] == "int8"
     plan_path = tmp_path / "plan.json"

@@ -52,6 +52,8 @@ def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
                           "trust_remote_code": args.trust_remote_code}
     if getattr(args, "expert_dtype", None) is not None:  # load_policy gives it to the swapmoe policies only
         kw["expert_dtype"] = args.expert_dtype
+    if getattr(args, "profile", None) is not None:  # load_policy gives it to the planned policy only
+        kw["profile"] = args.profile
     if args.update_interval is not None:
         kw["update_interval"] = args.update_interval
     if args.swaps_per_update is not None:
@@ -64,9 +66,11 @@ def _policy_model(args: argparse.Namespace, policy: str, budget: str | None) -> 
 
     kw = _load_kw(args)
     if getattr(args, "plan", None):
+        kw.pop("profile", None)
         # a plan sets slots, schedule and strategy; flags given on the command line still win
         if policy not in ("swapmoe", "swapmoe-skip"):
-            raise SwapMoEError("--plan applies to the swapmoe policy only (it chooses exchange or skip itself)")
+            raise SwapMoEError("--plan applies to the swapmoe policy only (it chooses exchange or skip itself; "
+                               "policy 'planned' plans at each budget from --profile)")
         if budget is not None and getattr(args, "memory_budget", None) is not None:
             raise SwapMoEError("give either --memory-budget or --plan, not both")
         import swapmoe
@@ -119,7 +123,14 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from swapmoe.baselines import POLICIES
-    from swapmoe.evaluation.sweep import grid, markdown_table, plot, run_sweep, stream_fingerprint
+    from swapmoe.evaluation.sweep import (
+        grid,
+        markdown_table,
+        plans_table,
+        plot,
+        run_sweep,
+        stream_fingerprint,
+    )
     from swapmoe.loader import default_model_path
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -140,6 +151,13 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             "decode_tokens": args.decode_tokens, "update_interval": args.update_interval,
             "swaps_per_update": args.swaps_per_update, "device": args.device, "dtype": args.dtype,
             "expert_dtype": args.expert_dtype}
+    if "planned" in policies:
+        if args.profile is None:
+            raise SwapMoEError("policy 'planned' needs a profile: pass --profile profile.json (from `swapmoe profile`)")
+        from swapmoe.planner.profile import read_profile
+
+        meta["profile"] = str(Path(args.profile).resolve())
+        meta["profile_stream"] = read_profile(args.profile)["meta"].get("stream")
     cells = grid(policies, budgets)
     reference: list[Any] = []
 
@@ -152,6 +170,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         # then measured (a separately loaded full model, bit for bit), not written down
         row = _evaluate(model, ids, ref, args, console, f"{policy} @ {budget}")
         row["provenance"] = provenance(next(model.parameters()).device)
+        if getattr(model, "swapmoe_plan", None) is not None:  # planned: what the planner chose
+            row["plan"] = json.loads(model.swapmoe_plan.to_json())
         console.print(f"{policy} @ {budget}: perplexity {row['perplexity']:.3f}, "
                       f"decode {1e3 * (row['decode_s_per_token'] or float('nan')):.2f} ms/token")
         del model
@@ -183,6 +203,9 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
                      on_skip=lambda key: console.print(f"{key}: done already (resumed)"),
                      on_error=lambda key, msg: console.print(f"[red]{key} failed:[/red] {msg}", highlight=False))
     table = markdown_table(data)
+    plans = plans_table(data)
+    if plans:
+        table += "\nThe planner's choices (policy planned):\n\n" + plans
     (out / "sweep.md").write_text(table, encoding="utf-8")
     paths = plot(data, out)
     sys.stdout.write(table)
@@ -249,6 +272,7 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     add_model_arguments(p)
     eval_args(p)
     p.add_argument("--policy", choices=POLICIES, default="swapmoe")
+    p.add_argument("--profile", default=None, help="profile.json for policy 'planned' (planned at --memory-budget)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -258,6 +282,9 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--budgets", default="12.5%,25%,50%,75%,100%")
     p.add_argument("--policies", default="full,swapmoe,swapmoe-skip,ondemand,random-keep,magnitude-keep")
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json, sweep.md and the plots")
+    p.add_argument("--profile", default=None,
+                   help="profile.json for policy 'planned': `swapmoe plan`'s choice at each budget (its slots, "
+                        "schedule, strategy and precision per layer)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed warm-up run before the first cell")
     p.add_argument("--warmup-seconds", type=float, default=None,

@@ -118,6 +118,30 @@ def markdown_table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plans_table(data: dict[str, Any]) -> str:
+    """One row per cell that ran a plan (policy ``planned``): what the planner chose at that budget,
+    and what it predicted against what the cell measured. Empty when no cell did."""
+    rows = sorted((r for r in data["cells"].values() if r.get("plan")), key=lambda r: r["expert_bytes"])
+    if not rows:
+        return ""
+    head = ["budget", "slots per layer", "format per layer", "schedule", "expert MiB pred / meas",
+            "perplexity", "KL pred (calibration) / meas"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        p = r["plan"]
+        fmts = p.get("expert_dtype")
+        fmts = ",".join(str(f) for f in fmts) if isinstance(fmts, list) else str(fmts)
+        sched = ("static" if p["swaps_per_update"] == 0 else
+                 f"every {p['update_interval']}, {p['swaps_per_update']} swap") + f", {p['strategy']}"
+        pred = p["meta"]["predicted"]
+        lines.append("| " + " | ".join([
+            r["budget"], ",".join(map(str, p["slots"])), fmts, sched,
+            f"{pred['expert_bytes'] / 2**20:.2f} / {r['expert_bytes'] / 2**20:.2f}", f"{r['perplexity']:.3f}",
+            f"{pred['kl']:.3g} / " + ("-" if r.get("kl") is None else f"{r['kl']:.3g}"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
     """Perplexity and decode latency against expert memory, one line per policy (PNG)."""
     import matplotlib

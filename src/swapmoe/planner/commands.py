@@ -22,7 +22,6 @@ from rich.table import Table
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
-from swapmoe.provenance import provenance
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -58,6 +57,19 @@ def _strategies(text: str) -> tuple[str, ...]:
     return out
 
 
+def _formats(text: str, flag: str = "--formats") -> tuple[str, ...]:
+    """``bf16,int8,int4`` (any of :data:`swapmoe.quant.FORMATS`), or ``none``."""
+    from swapmoe.quant import FORMATS
+
+    if text.strip().lower() == "none":
+        return ()
+    out = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    bad = [f for f in out if f not in FORMATS]
+    if not out or bad:
+        raise SwapMoEError(f"{flag} takes formats among {', '.join(FORMATS)} (comma-separated) or none, got {text!r}")
+    return out
+
+
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -85,7 +97,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
         max_tokens=args.max_tokens, window=args.window, decode_tokens=args.decode_tokens,
         layer_points=args.layer_points, uniform_fractions=_fractions(args.uniform), intervals=intervals,
         reference_interval=args.reference_interval, holdout=args.holdout, strategies=_strategies(args.strategies), timing_repeats=args.timing_repeats,
-        seed=args.seed, decay=args.decay,
+        seed=args.seed, decay=args.decay, formats=_formats(args.formats),
     )
     tok = load_tokenizer(args.model, args.trust_remote_code)
     ids = tokenize_text(tok, text, args.max_tokens)
@@ -159,30 +171,38 @@ def _figures(p: Any, budget: int) -> str:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    from swapmoe.budget import parse_budget
-    from swapmoe.plan import Plan
+    from swapmoe.planner.make import base_format, layer_format, make_plan
     from swapmoe.planner.perfmodel import fit
     from swapmoe.planner.profile import read_profile
-    from swapmoe.planner.search import SearchSpace, compare_methods, parse_latency, search, uniform_config
+    from swapmoe.planner.search import SearchSpace, compare_methods, parse_latency, uniform_config
 
     data = read_profile(args.profile)
     _check_model(args, data, console)
     pm = fit(data)
-    # a share is of all experts as the model holds them (as swapmoe.load counts it), whatever
-    # --expert-dtype the profile was measured in
-    budget = parse_budget(args.memory_budget).resolve(data["model"].get("share_of_bytes", pm.total_bytes))
     latency = parse_latency(args.latency_budget) if args.latency_budget else None
     intervals = _ints(args.intervals, "--intervals") if args.intervals else tuple(data["grid"]["intervals"])
     strategies = tuple(s for s in _strategies(args.strategies) if s in pm.strategies)
     if not strategies:
         raise SwapMoEError(f"the profile has no figures for --strategies {args.strategies} (profiled: "
                            f"{', '.join(pm.strategies)}): profile them with `swapmoe profile --strategies ...`")
+    formats = None
+    if args.formats:
+        formats = tuple(dict.fromkeys(layer_format(data, f) for f in _formats(args.formats)))
+        missing = [f for f in formats if f is not None and f not in pm.format_bytes]
+        if missing or not formats:
+            raise SwapMoEError(f"the profile has no figures for format {(missing or ['none'])[0]} (profiled: "
+                               f"{', '.join([str(base_format(data)), *pm.format_bytes])}): profile it with "
+                               "`swapmoe profile --formats ...`")
     space = SearchSpace(intervals=intervals, swaps=_ints(args.swaps, "--swaps"), strategies=strategies,
-                        static=not args.no_static, static_interval=data["grid"]["reference_interval"])
+                        static=not args.no_static, static_interval=data["grid"]["reference_interval"],
+                        formats=formats)
     metric = "nll" if args.objective == "ppl" else "kl"
     if args.tolerance < 0:
         raise SwapMoEError("--tolerance must be >= 0")
     if args.method == "compare":
+        from swapmoe.budget import parse_budget
+
+        budget = parse_budget(args.memory_budget).resolve(data["model"].get("share_of_bytes", pm.total_bytes))
         results = compare_methods(pm, budget, latency, space, metric)
         t = Table(title="search methods on the same problem")
         for col in ("method", "objective", "configurations looked at", "seconds"):
@@ -190,33 +210,32 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         for r in results:
             t.add_row(r.method, f"{r.objective:.6f}", str(r.evaluated), f"{r.seconds:.3f}")
         console.print(t)
-        result = search(pm, budget, latency, "dp", space, metric, args.tolerance)
-    else:
-        result = search(pm, budget, latency, args.method, space, metric, args.tolerance)
+    planned = make_plan(data, args.memory_budget, latency, "dp" if args.method == "compare" else args.method,
+                        space, metric, args.tolerance, args.profile, pm)
+    plan, result, budget = planned.plan, planned.result, planned.budget_bytes
     cfg, pred = result.config, result.prediction
-    assert pred.expert_bytes <= budget
-    plan = Plan(slots=list(cfg.slots), update_interval=cfg.update_interval, swaps_per_update=cfg.swaps_per_update,
-                strategy=cfg.strategy, expert_dtype=data["meta"].get("expert_dtype"), meta={
-                    "model": data["meta"]["model"], "budget": str(args.memory_budget), "budget_bytes": budget,
-                    "latency_budget_s": latency, "dtype": data["model"]["dtype"], "device": data["meta"]["device"],
-                    "objective": args.objective, "method": result.method, "profile": str(Path(args.profile).resolve()),
-                    "predicted": {"expert_bytes": pred.expert_bytes, "decode_s_per_token": pred.decode_s_per_token,
-                                  "kl": pred.kl, "perplexity": pred.perplexity},
-                    "provenance": provenance(data["meta"]["device"]),
-                })
     plan.save(args.out)
-    uni = uniform_config(pm, budget)
+    base_min = sum(b * k for b, k in zip(pm.expert_bytes, pm.top_k, strict=True))
+    uni = uniform_config(pm, budget) if budget >= base_min else None  # below: only quantised layers fit
+    precision = ""
+    if isinstance(plan.expert_dtype, list):
+        precision = f"  precision        {','.join(str(f) for f in plan.expert_dtype)} (per MoE layer)\n"
+    elif plan.expert_dtype is not None:
+        precision = f"  precision        {plan.expert_dtype} (every MoE layer)\n"
+    if uni is not None:
+        uniform = (f"  uniform          {_figures(pm.predict(uni), budget)} (slots {','.join(map(str, uni.slots))}"
+                   + (f", {base_format(data)}" if pm.format_bytes else "") + ", every 16 tokens, 1 swap, exchange)\n")
+    else:
+        uniform = f"  uniform          top-k experts per layer in {base_format(data)} do not fit\n"
     console.print(
         f"[bold]plan[/bold] for {args.memory_budget} = {format_bytes(budget)} of experts"
         + (f" and {1e3 * latency:.3f} ms/token" if latency else "") + "\n"
-        f"  slots per layer  {','.join(map(str, cfg.slots))}\n"
+        f"  slots per layer  {','.join(map(str, cfg.slots))}\n" + precision
         + ("  schedule         the resident sets never change (no updates)" if cfg.swaps_per_update == 0 else
            f"  schedule         update every {cfg.update_interval} token(s), at most {cfg.swaps_per_update} swap(s) "
            "per layer") + f", strategy {cfg.strategy}\n"
-        f"  planned          {_figures(pred, budget)}\n"
-        f"  uniform          {_figures(pm.predict(uni), budget)} (slots {','.join(map(str, uni.slots))}, "
-        "every 16 tokens, 1 swap, exchange)\n"
-        "  (predicted by the performance model fitted to the profile)", highlight=False)
+        f"  planned          {_figures(pred, budget)}\n" + uniform
+        + "  (predicted by the performance model fitted to the profile)", highlight=False)
     console.print(f"{result.method}: {result.evaluated} configurations looked at in {result.seconds:.3f} s; "
                   f"wrote {args.out}", highlight=False)
     if args.json:
@@ -231,6 +250,7 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     many configurations, and a plan is what chooses them.
     """
     del add_model_arguments
+    from swapmoe.quant import FORMATS
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: bundled model)")
@@ -257,6 +277,9 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--reference-interval", type=int, default=16, help="interval of the per-layer and uniform runs")
     p.add_argument("--strategies", default="exchange,skip", help="Masked Gating strategies profiled (exchange needed)")
     p.add_argument("--holdout", type=int, default=4, help="random configurations measured for the error table")
+    p.add_argument("--formats", default=",".join(FORMATS),
+                   help="formats each MoE layer is profiled in besides --expert-dtype, one layer at a time, "
+                        "so that `swapmoe plan` can choose a precision per layer ('none': skip)")
     p.add_argument("--timing-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--decay", type=float, default=0.98, help="per-token decay of expert importance")
@@ -279,5 +302,7 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--swaps", default="1,2", help="swaps per update to consider")
     p.add_argument("--strategies", default="exchange,skip")
     p.add_argument("--no-static", action="store_true", help="do not consider plans that never swap")
+    p.add_argument("--formats", default=None,
+                   help="formats a MoE layer may take, e.g. bf16,int4 (default: every format the profile measured)")
     p.add_argument("--json", action="store_true", help="also print the plan as JSON on stdout")
     p.set_defaults(func=cmd_plan)

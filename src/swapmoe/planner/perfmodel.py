@@ -1,10 +1,13 @@
 """The performance model: what a configuration costs and how accurate it is, fitted to a profile.
 
-A *configuration* is ``{slots per MoE layer, update_interval, swaps_per_update, strategy}``. For
-any configuration the model predicts
+A *configuration* is ``{slots per MoE layer, precision per MoE layer, update_interval,
+swaps_per_update, strategy}``; a layer's precision is one of :data:`swapmoe.quant.FORMATS` that the
+profile measured, or ``None``: the format the profile was made in (its *base*). For any
+configuration the model predicts
 
-* **expert memory** exactly, by arithmetic: ``sum_l S_l * bytes_per_expert_l`` (the runtime's
-  slot tensors are exactly ``[S_l, ...]``, and a full layer keeps its ``E_l`` experts);
+* **expert memory** exactly, by arithmetic: ``sum_l S_l * bytes_per_expert_l(F_l)`` (the runtime's
+  slot tensors are exactly ``[S_l, ...]`` in the layer's format, scales included, and a full layer
+  keeps its ``E_l`` experts);
 * **decode latency per token** at batch 1::
 
       T = T0 + sum over virtualised layers (S_l < E_l) of
@@ -12,6 +15,8 @@ any configuration the model predicts
             + c * S_l                 kernels over S_l slots
             + p_l / I                 one update (importance to host, policy) every I tokens
             + r(I, s) * u_l           swaps per token times the cost of one swap on the compute path
+          + sum over layers held in a format F other than the base of
+              d_F                     dequantising the chosen experts (measured per format)
 
   with ``T0, h, c`` fitted (non-negative, least absolute deviations) to measured decode steps, ``p_l, u_l`` measured
   directly, and ``r`` the measured swap rate (swaps per token per layer) interpolated in
@@ -19,16 +24,23 @@ any configuration the model predicts
 * **accuracy** as a penalty against the full model, KL(full || config) in nats per token or the
   increase of the log-perplexity (mean NLL)::
 
-      penalty = g(A(S)) * rho(I / s),   A(S) = sum_l f_l(S_l),   one model per strategy
+      penalty = g(A) * rho(I / s),   A = sum_l f_l(S_l) + q_l(F_l),   one model per strategy
 
   ``f_l(S)`` is layer ``l``'s measured penalty with ``S`` slots while every other layer is full
-  (piecewise linear in ``S``, non-increasing, 0 at ``S = E``); ``g`` calibrates the additive sum
+  (piecewise linear in ``S``, non-increasing, 0 at ``S = E``); ``q_l(F)`` is its measured penalty
+  with all its experts resident in format ``F`` while every other layer is full and in the base
+  format (0 for the base); ``g`` calibrates the additive sum
   against measured uniform configurations (layers compound: ``g`` is the measured penalty as a
   non-decreasing piecewise-linear function of ``A``, through ``g(0) = 0``); ``rho`` is the
   measured effect of the update rate relative to the reference interval (measured with exchange,
   used for both strategies).
 
-For a fixed ``(I, s, strategy)`` the penalty is a non-decreasing function of ``A(S)`` and the
+Why ``f + q`` (one run per layer and format, not the ``(slots, format)`` grid per layer): two small
+perturbations of one layer's output, masking and rounding, add to first order in KL; the grid
+would cost ``|grid| x |formats|`` runs per layer for a second-order term. The profile's held-out
+configurations draw a format per layer too, so the table of prediction errors checks the sum.
+
+For a fixed ``(I, s, strategy)`` the penalty is a non-decreasing function of ``A`` and the
 latency is a sum over layers: that is what makes an exact knapsack-style search possible
 (:mod:`swapmoe.planner.search`). Everything here is pure Python
 over literal tables, so it can be tested without a model.
@@ -37,6 +49,7 @@ over literal tables, so it can be tested without a model.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -53,9 +66,22 @@ class Config:
     update_interval: int = 16
     swaps_per_update: int = 1
     strategy: str = "exchange"
+    #: the format of each MoE layer (None: the profile's base format); None: the base everywhere
+    expert_dtype: tuple[str | None, ...] | None = None
+
+    def formats(self) -> tuple[str | None, ...]:
+        """One entry per MoE layer (None: the base format)."""
+        return self.expert_dtype if self.expert_dtype is not None else (None,) * len(self.slots)
+
+    def mixed(self) -> bool:
+        """Does any layer leave the base format?"""
+        return any(f is not None for f in self.formats())
 
     def key(self) -> str:
-        return f"S={','.join(map(str, self.slots))};I={self.update_interval};s={self.swaps_per_update};{self.strategy}"
+        # configurations in the base format keep the keys they had before formats existed (old profiles)
+        fmts = f";F={','.join(f or '-' for f in self.formats())}" if self.mixed() else ""
+        return (f"S={','.join(map(str, self.slots))};I={self.update_interval};s={self.swaps_per_update};"
+                f"{self.strategy}{fmts}")
 
 
 @dataclass(frozen=True)
@@ -100,12 +126,16 @@ class AccuracyModel:
     compound: list[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.0), (1.0, 1.0)])  # (A, g(A))
     interval: list[tuple[float, float]] = field(default_factory=lambda: [(0.0, 1.0)])  # (log2 I/s, rho)
     static: float = 1.0  # rho when swaps_per_update = 0
+    format_points: list[dict[str, float]] = field(default_factory=list)  # per layer: format -> q_l(F)
 
-    def layer_penalty(self, layer: int, slots: int) -> float:
-        return interp(slots, self.layer_points[layer])
+    def layer_penalty(self, layer: int, slots: int, fmt: str | None = None) -> float:
+        """``f_l(S) + q_l(F)``: the layer's share of the additive penalty."""
+        q = 0.0 if fmt is None else self.format_points[layer][fmt]
+        return interp(slots, self.layer_points[layer]) + q
 
-    def additive(self, slots: Sequence[int]) -> float:
-        return sum(self.layer_penalty(i, s) for i, s in enumerate(slots))
+    def additive(self, slots: Sequence[int], formats: Sequence[str | None] | None = None) -> float:
+        fmts = formats if formats is not None else [None] * len(slots)
+        return sum(self.layer_penalty(i, s, f) for i, (s, f) in enumerate(zip(slots, fmts, strict=True)))
 
     def calibrate(self, additive: float) -> float:
         """``g``: the penalty of the reference schedule for an additive sum ``A`` (non-decreasing)."""
@@ -116,8 +146,9 @@ class AccuracyModel:
         i_eff = effective_interval(update_interval, swaps_per_update)
         return self.static if i_eff == STATIC else interp(math.log2(i_eff), self.interval)
 
-    def penalty(self, slots: Sequence[int], update_interval: int, swaps_per_update: int) -> float:
-        return self.calibrate(self.additive(slots)) * self.scale(update_interval, swaps_per_update)
+    def penalty(self, slots: Sequence[int], update_interval: int, swaps_per_update: int,
+                formats: Sequence[str | None] | None = None) -> float:
+        return self.calibrate(self.additive(slots, formats)) * self.scale(update_interval, swaps_per_update)
 
 
 @dataclass(frozen=True)
@@ -130,6 +161,10 @@ class LatencyModel:
     policy_s: list[float]  # p_l: one update of layer l without a swap
     swap_s: list[float]  # u_l: one swap of layer l on the compute path (a copy on CPU; enqueueing on CUDA)
     swap_rate: list[tuple[float, float]] = field(default_factory=list)  # (log2 I/s, swaps/token/layer)
+    format_s: dict[str, float] = field(default_factory=dict)  # d_F: per layer held in F instead of the base
+    #: per format and layer, u_l's factor: the ratio of bytes copied where a swap's cost is a copy
+    #: (CPU, synchronous), 1 where it is the host time of an asynchronous submit
+    format_swap_scale: dict[str, list[float]] = field(default_factory=dict)
 
     def rate(self, update_interval: int, swaps_per_update: int) -> float:
         """Swaps per token of one virtualised layer."""
@@ -140,14 +175,17 @@ class LatencyModel:
             return cap  # nothing measured: assume every allowed swap happens
         return min(cap, interp(math.log2(update_interval / swaps_per_update), self.swap_rate))
 
-    def layer_s(self, layer: int, slots: int, num_experts: int, update_interval: int, swaps_per_update: int) -> float:
-        """Latency a layer adds at ``slots`` slots (0 when it keeps all its experts)."""
+    def layer_s(self, layer: int, slots: int, num_experts: int, update_interval: int, swaps_per_update: int,
+                fmt: str | None = None) -> float:
+        """Latency a layer adds at ``slots`` slots in ``fmt`` (0 when it keeps all its experts in the base)."""
+        t = 0.0 if fmt is None else self.format_s.get(fmt, 0.0)
         if slots >= num_experts:
-            return 0.0
-        t = self.per_layer_s + self.per_slot_s * slots
+            return t
+        t += self.per_layer_s + self.per_slot_s * slots
         if swaps_per_update > 0:
+            scale = 1.0 if fmt is None else self.format_swap_scale.get(fmt, [1.0] * (layer + 1))[layer]
             t += self.policy_s[layer] / update_interval
-            t += self.rate(update_interval, swaps_per_update) * self.swap_s[layer]
+            t += self.rate(update_interval, swaps_per_update) * self.swap_s[layer] * scale
         return t
 
 
@@ -162,23 +200,42 @@ class PerfModel:
     accuracy: dict[str, dict[str, AccuracyModel]]  # metric -> strategy -> model
     nll_full: float = 0.0  # mean NLL of the full model on the calibration text
     meta: dict[str, Any] = field(default_factory=dict)
+    #: bytes of one expert per layer in each format other than the base that the profile measured
+    format_bytes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
         return len(self.expert_bytes)
 
     @property
+    def formats(self) -> list[str | None]:
+        """Formats a layer may take: the base (None), then each measured one."""
+        return [None, *self.format_bytes]
+
+    def layer_bytes(self, layer: int, fmt: str | None = None) -> int:
+        """Bytes of one expert of ``layer`` in ``fmt`` (None: the base format)."""
+        if fmt is None:
+            return self.expert_bytes[layer]
+        if fmt not in self.format_bytes:
+            raise ValueError(f"format {fmt!r} was not profiled (profiled: "
+                             f"{', '.join(self.format_bytes) or 'only the base format'})")
+        return self.format_bytes[fmt][layer]
+
+    @property
     def total_bytes(self) -> int:
+        """All experts in the base format."""
         return sum(b * e for b, e in zip(self.expert_bytes, self.num_experts, strict=True))
 
     @property
     def minimum_bytes(self) -> int:
-        return sum(b * k for b, k in zip(self.expert_bytes, self.top_k, strict=True))
+        """Top-k experts per layer in each layer's most compact measured format."""
+        return sum(k * min(self.layer_bytes(i, f) for f in self.formats) for i, k in enumerate(self.top_k))
 
-    def memory(self, slots: Sequence[int]) -> int:
+    def memory(self, slots: Sequence[int], formats: Sequence[str | None] | None = None) -> int:
         """Device bytes of expert weights, exactly as the runtime allocates them."""
         self.check(slots)
-        return sum(s * b for s, b in zip(slots, self.expert_bytes, strict=True))
+        fmts = formats if formats is not None else [None] * len(slots)
+        return sum(s * self.layer_bytes(i, f) for i, (s, f) in enumerate(zip(slots, fmts, strict=True)))
 
     def fraction(self, expert_bytes: int) -> float:
         return expert_bytes / self.total_bytes
@@ -197,21 +254,24 @@ class PerfModel:
 
     def decode_s(self, config: Config) -> float:
         return self.latency.base_s + sum(
-            self.latency.layer_s(i, s, e, config.update_interval, config.swaps_per_update)
-            for i, (s, e) in enumerate(zip(config.slots, self.num_experts, strict=True))
+            self.latency.layer_s(i, s, e, config.update_interval, config.swaps_per_update, f)
+            for i, (s, e, f) in enumerate(zip(config.slots, self.num_experts, config.formats(), strict=True))
         )
 
     def penalty(self, config: Config, metric: str = "kl") -> float:
         self.check(config.slots)
+        for f in config.formats():
+            if f is not None:
+                self.layer_bytes(0, f)  # a format the profile did not measure: a clear error
         if config.strategy not in self.accuracy[metric]:
             raise ValueError(f"strategy {config.strategy!r} was not profiled (profiled: {', '.join(self.strategies)})")
         acc = self.accuracy[metric][config.strategy]
-        return acc.penalty(config.slots, config.update_interval, config.swaps_per_update)
+        return acc.penalty(config.slots, config.update_interval, config.swaps_per_update, config.formats())
 
     def predict(self, config: Config) -> Prediction:
         nll = self.penalty(config, "nll") if "nll" in self.accuracy else float("nan")
         return Prediction(
-            expert_bytes=self.memory(config.slots),
+            expert_bytes=self.memory(config.slots, config.formats()),
             decode_s_per_token=self.decode_s(config),
             kl=self.penalty(config, "kl") if "kl" in self.accuracy else float("nan"),
             nll_delta=nll,
@@ -242,6 +302,28 @@ def _layer_curves(profile: dict[str, Any], metric: str, strategy: str) -> list[l
 
 def _metric(r: dict[str, Any], metric: str) -> float:
     return max(0.0, float(r[FIELDS[metric]]))
+
+
+def _precision_runs(profile: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """format -> layer -> the run with that layer alone in that format (all slots resident), for the
+    formats measured on every MoE layer (a format measured on some layers only cannot be planned)."""
+    num = profile["model"]["num_experts"]
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in profile["runs"].values():
+        fmts = r.get("expert_dtype")
+        if r.get("role") != "precision" or not fmts:
+            continue
+        moved = [(i, f) for i, f in enumerate(fmts) if f is not None]
+        if len(moved) == 1 and list(r["slots"]) == list(num):
+            found.setdefault(moved[0][1], {})[moved[0][0]] = r
+    return {f: by for f, by in found.items() if len(by) == len(num)
+            and f in profile["model"].get("format_expert_bytes", {})}
+
+
+def _format_points(profile: dict[str, Any], metric: str) -> list[dict[str, float]]:
+    """Per layer: format -> ``q_l(F)``, the layer's penalty with all its experts in ``F``."""
+    runs = _precision_runs(profile)
+    return [{f: _metric(by[i], metric) for f, by in runs.items()} for i in range(len(profile["model"]["num_experts"]))]
 
 
 def with_deltas(profile: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +366,7 @@ def fit_accuracy(profile: dict[str, Any], metric: str, strategy: str = "exchange
             elif r.get("role") == "static":
                 static = _metric(r, metric) / base
         interval.sort()
-    return AccuracyModel(partial.layer_points, compound, interval, static)
+    return AccuracyModel(partial.layer_points, compound, interval, static, _format_points(profile, metric))
 
 
 def _lstsq_nonneg(rows: list[list[float]], ys: list[float], weights: list[float] | None = None) -> list[float]:
@@ -363,7 +445,7 @@ def fit_latency(profile: dict[str, Any]) -> LatencyModel:
     rows, ys = [], []
     for r in profile["runs"].values():
         t = r.get("decode_s_per_token")
-        if t is None or r.get("role") == "holdout":
+        if t is None or r.get("role") in ("holdout", "precision"):  # precision runs: d_F below
             continue
         virt = [(i, s) for i, (s, e) in enumerate(zip(r["slots"], num, strict=True)) if s < e]
         known = sum(partial.layer_s(i, s, num[i], r["update_interval"], r["swaps_per_update"]) for i, s in virt)
@@ -376,7 +458,17 @@ def fit_latency(profile: dict[str, Any]) -> LatencyModel:
         c = 0.0
     else:
         t0, h, c = robust_fit(rows, ys)
-    return LatencyModel(t0, h, c, policy_s, swap_s, swap_rate)
+    format_s: dict[str, float] = {}
+    scale: dict[str, list[float]] = {}
+    for f in _precision_runs(profile):
+        # d_F: the median over layers of the measured difference of one MoE block's decode time
+        # (alternating rounds, see profile.time_formats); whole decode runs minutes apart drift more
+        # than this on a shared CPU
+        deltas = timing.get("format_decode_delta_s", {}).get(f, [])
+        format_s[f] = max(0.0, statistics.median(deltas)) if deltas else 0.0
+        fb = model["format_expert_bytes"][f]
+        scale[f] = [1.0 if async_swaps else b / base for b, base in zip(fb, model["expert_bytes"], strict=True)]
+    return LatencyModel(t0, h, c, policy_s, swap_s, swap_rate, format_s, scale)
 
 
 def fit(profile: dict[str, Any]) -> PerfModel:
@@ -402,11 +494,14 @@ def fit(profile: dict[str, Any]) -> PerfModel:
         expert_bytes=list(model["expert_bytes"]), num_experts=list(model["num_experts"]),
         top_k=list(model["top_k"]), latency=fit_latency(profile), accuracy=accuracy,
         nll_full=float(full["nll"]), meta=dict(profile.get("meta", {})),
+        format_bytes={f: list(model["format_expert_bytes"][f]) for f in _precision_runs(profile)},
     )
 
 
 def config_of(run: dict[str, Any]) -> Config:
-    return Config(tuple(run["slots"]), run["update_interval"], run["swaps_per_update"], run["strategy"])
+    fmts = run.get("expert_dtype")
+    return Config(tuple(run["slots"]), run["update_interval"], run["swaps_per_update"], run["strategy"],
+                  tuple(fmts) if fmts else None)
 
 
 def prediction_errors(model: PerfModel, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -13,8 +13,11 @@ Measured (see docs/planner.md):
   decode steps with a KV cache (seconds per token, swaps per token). The configurations are the
   full model; each layer alone at a grid of slot counts (others full); uniform allocations at a
   few budgets (these two for each strategy); the middle uniform one at every update interval and
-  without updates; and a few random *held-out* configurations that the model is never fitted on, for
-  the prediction-error table.
+  without updates; each layer alone in each other format of :data:`swapmoe.quant.FORMATS`, all its
+  experts resident, the others full in the base format (``precision`` runs: ``L x formats`` of
+  them, see :mod:`swapmoe.planner.perfmodel` for why not the (slots, format) grid); and a few
+  random *held-out* configurations (with a random format per layer where formats are profiled)
+  that the model is never fitted on, for the prediction-error table.
 
 The file is rewritten after every measurement; a rerun skips what is done (resumable). A profile
 made for another model, text or setting is refused rather than mixed in.
@@ -34,7 +37,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from swapmoe.errors import SwapMoEError
 from swapmoe.evaluation.perplexity import windows
 from swapmoe.planner.perfmodel import Config
 from swapmoe.provenance import provenance
+from swapmoe.quant import FORMATS, parse_expert_dtype
 
 PROFILE_VERSION = 1
 REF_CACHE_LIMIT = 2 * 2**30  # bytes of cached full-model log-probabilities (N x V float32)
@@ -67,6 +71,8 @@ class ProfileSettings:
     timing_repeats: int = 20
     seed: int = 0
     decay: float = 0.98
+    #: formats each layer is profiled in besides the base (those the model can hold; () for none)
+    formats: tuple[str, ...] = FORMATS
 
 
 def layer_grid(top_k: int, num_experts: int, points: int) -> list[int]:
@@ -97,6 +103,7 @@ def plan_runs(model: dict[str, Any], settings: ProfileSettings) -> tuple[list[Ru
     ref_i = settings.reference_interval
     full = Config(tuple(num), ref_i, 1, "exchange")
     runs = [RunSpec("full", full, True)]
+    formats = profiled_formats(model, settings)
     if "exchange" not in settings.strategies:
         raise ValueError("the exchange strategy must be profiled (the interval runs use it)")
     strategies = [s for s in ("exchange", "skip") if s in settings.strategies]
@@ -122,7 +129,14 @@ def plan_runs(model: dict[str, Any], settings: ProfileSettings) -> tuple[list[Ru
         for iv in settings.intervals:
             if iv != ref_i:
                 runs.append(RunSpec("interval", Config(mid, iv, 1, "exchange"), True))
+    for f in formats:  # at full slots the strategy does not matter: nothing is masked
+        for i in range(len(num)):
+            fmts = tuple(f if j == i else None for j in range(len(num)))
+            runs.append(RunSpec("precision", Config(tuple(num), ref_i, 1, "exchange", fmts), True))
     rng = random.Random(settings.seed)
+    # formats of held-out runs come from their own generator: the slots and schedules stay those
+    # drawn before formats were profiled
+    rng_f = random.Random(settings.seed + 1)
     candidates = sorted(set(settings.intervals) | {8, 32})
     for _ in range(settings.holdout):
         budget = rng.uniform(model["minimum_bytes"], total)
@@ -138,9 +152,11 @@ def plan_runs(model: dict[str, Any], settings: ProfileSettings) -> tuple[list[Ru
             used += bytes_[i]
         cfg = Config(tuple(slots), rng.choice(candidates), rng.choice((1, 1, 2)),
                      "skip" if rng.random() < 0.3 and "skip" in strategies else "exchange")
+        if formats:
+            cfg = replace(cfg, expert_dtype=tuple(rng_f.choice([None, *formats]) for _ in num))
         runs.append(RunSpec("holdout", cfg, True))
     grid = {"layer_slots": grids, "uniform_slots": [list(s) for s in levels], "interval_slots": list(mid),
-            "intervals": list(settings.intervals), "reference_interval": ref_i}
+            "intervals": list(settings.intervals), "reference_interval": ref_i, "formats": formats}
     seen: set[str] = set()
     unique = []
     for r in runs:
@@ -148,6 +164,25 @@ def plan_runs(model: dict[str, Any], settings: ProfileSettings) -> tuple[list[Ru
             seen.add(r.key)
             unique.append(r)
     return unique, grid
+
+
+def profiled_formats(model: dict[str, Any], settings: ProfileSettings) -> list[str]:
+    """The formats besides the base that a profile measures: asked for, and holdable by the model
+    (``model["format_expert_bytes"]``: absent in profiles made before formats were profiled)."""
+    known = model.get("format_expert_bytes", {})
+    return [f for f in FORMATS if f in settings.formats and f in known]
+
+
+def format_expert_bytes(path: Path, dtype_name: str, base: str | None, **kw: Any) -> dict[str, list[int]]:
+    """Bytes of one expert per MoE layer in each format other than ``base`` (the profile's format,
+    parsed) that the model can be held in, by arithmetic from its config (scales included)."""
+    from swapmoe.inspect import describe
+
+    dt = getattr(torch, dtype_name)
+    info = describe(path, trust_remote_code=kw.get("trust_remote_code", False),
+                    allow_pickle=kw.get("allow_pickle", False), dtype=dt)
+    return {f: list(info.expert_bytes_as[f]) for f in FORMATS
+            if f in info.expert_bytes_as and parse_expert_dtype(f, dt) != base}
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -259,6 +294,34 @@ def time_layers(model: Any, window: int, repeats: int) -> dict[str, list[float]]
     return out
 
 
+@torch.inference_mode()
+def time_formats(model: Any, others: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Per format: the MoE block's decode time per layer (1 token, batch 1) with its experts held in
+    that format, *minus* the same block of ``model`` (the base), timed in alternating rounds so that
+    a shared machine's drift falls on both alike (medians of ``repeats`` rounds)."""
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out: dict[str, list[float]] = {}
+    for fmt, other in others.items():
+        deltas = []
+        for base_st, st in zip(model.swapmoe.layers, other.swapmoe.layers, strict=True):
+            x = torch.randn(1, 1, model.config.hidden_size, generator=gen).to(device, dtype)  # [1, 1, H]
+            ta, tb = [], []
+            base_st.layer.block(x)  # warm-up
+            st.layer.block(x)
+            for _ in range(repeats):
+                for fn, acc in ((base_st.layer.block, ta), (st.layer.block, tb)):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn(x)
+                    _sync(device)
+                    acc.append(time.perf_counter() - t0)
+            deltas.append(statistics.median(tb) - statistics.median(ta))
+        out[fmt] = deltas
+    return out
+
+
 def _time_layer_updates(st: Any, swappers: tuple[Any, Any], device: torch.device, repeats: int) -> dict[str, float]:
     from swapmoe.policy import Swap, plan_swaps
 
@@ -364,8 +427,9 @@ def _open(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("model_fingerprint", "stream", "tokens", "window", "decode_tokens", "device", "dtype", "expert_dtype")
     differs = [k for k in keys if old.get(k) != meta.get(k)]
 
-    def fixed(settings: dict[str, Any] | None) -> dict[str, Any]:  # more held-out runs may be added later
-        return {k: v for k, v in (settings or {}).items() if k != "holdout"}
+    def fixed(settings: dict[str, Any] | None) -> dict[str, Any]:
+        # more held-out runs and more formats may be added later (profiles made before formats resume)
+        return {k: v for k, v in (settings or {}).items() if k not in ("holdout", "formats")}
 
     if fixed(old.get("settings")) != fixed(meta.get("settings")):
         differs.append("settings")
@@ -427,8 +491,11 @@ def profile(
     ref: list[torch.Tensor] = []
 
     def load(cfg: Config) -> Any:
+        k = dict(kw)
+        if cfg.mixed():  # None: the base format, as the profile holds every other layer
+            k["expert_dtype"] = [f if f is not None else load_kw.get("expert_dtype") for f in cfg.formats()]
         return swapmoe.load(path, slots=list(cfg.slots), update_interval=cfg.update_interval,
-                            swaps_per_update=cfg.swaps_per_update, strategy=cfg.strategy, **kw)
+                            swaps_per_update=cfg.swaps_per_update, strategy=cfg.strategy, **k)
 
     # 1. the full model: structure, reference log-probabilities, timing
     full_model = None
@@ -448,6 +515,10 @@ def profile(
             "other_bytes": weight_bytes(full_model)[1],
             "dtype": str(next(p.dtype for p in full_model.parameters() if p.is_floating_point())).replace("torch.", ""),
         }
+        save_profile(out, data)
+    if "format_expert_bytes" not in data["model"]:  # also for a profile made before formats were profiled
+        base = parse_expert_dtype(load_kw.get("expert_dtype"), getattr(torch, data["model"]["dtype"]))
+        data["model"]["format_expert_bytes"] = format_expert_bytes(path, data["model"]["dtype"], base, **load_kw)
         save_profile(out, data)
     runs, grid = plan_runs(data["model"], settings)
     data["grid"] = grid
@@ -473,6 +544,16 @@ def profile(
         del minimal
         data["timing"] = timing
         save_profile(out, data)
+    formats = profiled_formats(data["model"], settings)
+    missing = [f for f in formats if f not in data["timing"].get("format_decode_delta_s", {})]
+    if missing:
+        if full_model is None:
+            full_model = swapmoe.load(path, "100%", **kw)
+        others = {f: swapmoe.load(path, "100%", **{**kw, "expert_dtype": f}) for f in missing}
+        data["timing"].setdefault("format_decode_delta_s", {}).update(
+            time_formats(full_model, others, settings.timing_repeats))
+        del others
+        save_profile(out, data)
     if on_step is not None:
         on_step(Step("timing", False))
     for spec in runs:
@@ -484,6 +565,8 @@ def profile(
         row: dict[str, Any] = {"role": spec.role, "slots": list(spec.config.slots),
                                "update_interval": spec.config.update_interval,
                                "swaps_per_update": spec.config.swaps_per_update, "strategy": spec.config.strategy}
+        if spec.config.mixed():
+            row["expert_dtype"] = list(spec.config.formats())  # null: the base format
         if spec.role == "full":
             model.swapmoe.reset_stats()
         # the full row is measured like every other: its KL against the reference (the same model's
