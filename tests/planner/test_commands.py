@@ -21,7 +21,8 @@ ROLES = {"full", "layer", "uniform", "static", "interval", "precision", "holdout
 #: cast of the float32 weights; int8 adds a float16 scale per row (32 and 16 do not hold a group of 64); int4
 #: packs two codes a byte and adds a float16 scale and zero point per row
 FORMAT_BYTES = {"bf16": 3 * 16 * 32 * 2, "int8": 3 * 16 * 32 + 2 * (32 + 32),
-                "int4": 3 * 16 * 32 // 2 + 2 * 2 * (32 + 32)}
+                "int4": 3 * 16 * 32 // 2 + 2 * 2 * (32 + 32), "int3": 3 * 16 * 32 * 3 // 8 + 2 * 2 * (32 + 32),
+                "int2": 3 * 16 * 32 // 4 + 2 * 2 * (32 + 32)}
 
 
 def run_bytes(run: dict, model: dict) -> int:
@@ -59,7 +60,7 @@ def test_profile_measures_memory_timing_and_accuracy(tiny_profile):
     # int4 rounds a layer coarser than int8, and int8 coarser than a cast to bf16 (KL against the float32 model)
     for i in range(2):
         kl = {f: r["kl"] for r in runs if r["role"] == "precision" for f in [r["expert_dtype"][i]] if f}
-        assert 0 < kl["bf16"] < kl["int8"] < kl["int4"], kl
+        assert 0 < kl["bf16"] < kl["int8"] < kl["int4"] < kl["int3"] < kl["int2"], kl
     assert set(t["format_decode_delta_s"]) == set(FORMAT_BYTES)
     for r in runs:
         # measured (the runtime's resident bytes) against arithmetic in each layer's format
