@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from swapmoe.compat import cache_argument
+from swapmoe.engine.compiled_step import CompiledStep
 from swapmoe.runtime.step import compiled_route
 
 log = logging.getLogger(__name__)
@@ -118,19 +119,25 @@ class Decoder:
     """
 
     def __init__(self, model: Any, mode: str | None = None, min_capacity: int = MIN_CAPACITY,
-                 fuse_router: bool | None = None) -> None:
+                 fuse_router: bool | None = None, compile_step: bool = False, compile_mode: str = "default"
+                 ) -> None:
         if mode is None:
             mode = "graph" if graph_blocker(model) is None else "dynamic"
         if mode not in MODES:
             raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
         if mode == "graph" and (why := graph_blocker(model)) is not None:
             raise ValueError(f"this model's decode step cannot be captured in a CUDA graph: {why}")
+        if compile_step and mode == "dynamic":
+            raise ValueError("compile_step compiles the static-cache decode step: use mode 'graph' or 'static'")
         self.model = model
         self.mode = mode
         self.runtime = getattr(model, "swapmoe", None)  # None: plain transformers
+        # the whole single-token step compiled by inductor (compiled_step.py); its router work is traced
+        # into that graph, so the separately compiled router step is not used then
+        self.compiled = CompiledStep(compile_mode) if compile_step else None
         # graph mode: the router hooks' tensor work compiled into a few kernels (runtime/step.py)
-        fuse = mode == "graph" if fuse_router is None else fuse_router
-        self.fused = compiled_route() if fuse and self.runtime is not None else None
+        fuse = mode == "graph" and not compile_step if fuse_router is None else fuse_router
+        self.fused = compiled_route() if fuse and self.runtime is not None and not compile_step else None
         self.device = model_device(model)
         self.cache_kw = cache_argument(model)
         self.limit = context_length(model)
@@ -178,10 +185,12 @@ class Decoder:
             self.cache.reset()  # in place: the captured graph keeps reading the same tensors
 
     # ---------------------------------------------------------------- forwards
-    def _forward(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, all_logits: bool, step: bool = False) -> torch.Tensor:
         # the model's own forward, also where model.generate's wrapper is installed (hf_generate.py)
         forward = self.model.__dict__.get("_swapmoe_plain_forward", self.model)
         with plain_no_grad():
+            if step and self.compiled is not None:  # a single-token step on the static cache
+                return self.compiled(forward, ids, self.cache, self.cache_kw)  # [1, V]
             out = forward(input_ids=ids, **{self.cache_kw: self.cache}, use_cache=True,
                              logits_to_keep=0 if all_logits else 1)
             return out.logits[0].float()  # [T or 1, V]
@@ -194,12 +203,12 @@ class Decoder:
         self.start(len(token_ids) + max(max_new_tokens, 1))
         return self._extend(list(token_ids), all_logits)
 
-    def _extend(self, token_ids: list[int | torch.Tensor], all_logits: bool) -> torch.Tensor:
+    def _extend(self, token_ids: list[int | torch.Tensor], all_logits: bool, step: bool = False) -> torch.Tensor:
         if isinstance(token_ids[0], torch.Tensor):
             ids = torch.stack([t.reshape(()) for t in token_ids]).view(1, -1).to(self.device)  # [1, T]
         else:
             ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
-        logits = self._forward(ids, all_logits)
+        logits = self._forward(ids, all_logits, step)
         self.history.extend(token_ids)
         return logits if all_logits else logits[-1]
 
@@ -213,11 +222,11 @@ class Decoder:
         if self.mode != "dynamic" and len(self.history) + 1 > self.capacity:
             self._grow()
         if self.mode == "static" and self.history:
-            if self.runtime is None:
-                return self._extend([token], all_logits=False)
-            self.runtime.before_replay(1)
-            with self.runtime.capturing():
-                return self._extend([token], all_logits=False)
+            return self._split_step(token)
+        if self.mode == "graph" and self.graph is None and self.compiled is not None and self.history:
+            logits = self._split_step(token)  # compiles the step (or reuses it), then runs it once
+            self._capture()
+            return logits
         if self.mode != "graph" or self.graph is None:
             with self._fused_router():
                 logits = self._extend([token], all_logits=False)
@@ -235,6 +244,16 @@ class Decoder:
         self.graph.replay()
         self.history.append(token)
         return self._output
+
+    def _split_step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """A step split as a replay splits it: the runtime's host side first (scheduling, mapping
+        finished copies, counting), then a forward whose router hooks do in-graph work only; compiled
+        with ``compile_step``. ``[V]`` logits."""
+        if self.runtime is None:
+            return self._extend([token], all_logits=False, step=True)
+        self.runtime.before_replay(1)
+        with self.runtime.capturing():
+            return self._extend([token], all_logits=False, step=True)
 
     @contextlib.contextmanager
     def _fused_router(self) -> Any:
@@ -268,7 +287,7 @@ class Decoder:
         hooks = self.runtime.capturing() if self.runtime is not None else contextlib.nullcontext()
         try:
             with hooks, torch.cuda.graph(graph):
-                self._output = self._forward(self._input, all_logits=False)[-1]  # [V]
+                self._output = self._forward(self._input, all_logits=False, step=True)[-1]  # [V]
         except RuntimeError as e:  # a kernel that reads device values on the host cannot be captured
             log.warning("could not capture the decode step (%s); decoding with eager forwards",
                         str(e).splitlines()[0])
