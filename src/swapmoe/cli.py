@@ -44,6 +44,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="compile the decode step with inductor before capturing it (fewer kernels per token; the "
+                        "first token waits for the compile)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights: only for trusted files")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped in the model directory")
 
@@ -60,7 +63,8 @@ def load_from_args(args: argparse.Namespace) -> Any:
             device=args.device,
             dtype=args.dtype, expert_dtype=args.expert_dtype, async_swaps=not args.sync_swaps,
             allow_pickle=args.allow_pickle,
-            trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph, **kw,
+            trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph,
+            compile_step=getattr(args, "compile_step", False), **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig
         raise SwapMoEError(str(e)) from None

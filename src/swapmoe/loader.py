@@ -249,6 +249,7 @@ def load(
     seed: int = 0,
     async_swaps: bool = True,
     cuda_graph: bool = True,
+    compile_step: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     expert_dtype: str | list[str | None] | None = None,
@@ -274,6 +275,8 @@ def load(
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
+    compile_step   compile that decode step with inductor before capturing it (fewer, fused kernels per
+                   token; swapmoe.engine.compiled_step); the first decode step then takes the compile time
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
@@ -375,17 +378,19 @@ def load(
             )
         )
     model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
-    _use_decoder(model, cuda_graph)
+    _use_decoder(model, cuda_graph, compile_step)
     return_freed_memory()  # the load's temporaries
     return model
 
 
-def _use_decoder(model: nn.Module, cuda_graph: bool) -> None:
+def _use_decoder(model: nn.Module, cuda_graph: bool, compile_step: bool = False) -> None:
     """Choose how the model decodes: on CUDA by default one graph replay per token, through the
-    engine's decoder and through ``model.generate`` (swapmoe.engine.hf_generate)."""
+    engine's decoder and through ``model.generate`` (swapmoe.engine.hf_generate); with
+    ``compile_step`` the static-cache decoders compile their step first (swapmoe.engine.decoder_for)."""
     from swapmoe.engine.decoder import graph_blocker
     from swapmoe.engine.hf_generate import install
 
+    model.swapmoe_compile_step = compile_step
     if not cuda_graph:
         model.swapmoe_decode_mode = "dynamic"
         return

@@ -100,3 +100,23 @@ def test_compile_step_refuses_what_it_cannot_compile(engine_checkpoint):
         Decoder(model, "dynamic", compile_step=True)
     with pytest.raises(ValueError, match="compile mode must be one of"):
         Decoder(model, "static", compile_step=True, compile_mode="reduce-overhead")
+
+
+def test_load_with_compile_step_compiles_the_engines_static_decoder(engine_checkpoint, tokenizer):
+    """swapmoe.load(compile_step=True) reaches the decoder every command decodes through (decoder_for),
+    and generation through the engine is unchanged by it; eager (dynamic) decoding stays uncompiled."""
+    from swapmoe.engine import SamplingParams, generate
+
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    plain = swapmoe.load(engine_checkpoint, "50%", device="cpu", swaps_per_update=0)
+    plain.swapmoe_decode_mode = "static"
+    compiled = swapmoe.load(engine_checkpoint, "50%", device="cpu", swaps_per_update=0, compile_step=True)
+    compiled.swapmoe_decode_mode = "static"
+    ref = generate(plain, tokenizer, FEED[:8], params)
+    got = generate(compiled, tokenizer, FEED[:8], params)
+    dec = compiled.__dict__["_swapmoe_decoder"]
+    assert dec.compiled is not None and dec.compiled.compiles == 1
+    assert got.token_ids == ref.token_ids and len(got.token_ids) > 0
+    compiled.swapmoe_decode_mode = "dynamic"
+    generate(compiled, tokenizer, FEED[:8], params)
+    assert compiled.__dict__["_swapmoe_decoder"].compiled is None

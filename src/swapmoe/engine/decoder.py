@@ -323,10 +323,14 @@ def context_length(model: Any) -> int | None:
 def decoder_for(model: Any, mode: str | None = None) -> Decoder:
     """The model's decoder, created on first use and kept on the model (its graph and cache are reused
     by every request). ``mode`` None: the model's default (``model.swapmoe_decode_mode`` if set by
-    ``swapmoe.load(cuda_graph=...)``, else graph where possible)."""
+    ``swapmoe.load(cuda_graph=...)``, else graph where possible); the step is compiled where
+    ``swapmoe.load(compile_step=True)`` asked for it."""
     mode = mode or getattr(model, "swapmoe_decode_mode", None)
     dec = model.__dict__.get("_swapmoe_decoder")
     if dec is None or (mode is not None and dec.mode != mode):
-        dec = Decoder(model, mode)
+        resolved = mode or ("graph" if graph_blocker(model) is None else "dynamic")
+        # swapmoe.load(compile_step=True): the static-cache modes compile their step; eager ones cannot
+        compile_step = bool(getattr(model, "swapmoe_compile_step", False)) and resolved != "dynamic"
+        dec = Decoder(model, resolved, compile_step=compile_step)
         model.__dict__["_swapmoe_decoder"] = dec
     return dec
