@@ -15,6 +15,11 @@ Modes
              hooks do only in-graph work). CPU tests check the graph path's bookkeeping with it.
     dynamic  a ``DynamicCache``, every step an eager forward (CPU; models a graph cannot capture).
 
+``compile_step=True`` (graph and static modes): the single-token step is compiled by inductor, without
+inductor's own CUDA graphs, with the router hooks' in-graph work traced into it
+(:mod:`swapmoe.engine.compiled_step`); graph mode runs the compiled step once, then captures it as
+above. Off by default until the GPU benchmark (benchmarks/decode.py --compile-step) says otherwise.
+
 Prefill is always eager (one forward of the whole prompt): prompts vary in length, a captured
 prefill would need one graph per length. The decode graph is kept across requests: a new request
 resets the cache in place (same addresses), so the graph stays valid; only a request that needs a
