@@ -337,13 +337,15 @@ def test_async_swaps_every_token_equal_the_same_schedule_applied_synchronously(t
     assert len(moved) <= MAX_NOISY_STEPS, f"{len(moved)} steps moved beyond {TORN_TOLERANCE}, first {moved[:5]}"
 
 
-def test_steady_state_graph_decode_with_swaps_allocates_no_device_memory(tmp_path):
-    """The budget is a promise about the allocator: swapping copies into the fixed slots, nothing else."""
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_steady_state_graph_decode_with_swaps_allocates_no_device_memory(tmp_path, compile_step):
+    """The budget is a promise about the allocator: swapping copies into the fixed slots, nothing else
+    (the compiled step's buffers live in the graph's pool, allocated once at capture)."""
     from swapmoe.engine.decoder import Decoder
 
     path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
     model = swapmoe.load(path, "25%", device="cuda", dtype=torch.bfloat16, update_interval=1, swaps_per_update=2)
-    dec = Decoder(model, "graph")
+    dec = Decoder(model, "graph", compile_step=compile_step)
     feed = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(6)).tolist()
     dec.read_logits(dec.prefill(feed[:8], max_new_tokens=190))
     for t in feed[8:16]:
