@@ -120,3 +120,19 @@ def test_load_with_compile_step_compiles_the_engines_static_decoder(engine_check
     compiled.swapmoe_decode_mode = "dynamic"
     generate(compiled, tokenizer, FEED[:8], params)
     assert compiled.__dict__["_swapmoe_decoder"].compiled is None
+
+
+def test_a_step_dynamo_cannot_trace_falls_back_to_the_uncompiled_step(engine_checkpoint, caplog):
+    """A model whose step breaks the graph (here a hook branching on a device value) is decoded with the
+    uncompiled step, with a warning naming the reason, rather than failing the request."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine_checkpoint).eval()
+    model.lm_head.register_forward_hook(lambda mod, args, out: out * 2 if bool(out.abs().sum() > 1e30) else None)
+    ref = _teacher_forced(Decoder(model, "static"), steps=4)
+    dec = Decoder(model, "static", compile_step=True)
+    with caplog.at_level("WARNING", logger="swapmoe.engine.decoder"):
+        got = _teacher_forced(dec, steps=4)
+    assert dec.compiled is None and "could not compile the decode step" in caplog.text
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)

@@ -195,7 +195,13 @@ class Decoder:
         forward = self.model.__dict__.get("_swapmoe_plain_forward", self.model)
         with plain_no_grad():
             if step and self.compiled is not None:  # a single-token step on the static cache
-                return self.compiled(forward, ids, self.cache, self.cache_kw)  # [1, V]
+                try:
+                    return self.compiled(forward, ids, self.cache, self.cache_kw)  # [1, V]
+                except torch._dynamo.exc.TorchDynamoException as e:
+                    # dynamo fails before the compiled step runs anything (fullgraph): nothing half-done
+                    log.warning("could not compile the decode step (%s); decoding with the uncompiled step",
+                                str(e).strip().splitlines()[0])
+                    self.compiled = None
             out = forward(input_ids=ids, **{self.cache_kw: self.cache}, use_cache=True,
                              logits_to_keep=0 if all_logits else 1)
             return out.logits[0].float()  # [T or 1, V]
