@@ -17,6 +17,14 @@ scheduler itself never runs inside: the decoder calls it before each step, outsi
 Compiles: one per decode step shape and per change of what the guards watch (the model, the cache's
 capacity, the runtime's strategy), never per token: every tensor shape of a single-token step is fixed
 and the position lives on the device. :attr:`CompiledStep.compiles` counts the graphs inductor built.
+A hook with Python side effects (appending to a list, say) would be guarded on and recompile every step:
+keep hooks on a compiled model free of them. A step dynamo cannot trace whole (``fullgraph``) is
+decoded uncompiled instead, with a warning (:meth:`Decoder._forward`).
+
+The first step pays the compile (seconds, or minutes for a real-size model with a cold inductor cache),
+and inductor starts its pool of compile workers then; on the GPU machine host work in the same process
+was seen to run slowly for a few seconds after a compile while that pool started, so time decode
+steps only after the first few seconds.
 """
 
 from __future__ import annotations
