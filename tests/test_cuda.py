@@ -209,10 +209,15 @@ def test_compiled_graph_decode_at_full_budget_equals_the_uncompiled_graph_for_64
     ref, ref_rows = _greedy(Decoder(model, "graph"), prompt, 64)
     dec = Decoder(model, "graph", compile_step=True)
     got, rows = _greedy(dec, prompt, 64)
-    print(f"compiled vs uncompiled graph: worst |dlogit| "
-          f"{max(float((a - b).abs().max()) for a, b in zip(rows, ref_rows, strict=True)):.4f}")
     assert dec.mode == "graph" and dec.graphs_captured == 1 and dec.compiled.compiles == 1
-    assert got == ref
+    # inductor keeps some bf16 intermediates in float32 where eager rounds them: logits may differ by bf16
+    # noise; the message says by how much, up to where the tokens first differ
+    first = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), len(ref))
+    worst = max(float((a - b).abs().max()) for a, b in zip(rows[:first + 1], ref_rows[:first + 1], strict=False))
+    top2 = ref_rows[min(first, len(ref) - 1)].topk(2).values
+    print(f"compiled vs uncompiled graph: first differing token {first}, worst |dlogit| {worst:.4f}")
+    assert got == ref, (f"greedy tokens differ from step {first} (worst |dlogit| {worst:.4f} up to it; "
+                        f"reference top-2 margin there {float(top2[0] - top2[1]):.4f})")
 
 
 def test_compiled_graph_replays_equal_the_compiled_static_steps_at_half_budget(tmp_path):
