@@ -276,7 +276,8 @@ def load(
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
     compile_step   compile that decode step with inductor before capturing it (fewer, fused kernels per
-                   token; swapmoe.engine.compiled_step); the first decode step then takes the compile time
+                   token; swapmoe.engine.compiled_step); the first decode step then takes the compile time.
+                   Not verified on a GPU yet
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in

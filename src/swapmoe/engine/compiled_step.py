@@ -21,10 +21,12 @@ A hook with Python side effects (appending to a list, say) would be guarded on a
 keep hooks on a compiled model free of them. A step dynamo cannot trace whole (``fullgraph``) is
 decoded uncompiled instead, with a warning (:meth:`Decoder._forward`).
 
-The first step pays the compile (seconds, or minutes for a real-size model with a cold inductor cache),
-and inductor starts its pool of compile workers then; on the GPU machine host work in the same process
-was seen to run slowly for a few seconds after a compile while that pool started, so time decode
-steps only after the first few seconds.
+The first step pays the compile (seconds for the tiny test models on a CPU; more for a real-size model
+with a cold inductor cache). Inductor also starts its pool of compile workers then, which competes
+with the host work of the first steps after a compile: time decode steps only after those.
+
+Not verified on a GPU yet (tests/test_cuda.py "compiled", benchmarks/decode.py --compile-step), hence
+off by default.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ Modes
 ``compile_step=True`` (graph and static modes): the single-token step is compiled by inductor, without
 inductor's own CUDA graphs, with the router hooks' in-graph work traced into it
 (:mod:`swapmoe.engine.compiled_step`); graph mode runs the compiled step once, then captures it as
-above. Off by default until the GPU benchmark (benchmarks/decode.py --compile-step) says otherwise.
+above. Off by default: not verified on a GPU yet (tests/test_cuda.py "compiled", benchmarks/decode.py
+--compile-step).
 
 Prefill is always eager (one forward of the whole prompt): prompts vary in length, a captured
 prefill would need one graph per length. The decode graph is kept across requests: a new request
