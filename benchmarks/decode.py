@@ -10,6 +10,8 @@ tokens; device memory split. A table on stdout and a JSON with torch, transforme
 
     python benchmarks/decode.py --arch olmoe-1b-7b --out runs/decode       # on the GPU machine
     python benchmarks/decode.py --arch tiny --device cpu --out runs/tiny     # smoke test anywhere
+    python benchmarks/decode.py --arch olmoe-1b-7b --moe-kernel transformers,auto \
+        --only "swapmoe 100%, graph;swapmoe 50%, graph;plain transformers, graph"   # fused experts or not
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
         ("swapmoe 50% skip, graph", "swapmoe", {"memory_budget": "50%", "strategy": "skip"}, "graph"),
         ("swapmoe 25%, graph", "swapmoe", {"memory_budget": "25%"}, "graph"),
         ("swapmoe 50%, eager", "swapmoe", {"memory_budget": "50%"}, "dynamic"),
+        # issue 14: quantised experts in the graph, at the same slot count as bf16 50% and at the same bytes
+        ("swapmoe int8, 50%'s slots, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int8"}, "graph"),
+        ("swapmoe int4, 50%'s slots, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int4"}, "graph"),
+        ("swapmoe 50% int8, graph", "swapmoe", {"memory_budget": "50%", "expert_dtype": "int8"}, "graph"),
+        ("swapmoe 25% int4, graph", "swapmoe", {"memory_budget": "25%", "expert_dtype": "int4"}, "graph"),
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
         ("accelerate offload 50%", "accelerate-offload", {"memory_budget": "50%"}, "dynamic"),
     ]
@@ -61,6 +68,21 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
         out.append((name, kind, kw, mode))
         if name in ("plain transformers, graph", "swapmoe 100%, graph", "swapmoe 50%, graph"):
             out.append((name + "+compiled", kind, kw, "graph-compiled"))
+    return out
+
+
+def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels: list[str]
+                     ) -> list[tuple[str, str, dict[str, Any], str]]:
+    """Each swapmoe setting once per ``moe_kernel`` choice (``--moe-kernel transformers,auto``: without and
+    with the fused Triton kernel, in one process); the one default choice leaves the settings as they are."""
+    if kernels == ["transformers"]:
+        return chosen
+    out = []
+    for name, kind, kw, mode in chosen:
+        if kind != "swapmoe":
+            out.append((name, kind, kw, mode))
+            continue
+        out.extend((f"{name}, moe {k}", kind, {**kw, "moe_kernel": k}, mode) for k in kernels)
     return out
 
 
@@ -79,6 +101,12 @@ def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     elif kind == "swapmoe":
+        if "slots_fraction" in kw:  # the same slots per layer as a bf16 budget of that fraction gives
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(path)
+            n = round(kw["slots_fraction"] * (getattr(cfg, "num_experts", None) or cfg.num_local_experts))
+            kw = {**{k: v for k, v in kw.items() if k != "slots_fraction"}, "slots": [n] * cfg.num_hidden_layers}
         model = swapmoe.load(path, device=device, dtype=dtype, **kw)
     else:
         from swapmoe.baselines import load_policy
@@ -126,6 +154,10 @@ def main() -> None:
                    help="add settings whose captured decode step is compiled by inductor (graph+compiled)")
     p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                    help="inductor mode of the graph+compiled settings")
+    p.add_argument("--moe-kernel", default="transformers",
+                   help="comma-separated swapmoe.load(moe_kernel=...) choices (transformers, auto, triton): every "
+                        "swapmoe setting runs once per choice, named '<setting>, moe <choice>' (e.g. "
+                        "transformers,auto: without and with the fused Triton kernel in one process)")
     p.add_argument("--out", type=Path, default=Path("runs/decode"))
     args = p.parse_args()
     console = Console()
@@ -140,12 +172,13 @@ def main() -> None:
     vocab = ARCHS[args.arch]["vocab_size"]
     prompt = torch.randint(0, vocab, (32,), generator=rng).tolist()
     feed = torch.randint(0, vocab, (max(args.tokens + 8, 20 + args.profile_tokens),), generator=rng).tolist()
-    chosen = settings(args.compile_step)
+    chosen = with_moe_kernels(settings(args.compile_step), [k.strip() for k in args.moe_kernel.split(",") if k.strip()])
     if device.type != "cuda":  # accelerate's offloading moves weights from the GPU to host memory
         chosen = [c for c in chosen if c[1] != "accelerate-offload"]
     if args.only:
         wanted = {s.strip() for s in args.only.split(";")}
-        chosen = [c for c in chosen if c[0] in wanted]
+        # a setting's own name also selects its per-kernel twins
+        chosen = [c for c in chosen if c[0] in wanted or c[0].rsplit(", moe ", 1)[0] in wanted]
     loaded: dict[tuple, Any] = {}
     decoders: dict[str, Decoder] = {}
     rows: dict[str, dict[str, Any]] = {}

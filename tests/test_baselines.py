@@ -56,4 +56,4 @@ def test_unknown_policy_and_missing_twin_are_clear(ckpt):
     if not torch.cuda.is_available():
         with pytest.raises(SwapMoEError, match="needs a CUDA GPU"):
             load_policy("accelerate-offload", ckpt, "50%")
-    assert len(POLICIES) == 11
+    assert len(POLICIES) == 13

@@ -129,7 +129,9 @@ def test_plan_expert_dtype_round_trip_and_errors(tmp_path, tiny):
 
     assert "lists 2 formats for 3 MoE layers" in bad(["int8", "int4"])
     assert "'expert_dtype'[1] is 'fp8'" in bad(["int8", "fp8", "int4"])
-    assert "unknown expert dtype 'int3'" in bad("int3")
+    assert "unknown expert dtype 'int1'" in bad("int1")
+    Plan(slots=[2, 3, 4], expert_dtype=["int2", "int3", None]).save(path)  # the low-bit formats are formats
+    assert read_plan(path).expert_dtype == ["int2", "int3", None]
     assert "non-empty list" in bad([])
     assert "non-empty list" in bad({"layer0": "int8"})
     with pytest.raises(PlanError, match="lists 1 formats for 3 MoE layers"):
@@ -137,8 +139,8 @@ def test_plan_expert_dtype_round_trip_and_errors(tmp_path, tiny):
     # a Python list of the wrong length, or with an unknown format, fails before loading
     with pytest.raises(SwapMoEError, match="lists 2 formats for 3 MoE layers"):
         swapmoe.load(tiny, "50%", expert_dtype=["int8", "int4"])
-    with pytest.raises(SwapMoEError, match=r"expert_dtype\[0\] is 'int2'"):
-        swapmoe.load(tiny, "50%", expert_dtype=["int2", "int4", "int8"])
+    with pytest.raises(SwapMoEError, match=r"expert_dtype\[0\] is 'int1'"):
+        swapmoe.load(tiny, "50%", expert_dtype=["int1", "int4", "int8"])
 
 
 def test_explicit_expert_dtype_overrides_the_plans(tiny):

@@ -29,6 +29,21 @@ def test_sweep_table_is_its_json():
     assert len(rows) == len(data["cells"]) and not _missing(rows)
 
 
+def test_lowbit_sweep_table_is_its_json():
+    data = json.loads((RESULTS / "lowbit-sweep" / "sweep.json").read_text())
+    rows = _rows(markdown_table(data))
+    assert len(rows) == len(data["cells"]) == 11 and not _missing(rows)
+
+
+def test_lowbit_formats_table_is_its_json():
+    spec = importlib.util.spec_from_file_location("lowbit_formats", REPO / "benchmarks" / "lowbit_formats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = json.loads((RESULTS / "lowbit-formats.json").read_text())
+    rows = [r for r in _rows(module.markdown_table(record)) if not r.startswith("| format")]
+    assert len(rows) == len(record["rows"]) and not _missing(rows)
+
+
 def test_comparison_table_is_its_json():
     spec = importlib.util.spec_from_file_location("quant_compare", REPO / "benchmarks" / "quant_compare.py")
     module = importlib.util.module_from_spec(spec)
@@ -42,10 +57,11 @@ def test_experts_per_budget_table_is_what_info_computes():
     from swapmoe.budget import format_bytes
     from swapmoe.inspect import describe
     from swapmoe.loader import default_model_path
+    from swapmoe.quant import FORMATS
 
     info = describe(default_model_path())
     rows = []
     for frac, label in ((0.125, "12.5%"), (0.25, "25%"), (0.5, "50%"), (0.75, "75%")):
-        cells = ["/".join(map(str, sorted(set(info.slots_for(frac, f))))) for f in (None, "int8", "int4")]
+        cells = ["/".join(map(str, sorted(set(info.slots_for(frac, f))))) for f in (None, *FORMATS[1:])]
         rows.append(f"| {label} | {format_bytes(int(frac * info.total_expert_bytes))} | " + " | ".join(cells) + " |")
     assert not _missing(rows)

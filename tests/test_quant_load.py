@@ -56,7 +56,13 @@ def test_int8_at_100_percent_stays_within_the_stated_tolerance(heldout_ids):
     assert (int4 - ref).abs().mean() > 2 * diff.mean()  # fewer bits, more error: the formats differ
 
 
-@pytest.mark.parametrize(("fmt", "budget"), [("int8", "50%"), ("int4", "25%"), ("int8", "100%")])
+# how many times the bf16 experts the same bytes hold, at least (int8 1.94x, int4 3.56x, int3 4.57x, int2 6.4x,
+# less the round-robin's remainder)
+MORE_EXPERTS = {"int8": 1.8, "int4": 3.4, "int3": 4.4, "int2": 6.0}
+
+
+@pytest.mark.parametrize(("fmt", "budget"), [("int8", "50%"), ("int4", "25%"), ("int8", "100%"), ("int3", "12.5%"),
+                                             ("int2", "12.5%")])
 def test_budget_bytes_are_the_measured_bytes_of_the_quantised_slots(heldout_ids, fmt, budget):
     plain = swapmoe.load(None, budget)
     model = swapmoe.load(None, budget, expert_dtype=fmt)
@@ -67,13 +73,14 @@ def test_budget_bytes_are_the_measured_bytes_of_the_quantised_slots(heldout_ids,
     planned = sum(st.num_slots * lay.expert_bytes() for st, lay in zip(model.swapmoe.layers, layouts, strict=True))
     assert walked == stats["resident_bytes"] == planned <= stats["budget_bytes"]
     assert held_storages(model).bytes - walked <= bookkeeping_allowance(model)  # no dequantised copy kept
-    assert stats["slots"] > (1.8 if fmt == "int8" else 3.4) * plain.swapmoe.stats()["total"]["slots"] or \
-        stats["slots"] == 8 * 16  # the same bytes hold ~1.9x (int8) or ~3.6x (int4) the experts, up to all
+    assert stats["slots"] > MORE_EXPERTS[fmt] * plain.swapmoe.stats()["total"]["slots"] or \
+        stats["slots"] == 8 * 16  # the same bytes hold more experts in fewer bits, up to all
 
 
-def test_swaps_keep_maps_and_quantised_slots_consistent(heldout_ids):
+@pytest.mark.parametrize(("fmt", "budget"), [("int4", "25%"), ("int2", "12.5%")])
+def test_swaps_keep_maps_and_quantised_slots_consistent(heldout_ids, fmt, budget):
     full = AutoModelForCausalLM.from_pretrained(default_model_path()).eval()
-    model = swapmoe.load(None, "25%", expert_dtype="int4", update_interval=4, swaps_per_update=2)
+    model = swapmoe.load(None, budget, expert_dtype=fmt, update_interval=4, swaps_per_update=2)
     _logits(model, heldout_ids)
     with torch.inference_mode():
         model.generate(heldout_ids[:, :8], max_new_tokens=24, do_sample=False)
@@ -95,11 +102,12 @@ def tiny(tmp_path_factory):
     return make_checkpoint("qwen3_moe", tmp_path_factory.mktemp("quant") / "qwen3-moe")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int3", "int2"])
 def test_scratch_of_chosen_slots_equals_all_slots_dequantised(tiny, fmt):
     """Per term (T*K <= S) and per used slot (T*K > S), with a skipped term: the same as computing from
     every slot dequantised (what the scratch avoids holding)."""
-    model = swapmoe.load(tiny, {"int8": "20%", "int4": "12%"}[fmt], expert_dtype=fmt)  # 6 of 8 slots
+    budget = {"int8": "20%", "int4": "12%", "int3": "10%", "int2": "7%"}[fmt]
+    model = swapmoe.load(tiny, budget, expert_dtype=fmt)  # 6 of 8 slots
     st = model.swapmoe.layers[0]
     experts, fwd = st.layer.experts, st.layer.experts.forward
     S = fwd.num_slots
@@ -124,10 +132,11 @@ def test_scratch_of_chosen_slots_equals_all_slots_dequantised(tiny, fmt):
         assert all(experts._parameters[n].numel() == 0 for n in everything)  # placeholders back
 
 
-def test_checkpoint_backed_store_quantises_each_expert_as_it_is_read(tiny):
-    kw = {"update_interval": 1, "swaps_per_update": 2, "expert_dtype": "int8"}
-    held = swapmoe.load(tiny, "20%", **kw)  # 6 of 8 slots
-    mapped = swapmoe.load(tiny, "20%", host_budget=1, **kw)  # 1 byte: every layer stays in the files
+@pytest.mark.parametrize(("fmt", "budget"), [("int8", "20%"), ("int3", "10%")])  # 6 of 8 slots
+def test_checkpoint_backed_store_quantises_each_expert_as_it_is_read(tiny, fmt, budget):
+    kw = {"update_interval": 1, "swaps_per_update": 2, "expert_dtype": fmt}
+    held = swapmoe.load(tiny, budget, **kw)
+    mapped = swapmoe.load(tiny, budget, host_budget=1, **kw)  # 1 byte: every layer stays in the files
     assert {la["expert_store"] for la in mapped.swapmoe.stats()["layers"]} == {"checkpoint"}
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -137,7 +146,7 @@ def test_checkpoint_backed_store_quantises_each_expert_as_it_is_read(tiny):
     assert mapped.swapmoe.stats()["total"]["swaps"] == held.swapmoe.stats()["total"]["swaps"] > 0
     for x, y in zip(held.swapmoe.layers, mapped.swapmoe.layers, strict=True):
         host = x.pool.store.tensors  # the host store holds the parts, quantised once at load
-        assert host["gate_up_proj.q"].dtype == torch.int8
+        assert host["gate_up_proj.q"].dtype == {"int8": torch.int8, "int3": torch.uint8}[fmt]
         staged = y.pool.store.stage(3, pin=False)
         assert set(staged) == set(host)
         assert all(torch.equal(staged[n], host[n][3]) for n in host)
@@ -145,16 +154,18 @@ def test_checkpoint_backed_store_quantises_each_expert_as_it_is_read(tiny):
 
 
 def test_quantized_all_picks_the_least_lossy_format_that_holds_every_expert(tiny, caplog):
-    # the tiny model is float32: bf16 holds all at 50%, int8 (26.7%) at 30%, int4 (16%) at 20%
-    assert [quantized_all_format(tiny, b) for b in ("100%", "60%", "30%", "20%")] == [None, "bf16", "int8", "int4"]
+    # the tiny model is float32: bf16 holds all at 50%, int8 (26.7%) at 30%, int4 (16%) at 20%, int3 (12.8%)
+    # at 13%, int2 (9.7%) at 10%
+    budgets = ("100%", "60%", "30%", "20%", "13%", "10%")
+    assert [quantized_all_format(tiny, b) for b in budgets] == [None, "bf16", "int8", "int4", "int3", "int2"]
     model = load_policy("quantized-all", tiny, "30%")
     stats = model.swapmoe.stats()
     assert all(la["slots"] == la["num_experts"] for la in stats["layers"])
     assert stats["total"]["resident_bytes"] <= stats["total"]["budget_bytes"]
     assert model.swapmoe.config.swaps_per_update == 0
     with caplog.at_level(logging.WARNING):
-        part = load_policy("quantized-all", tiny, "12%")  # even int4 does not hold them all
-    assert "even int4 experts" in caplog.text
+        part = load_policy("quantized-all", tiny, "8%")  # even int2 does not hold them all
+    assert "even int2 experts" in caplog.text
     assert part.swapmoe.config.swaps_per_update == 0
     assert part.swapmoe.stats()["total"]["slots"] < 2 * 8 * 2 * 1.0 + 16
 
@@ -166,8 +177,11 @@ def test_info_and_cli(tiny, capsys):
     info = describe(tiny)
     assert info.slots_for(0.3) == [2, 2]  # float32: top-k only
     assert info.slots_for(0.3, "int8") == [8, 8] and info.slots_for(0.2, "int4") == [8, 8]
+    assert info.slots_for(0.13, "int3") == [8, 8] and info.slots_for(0.1, "int2") == [8, 8]
+    assert info.slots_for(0.1, "int3") == [6, 6]  # 1184 bytes an expert: 7.8 of them in 10%
     assert main(["info", str(tiny)]) == 0
-    assert "--expert-dtype int4:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--expert-dtype int4:" in err and "--expert-dtype int3:" in err and "--expert-dtype int2:" in err
 
 
 def test_parameters_held_in_memory_by_a_checkpoint_store_are_held_quantised(tiny):

@@ -9,9 +9,11 @@ swapmoe             Virtual Experts, Masked Gating (exchange), amortised asynchr
 swapmoe-skip        the same with the skip strategy
 swapmoe-int8        swapmoe with experts held in int8 (swapmoe.quant): the same bytes hold ~1.9x the experts
 swapmoe-int4        the same in int4 (~3.6x the experts)
-quantized-all       every expert quantised to the least lossy format (bf16/int8/int4) in which all of them
-                    fit the budget, all resident, no swapping (what a llama.cpp user does); where even
-                    int4 does not fit, int4 with the largest-norm experts that fit, fixed
+swapmoe-int3        the same in int3 (~4.6x the experts)
+swapmoe-int2        the same in int2 (~6.4x the experts)
+quantized-all       every expert quantised to the least lossy format (quant.FORMATS, bf16 to int2) in
+                    which all of them fit the budget, all resident, no swapping (what a llama.cpp user
+                    does); where even int2 does not fit, int2 with the largest-norm experts that fit, fixed
 ondemand            exact: missing experts loaded when requested into LRU slots (same budget)
 random-keep         a fixed random subset per layer, Masked Gating, no swapping
 magnitude-keep      a fixed subset with the largest ||E_i|| per layer, Masked Gating, no swapping
@@ -28,10 +30,12 @@ from typing import Any
 from swapmoe.errors import SwapMoEError
 
 POLICIES = ("full", "swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "static",
-            "accelerate-offload", "swapmoe-int8", "swapmoe-int4", "quantized-all")
+            "accelerate-offload", "swapmoe-int8", "swapmoe-int4", "swapmoe-int3", "swapmoe-int2", "quantized-all")
+#: swapmoe with its experts held in the format its name ends with
+QUANTISED_SWAPMOE = ("swapmoe-int8", "swapmoe-int4", "swapmoe-int3", "swapmoe-int2")
 #: policies whose expert memory is bounded by the budget
 BUDGETED = ("swapmoe", "swapmoe-skip", "ondemand", "random-keep", "magnitude-keep", "accelerate-offload",
-            "swapmoe-int8", "swapmoe-int4", "quantized-all")
+            *QUANTISED_SWAPMOE, "quantized-all")
 #: policies that hold experts in ``expert_dtype=`` (eval/sweep ``--expert-dtype``) when given one: the
 #: Virtual Experts runtime at a budget. ``full`` stays the original model (the reference), ``static`` and
 #: ``accelerate-offload`` are plain transformers, and the policies whose precision is in their name keep it.
@@ -70,7 +74,7 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
         return swapmoe.load(path, "100%", **kw)
     if name in ("swapmoe", "swapmoe-skip"):
         return swapmoe.load(path, memory_budget, strategy="exchange" if name == "swapmoe" else "skip", **kw)
-    if name in ("swapmoe-int8", "swapmoe-int4"):
+    if name in QUANTISED_SWAPMOE:
         return swapmoe.load(path, memory_budget, expert_dtype=name.removeprefix("swapmoe-"), **kw)
     if name == "quantized-all":
         fmt = quantized_all_format(path, memory_budget, kw.get("dtype"))
@@ -98,8 +102,8 @@ def load_policy(name: str, path: str | Path | None, memory_budget: Any, **kw: An
 
 def quantized_all_format(path: str | Path | None, memory_budget: Any, dtype: Any = None) -> str | None:
     """The format ``quantized-all`` holds every expert in at ``memory_budget``: the least lossy in which
-    all experts fit (None: the model's own dtype), else int4, the most compact (then not all of them
-    fit: the budget's worth stays fixed, and a warning says so)."""
+    all experts fit (None: the model's own dtype), else the most compact of :data:`swapmoe.quant.FORMATS`
+    (then not all of them fit: the budget's worth stays fixed, and a warning says so)."""
     import logging
 
     import torch
@@ -108,21 +112,24 @@ def quantized_all_format(path: str | Path | None, memory_budget: Any, dtype: Any
     from swapmoe.checkpoint import check_checkpoint
     from swapmoe.inspect import describe
     from swapmoe.loader import default_model_path, resolve_dtype
-    from swapmoe.quant import lowest_fitting
+    from swapmoe.quant import FORMATS, lowest_fitting
 
     p = Path(path) if path is not None else default_model_path()
     resolved = resolve_dtype(dtype)
     info = describe(p, dtype=resolved if isinstance(resolved, torch.dtype) else check_checkpoint(p).auto_dtype())
     budget = parse_budget(memory_budget if memory_budget is not None else "100%").resolve(info.total_expert_bytes)
     totals: dict[str | None, int] = {None: info.total_expert_bytes}
-    for f in ("bf16", "int8", "int4"):
+    for f in FORMATS:  # from the most bytes to the fewest
         if f in info.expert_bytes_as and not (f == "bf16" and info.dtype == "bfloat16"):
             totals[f] = info.total_bytes(f)
+    if info.published is not None:  # experts as published (MXFP4): exact, so first; then only smaller formats
+        exact = info.total_bytes(info.published)
+        totals = {None: exact, **{f: t for f, t in totals.items() if f is not None and t < exact}}
     fmt = lowest_fitting(budget, totals)
     if totals[fmt] > budget:
         logging.getLogger(__name__).warning(
             "quantized-all: even %s experts (%d bytes) exceed the budget (%d bytes); keeping the largest-norm "
-            "experts that fit, fixed", fmt, totals[fmt], budget)
+            "experts that fit, fixed", fmt or info.published or info.dtype, totals[fmt], budget)
     return fmt
 
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
+from swapmoe.quant import FORMATS
 
 EXIT_USER_ERROR = 2
 
@@ -37,7 +38,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay", type=float, default=0.98, help="per-token decay of expert importance")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+    p.add_argument("--expert-dtype", default=None, choices=list(FORMATS),
                    help="hold experts quantised (weight-only, group-wise; docs/quantization.md); the budget counts "
                         "their bytes, so it holds more of them; in eval/sweep for the swapmoe policies; overrides a "
                         "plan's expert_dtype (which may give one per MoE layer) (default: the model's dtype)")
@@ -47,6 +48,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-step", action="store_true",
                    help="compile the decode step with inductor before capturing it (fewer kernels per token; the "
                         "first token waits for the compile)")
+    p.add_argument("--moe-kernel", choices=["transformers", "auto", "triton"], default="transformers",
+                   help="expert compute of decode steps: transformers' kernels (default), or swapmoe's fused Triton "
+                        "kernel (not yet verified on a GPU) where swapmoe computes the layer on CUDA (auto) or in "
+                        "every MoE layer (triton)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights: only for trusted files")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped in the model directory")
 
@@ -64,6 +69,7 @@ def load_from_args(args: argparse.Namespace) -> Any:
             dtype=args.dtype, expert_dtype=args.expert_dtype, async_swaps=not args.sync_swaps,
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph,
+            moe_kernel=getattr(args, "moe_kernel", "transformers"),
             compile_step=getattr(args, "compile_step", False), **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig
@@ -144,7 +150,8 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     formats = [f for f in info.expert_bytes_as if not (f == "bf16" and info.dtype == "bfloat16")]
     for f in formats:
         b = info.stored_bytes(f)
-        console.print(f"  --expert-dtype {f}: {format_bytes(sum(b) / len(b))} per expert (scales included), "
+        how = f"as published ({f}, held so without --expert-dtype)" if f == info.published else f"--expert-dtype {f}"
+        console.print(f"  {how}: {format_bytes(sum(b) / len(b))} per expert (scales included), "
                       f"all experts {format_bytes(info.total_bytes(f))}")
     t = Table(title="what a budget means (experts per MoE layer that fit)")
     for col in ("budget", "bytes", f"{info.dtype} experts", *(f"{f} experts" for f in formats)):

@@ -58,3 +58,19 @@ def cache_kwargs(model: object, cache: object) -> dict[str, object]:
     accepts the old name through a decorator whose ``functools.wraps`` exposes the new signature, so
     the signature tells the releases apart; tests/test_drift.py checks that it still does."""
     return {cache_argument(model): cache}
+
+
+def eager_mask_is_capturable() -> bool:
+    """Whether transformers' eager-attention mask can be built inside a CUDA graph capture.
+
+    Up to 5.20, ``masking_utils.eager_mask`` makes its zero with ``torch.tensor(0.0, device=...)``: a
+    copy from pageable host memory, which a capture refuses ("Cannot copy between CPU and CUDA tensors
+    during CUDA graph capture"); 5.21 makes it on the device (``torch.zeros``). Models that attend
+    eagerly (gpt-oss, whose attention sinks other kernels lack) then decode without a graph.
+    """
+    import inspect
+
+    from transformers import masking_utils
+
+    source = inspect.getsource(masking_utils.eager_mask)
+    return "torch.tensor(" not in source

@@ -39,6 +39,9 @@ class ModelInfo:
     # bytes of one expert per MoE layer held in each --expert-dtype (weights, scales, zero points);
     # a format the model's shapes cannot take (int4 of an odd dim) is absent
     expert_bytes_as: dict[str, list[int]] = field(default_factory=dict)
+    # "mxfp4" where the checkpoint stores its experts so (gpt-oss as published): without --expert-dtype the
+    # load holds them so, and expert_bytes_as["mxfp4"] has their bytes (swapmoe.mxfp4)
+    published: str | None = None
 
     @property
     def total_expert_bytes(self) -> int:
@@ -126,6 +129,8 @@ def _bytes_as(layers: list, fmt: str) -> list[int] | None:
 def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
              dtype: torch.dtype | None = None) -> ModelInfo:
     """What a checkpoint's budgets mean, from its config (``dtype``: as loaded in that dtype)."""
+    from swapmoe.mxfp4 import FORMAT as MXFP4
+    from swapmoe.mxfp4 import Mxfp4Layout, checkpoint_is_mxfp4
     from swapmoe.quant import FORMATS
 
     ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
@@ -141,6 +146,12 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
             continue
         seen.add(id(p))
         other += p.numel() * p.element_size()
+    published = None
+    bytes_as = {f: b for f in FORMATS if (b := _bytes_as(layers, f)) is not None}
+    if checkpoint_is_mxfp4(ckpt.config):
+        published = MXFP4
+        bytes_as[MXFP4] = [Mxfp4Layout.of({n: getattr(la.experts, n) for n in la.expert_param_names}).expert_bytes()
+                           for la in layers]
     family = rule_family(config.model_type, layers[0].router)  # a borrowed router routes as its family
     rule = FAMILY_RULES[family] if family is not None else None
     return ModelInfo(
@@ -153,7 +164,8 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
         top_k=[la.top_k for la in layers],
         expert_bytes=[la.expert_bytes() for la in layers],
         other_bytes=other,
-        expert_bytes_as={f: b for f in FORMATS if (b := _bytes_as(layers, f)) is not None},
+        expert_bytes_as=bytes_as,
+        published=published,
         routing=(f"{rule} (tested family)" if family == config.model_type else f"{rule} (the rule of {family}, "
                  "whose router it runs)") if rule else "generic substitution (untested family)",
     )

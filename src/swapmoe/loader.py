@@ -23,8 +23,16 @@ from swapmoe.budget import Budget, allocate_slots, parse_budget
 from swapmoe.checkpoint import check_checkpoint
 from swapmoe.errors import CheckpointError, PlanError, UnsupportedModelError
 from swapmoe.families import MoELayer, auto_model_class, require_moe_layers, rule_for, supported_families
+from swapmoe.fused import DEFAULT_MOE_KERNEL, check_moe_kernel, use_fused_kernel
 from swapmoe.hostmem import return_freed_memory
 from swapmoe.importance import expert_norms, expert_sq_norms, norms_from_squares
+from swapmoe.mmap_store import SafetensorsFiles
+from swapmoe.mxfp4 import FORMAT as MXFP4
+from swapmoe.mxfp4 import QUANTISED as QUANTISED_MXFP4
+from swapmoe.mxfp4 import Mxfp4Finder, Mxfp4Layout, checkpoint_is_mxfp4, find_parts
+from swapmoe.mxfp4 import check_scales as check_mxfp4_scales
+from swapmoe.mxfp4 import checkpoint_store as mxfp4_checkpoint_store
+from swapmoe.mxfp4 import host_parts as mxfp4_host_parts
 from swapmoe.pool import HostStore, SlotPool
 from swapmoe.qexperts import install as install_quantised
 from swapmoe.quant import ExpertLayout, check_expert_dtypes, expert_dtypes_per_layer, layer_expert_bytes
@@ -62,7 +70,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def _load_on_host(path: Path, dtype: torch.dtype | str, use_safetensors: bool, trust_remote_code: bool,
-                  experts_implementation: str | None) -> nn.Module:
+                  experts_implementation: str | None, mxfp4: bool = False) -> nn.Module:
     from transformers import AutoConfig
 
     try:
@@ -76,6 +84,10 @@ def _load_on_host(path: Path, dtype: torch.dtype | str, use_safetensors: bool, t
                               "trust_remote_code": trust_remote_code}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
+    if mxfp4:  # the plain experts module (weights decoded, exactly), never the triton one swapmoe cannot slot
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     try:
         model = auto_model_class(config).from_pretrained(path, config=config, **kwargs)
     except ValueError as e:
@@ -130,6 +142,31 @@ def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Rando
         store = HostStore(layout.encode(host) if layout is not None else host, pin=pin)
     _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
+
+
+def _mxfp4_store(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool, keep: bool,
+                 layout: Mxfp4Layout, keys: dict[str, str], files: SafetensorsFiles, streamed: dict[str, Any] | None,
+                 ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
+    """A layer of an MXFP4 checkpoint held in the ``mxfp4`` format: its blocks and scales as the files
+    store them, in a host store (``keep``), or left in the files and read per swap (beyond the host
+    budget). transformers' decoded weights (dropped while streaming, once verified) give the norms."""
+    norms, held = _norms(layer, streamed)
+    first = _initial_experts(norms, num_slots, initial, rng)
+    if keep:
+        store: Any = HostStore(mxfp4_host_parts(layer.name, layout, keys, files, held), pin=pin)
+    else:
+        store = mxfp4_checkpoint_store(layer.name, layout, keys, files, held)
+    _leave_placeholders(layer, layout.dtypes)
+    return store, norms, first, layout.dtypes
+
+
+def _norms(layer: MoELayer, streamed: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``||E_i||`` of a layer ``[E]`` (from the squares kept while streaming, and the parameters held),
+    and the parameters held in memory (``name -> [E, ...]``)."""
+    streamed = streamed or {}
+    held = {n: layer.experts._parameters[n].detach() for n in layer.expert_param_names if n not in streamed}
+    return norms_from_squares([streamed[n].norm_sq if n in streamed else expert_sq_norms(held[n])
+                               for n in layer.expert_param_names]), held
 
 
 def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, streamed: dict[str, Any],
@@ -198,39 +235,69 @@ def _in_host(layers: list[MoELayer], slots: list[int], host_bytes: int | None,
     return out
 
 
-def _layout(layer: MoELayer, fmt: str | None) -> ExpertLayout | None:
+def _layout(layer: MoELayer, fmt: str | None) -> ExpertLayout | Mxfp4Layout | None:
     """How a layer's experts are stored in ``fmt`` (None: as the model holds them)."""
     if fmt is None:
         return None
-    return ExpertLayout.of({n: getattr(layer.experts, n) for n in layer.expert_param_names}, fmt)
+    params = {n: getattr(layer.experts, n) for n in layer.expert_param_names}
+    return Mxfp4Layout.of(params) if fmt == MXFP4 else ExpertLayout.of(params, fmt)
 
 
 def stored_expert_bytes(layer: MoELayer, fmt: str | None) -> int:
     """Bytes of one expert of ``layer`` as its slots and store hold it in ``fmt`` (scales included)."""
     params = {n: getattr(layer.experts, n) for n in layer.expert_param_names}
+    if fmt == MXFP4:
+        return Mxfp4Layout.of(params).expert_bytes()
     return layer_expert_bytes({n: tuple(p.shape) for n, p in params.items()},
                               {n: p.dtype for n, p in params.items()}, fmt)
 
 
-def _expert_streamer(ckpt: Any, host: Budget, budget: Budget | None, slots: list[int] | None,
+def _formats(expert_dtype: str | list[str | None] | None, layers: list[MoELayer], dtype: torch.dtype,
+             mxfp4_layers: Any = ()) -> list[str | None]:
+    """One format per MoE layer: what ``expert_dtype`` asks for; a layer stored in MXFP4 in the
+    checkpoint (its block name in ``mxfp4_layers``) and asked for nothing keeps the checkpoint's
+    MXFP4 parts (an explicit ``bf16``/``int8``/``int4`` converts it from MXFP4 at load)."""
+    fmts = expert_dtypes_per_layer(expert_dtype, len(layers), dtype)
+    asked = expert_dtype if isinstance(expert_dtype, (list, tuple)) else [expert_dtype] * len(layers)
+    return [MXFP4 if la.name in mxfp4_layers and a is None else f for la, f, a in zip(layers, fmts, asked, strict=True)]
+
+
+def _expert_streamer(ckpt: Any, host: Budget | None, budget: Budget | None, slots: list[int] | None,
                      dtype: torch.dtype, trust_remote_code: bool, where: dict[str, Path],
-                     fmt: str | list[str | None] | None = None) -> Any:
+                     fmt: str | list[str | None] | None = None, files: SafetensorsFiles | None = None) -> Any:
     """Which expert parameters need never be held in host memory (the layers beyond the host
-    budget), worked out on a meta-device skeleton before anything is read."""
+    budget, and the MXFP4 matrices of an MXFP4 checkpoint's layers held as MXFP4), worked out on a
+    meta-device skeleton before anything is read; an MXFP4 checkpoint's parts are checked here too
+    (the streamer's ``mxfp4``: block name -> part -> key)."""
     from swapmoe.inspect import meta_model
     from swapmoe.streaming import ExpertStreamer
 
     skeleton = meta_model(ckpt, trust_remote_code, dtype)  # the dtype the load will use: same bytes
     layers = require_moe_layers(skeleton)
-    fmts = expert_dtypes_per_layer(fmt, len(layers), dtype)
+    files = files if files is not None else SafetensorsFiles(where)
+    mx = _mxfp4_parts(ckpt, skeleton, layers, files)  # shapes checked before transformers reads a byte
+    for keys in mx.values():
+        check_mxfp4_scales(keys, files)
+    fmts = _formats(fmt, layers, dtype, mx)
     per_layer, _, total = _slots(layers, budget, slots, fmts)
     names = {id(m): n for n, m in skeleton.named_modules()}
-    targets = {
-        f"{names[id(la.experts)]}.{p}": (la.name, p)
-        for la, keep in zip(layers, _in_host(layers, per_layer, host.resolve(total), fmts), strict=True)
-        if not keep for p in la.expert_param_names
-    }
-    return ExpertStreamer(targets, where)
+    in_host = _in_host(layers, per_layer, host.resolve(total) if host is not None else None, fmts)
+    targets = {}
+    for la, keep, f in zip(layers, in_host, fmts, strict=True):
+        # a layer held as MXFP4 parts needs none of transformers' decoded weights beyond their norms
+        streamed = [p for p in la.expert_param_names if p in QUANTISED_MXFP4] if f == MXFP4 else \
+            (la.expert_param_names if not keep else [])
+        targets.update({f"{names[id(la.experts)]}.{p}": (la.name, p) for p in streamed})
+    streamer = ExpertStreamer(targets, where, mxfp4=mx)
+    streamer.finders.update({name: Mxfp4Finder(keys, files) for name, keys in mx.items()})
+    return streamer
+
+
+def _mxfp4_parts(ckpt: Any, model: nn.Module, layers: list[MoELayer], files: SafetensorsFiles,
+                 ) -> dict[str, dict[str, str]]:
+    """The MXFP4 parts of each layer of an MXFP4 checkpoint stored so (swapmoe.mxfp4.find_parts), checked
+    against ``model``'s shapes; {} for any other checkpoint."""
+    return find_parts(model, layers, files) if checkpoint_is_mxfp4(ckpt.config) else {}
 
 
 def load(
@@ -249,6 +316,7 @@ def load(
     seed: int = 0,
     async_swaps: bool = True,
     cuda_graph: bool = True,
+    moe_kernel: str = DEFAULT_MOE_KERNEL,
     compile_step: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -275,11 +343,15 @@ def load(
     initial        first resident set: "magnitude" (largest ||E_i||), "random" (seeded) or "first"
     cuda_graph     on CUDA, decode each token as one CUDA graph replay (``model.generate`` included,
                    for batch-1 greedy or sampled calls; swapmoe.engine.decoder); False: eager forwards
+    moe_kernel     expert compute of decode steps: "transformers" (default: transformers' kernels), or,
+                   opt-in and not yet verified on a GPU, swapmoe's fused Triton kernel over slot ids: "auto"
+                   (on CUDA with Triton, in the layers swapmoe computes itself) or "triton" (in every MoE
+                   layer it supports); prefills keep transformers' kernels (swapmoe.fused)
     compile_step   compile that decode step with inductor before capturing it (fewer, fused kernels per
                    token; swapmoe.engine.compiled_step); the first decode step then takes the compile time.
                    Not verified on a GPU yet
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
-    expert_dtype   "bf16", "int8" or "int4": experts held quantised (weight-only, group-wise; swapmoe.quant)
+    expert_dtype   "bf16", "int8", "int4", "int3" or "int2": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
                    their bytes; None (default): the model's dtype, nothing changes. A list: one format per
                    MoE layer (None entries: the model's dtype), each layer's store and slots in its own
@@ -301,11 +373,16 @@ def load(
     swaps_per_update = swaps_per_update if swaps_per_update is not None else 1
     host = parse_budget(host_budget) if host_budget is not None else None  # malformed: fail before loading
     check_expert_dtypes(expert_dtype)  # a malformed expert dtype fails before loading too
+    check_moe_kernel(moe_kernel)
     ckpt = check_checkpoint(path if path is not None else default_model_path(), allow_pickle=allow_pickle,
                             revision=revision)  # a repo id (org/name) resolves through the Hub cache
     if host is not None and not ckpt.use_safetensors:
         raise CheckpointError("a host budget needs a safetensors checkpoint (experts are read from its files); "
                               "convert the checkpoint, or drop --host-budget")
+    mxfp4 = checkpoint_is_mxfp4(ckpt.config)  # gpt-oss as published: experts as MXFP4 blocks and scales
+    if mxfp4 and not ckpt.use_safetensors:
+        raise CheckpointError("an MXFP4 checkpoint must be in safetensors files (its blocks and scales are read "
+                              "from them); convert the checkpoint")
     # a malformed budget fails here, before minutes of loading
     budget = parse_budget(memory_budget if memory_budget is not None else "100%") if slots is None else None
     dev = resolve_device(device)
@@ -316,18 +393,24 @@ def load(
     where = None
     streamer = None
     load_dtype = resolve_dtype(dtype)
-    if host is not None:
+    mx: dict[str, dict[str, str]] = {}  # MXFP4 checkpoint: block name -> MXFP4 part -> key
+    files = None
+    if host is not None or mxfp4:
         from swapmoe.mmap_store import weight_files
 
         where = weight_files(ckpt.weight_files)
+        files = SafetensorsFiles(where)  # opened once: the checks, the streamer and the stores read through it
         # the plan made before loading must see the bytes the load will have: no "auto" left to decide
         load_dtype = load_dtype if isinstance(load_dtype, torch.dtype) else ckpt.auto_dtype()
-        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, expert_dtype)
+        streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, expert_dtype,
+                                    files)
+        mx = streamer.mxfp4
     with streamer if streamer is not None else contextlib.nullcontext():
-        model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation)
+        model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation,
+                              mxfp4)
     layers = require_moe_layers(model)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    fmts = expert_dtypes_per_layer(expert_dtype, len(layers), compute_dtype)  # one format per MoE layer
+    fmts = _formats(expert_dtype, layers, compute_dtype, mx)  # one format per MoE layer
     slots, budget_bytes, total = _slots(layers, budget, slots, fmts)
     expert_bytes = [stored_expert_bytes(la, f) for la, f in zip(layers, fmts, strict=True)]
     layouts = [_layout(la, f) for la, f in zip(layers, fmts, strict=True)]
@@ -339,6 +422,15 @@ def load(
     full_parts: dict[str, dict[str, torch.Tensor]] = {}  # full quantised layers: their parts [E, ...]
     for la, s, keep, layout in zip(layers, slots, in_host, layouts, strict=True):
         streamed = streamer.streamed.get(la.name) if streamer is not None else None
+        if isinstance(layout, Mxfp4Layout):  # the checkpoint's own parts, read from the files
+            if s >= la.num_experts:
+                norms, held = _norms(la, streamed)
+                full_parts[la.name] = mxfp4_host_parts(la.name, layout, mx[la.name], files, held)
+                _leave_placeholders(la, layout.dtypes)
+                staged.append((la, None, norms, None, None))
+            else:
+                staged.append((la, *_mxfp4_store(la, s, initial, rng, pin, keep, layout, mx[la.name], files, streamed)))
+            continue
         if streamed and s >= la.num_experts:
             raise RuntimeError(f"{la.name} was streamed past host memory but is to be kept whole on the device: "
                                "the plan made before loading disagrees with the loaded model (a bug)")
@@ -379,6 +471,9 @@ def load(
             )
         )
     model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
+    ours = [(st.layer.experts, st.pool is not None or lay is not None) for st, lay in zip(states, layouts, strict=True)]
+    for line in use_fused_kernel(ours, moe_kernel, dev):
+        log.info("transformers' experts kernel kept in %s", line)
     _use_decoder(model, cuda_graph, compile_step)
     return_freed_memory()  # the load's temporaries
     return model

@@ -49,6 +49,14 @@ class SafetensorsFiles:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._file(key).get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name of ``key`` ("BF16", "U8", ...), from the header."""
+        return str(self._file(key).get_slice(key).get_dtype())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The whole tensor ``key`` (host memory)."""
+        return self._file(key).get_tensor(key)
+
     def read_expert(self, recipe: Recipe, e: int) -> torch.Tensor | None:
         """Expert ``e`` as ``recipe`` assembles it (``[...]``, host memory); None when one of its
         per-expert tensors is not in the checkpoint."""
@@ -67,7 +75,7 @@ class SafetensorsFiles:
 class CheckpointStore:
     """One layer's experts, read from safetensors on demand (same interface as ``HostStore``).
 
-    With a ``layout`` (``--expert-dtype int8|int4``) every expert is quantised as it is read, so the
+    With a ``layout`` (``--expert-dtype int8|int4|int3|int2``) every expert is quantised as it is read, so the
     slots receive its parts (:class:`swapmoe.quant.ExpertLayout`) and parameters held in memory are
     held quantised.
     """

@@ -7,6 +7,10 @@ Formats (``--expert-dtype`` / ``swapmoe.load(expert_dtype=...)``)
     int4  asymmetric: per group, ``s = (max - min) / 15`` and ``z = -min / s`` (both float16),
           ``q = clamp(round(w / s + z), 0, 15)``, two values per byte along the last dim (low nibble
           first); ``w' = (q - z) * s``
+    int3  asymmetric as int4 with ``2**3 - 1 = 7`` steps; eight codes in three bytes (a little-endian
+          24-bit word, code ``i`` in bits ``3i..3i+2``); the zero point refined as HQQ does (below)
+    int2  asymmetric as int4 with 3 steps; four codes per byte (code ``i`` in bits ``2i..2i+1``);
+          the zero point refined as HQQ does
 
 ``G`` is :data:`GROUP_SIZE` where the last dim is a multiple of it, else the whole row. Per-expert
 tensors of one dimension (biases, ``[E, N]``) are kept as they are: they are a sliver of the bytes,
@@ -18,8 +22,18 @@ point (HQQ) maps the group's minimum exactly. Scales are rounded to float16 *bef
 computed, so ``q`` is the best code for the scale that is stored. A group whose scale underflows
 float16 (``absmax < 127 * 2**-24``) stores ``s = 1`` and ``q = 0``: its values are below ``1e-5``.
 
-Bytes per weight: bf16 2, int8 ``1 + 2/G`` (1.031 at G=64), int4 ``0.5 + 4/G`` (0.5625): a byte budget
-holds 1.94x (int8) or 3.56x (int4) as many bfloat16 experts.
+Bytes per weight: bf16 2, int8 ``1 + 2/G`` (1.031 at G=64), int4 ``0.5 + 4/G`` (0.5625), int3
+``0.375 + 4/G`` (0.4375), int2 ``0.25 + 4/G`` (0.3125): a byte budget holds 1.94x (int8), 3.56x (int4),
+4.57x (int3) or 6.4x (int2) as many bfloat16 experts.
+
+The zero point of int3 and int2 (HQQ, Badri & Shaji 2023; mixtral-offloading's 2-3 bit experts): with
+so few steps, the minimum-maximum zero point wastes codes on outliers. Starting from it, ``_ITERS``
+half-quadratic steps move ``z`` towards the value that minimises an ``lp`` (``p = 0.7``) norm of the
+error, which lets a few outliers be clipped; each group keeps the zero point of the step with its
+lowest mean absolute error (so never worse than the start, and a group's result does not depend on
+which other groups are quantised with it). The scale stays ``(max - min) / steps``. It needs no
+calibration data. ``benchmarks/lowbit_formats.py`` measured it against plain round-to-nearest and
+other group sizes on the reference model (docs/quantization.md).
 
     E = experts (or S slots, or C gathered experts), N = last dim of a weight, G = group size
 """
@@ -33,11 +47,20 @@ import torch
 
 from swapmoe.errors import SwapMoEError
 
-FORMATS = ("bf16", "int8", "int4")
+#: every format, from the most bytes per weight to the fewest (the planner and ``quantized-all`` rely on it)
+FORMATS = ("bf16", "int8", "int4", "int3", "int2")
 #: values per scale: HQQ's default group size (see the module docstring)
 GROUP_SIZE = 64
 _SCALE_DTYPE = torch.float16
-_QMAX = {"int8": 127, "int4": 15}
+_QMAX = {"int8": 127, "int4": 15, "int3": 7, "int2": 3}
+#: bits per code of the asymmetric (scale and zero point) formats
+_BITS = {"int4": 4, "int3": 3, "int2": 2}
+#: codes per packed unit, and bytes per unit: int4 and int2 fill one byte, int3 eight codes fill three
+_UNIT = {"int4": (2, 1), "int3": (8, 3), "int2": (4, 1)}
+#: formats whose zero point is refined (HQQ); int4 keeps the plain min-max zero point (its test figures)
+_REFINED = ("int3", "int2")
+#: HQQ's defaults (hqq.core.optimize: lp_norm 0.7, beta 10, kappa 1.01, 20 iterations)
+_LP, _BETA, _KAPPA, _ITERS = 0.7, 10.0, 1.01, 20
 
 
 def parse_expert_dtype(value: str | None, model_dtype: torch.dtype) -> str | None:
@@ -103,13 +126,48 @@ def part_specs(shape: tuple[int, ...], fmt: str, group: int = GROUP_SIZE) -> dic
     g = n // group_size(n, group)
     if fmt == "int8":
         return {"q": (tuple(shape), torch.int8), "scale": ((*lead, g), _SCALE_DTYPE)}
-    if fmt == "int4":
-        if n % 2:
-            raise SwapMoEError(f"int4 packs two values per byte and needs an even last dim, got {n}; "
-                               "use --expert-dtype int8")
-        return {"q": ((*lead, n // 2), torch.uint8), "scale": ((*lead, g), _SCALE_DTYPE),
+    if fmt in _BITS:
+        codes, nbytes = _UNIT[fmt]
+        if n % codes:
+            raise SwapMoEError(f"{fmt} packs {codes} values into {nbytes} byte{'s' if nbytes > 1 else ''} and needs a "
+                               f"last dim that is a multiple of {codes}, got {n}; use --expert-dtype int8")
+        return {"q": ((*lead, n // codes * nbytes), torch.uint8), "scale": ((*lead, g), _SCALE_DTYPE),
                 "zero": ((*lead, g), _SCALE_DTYPE)}
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def pack(q: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Codes ``[..., N]`` (integers in ``[0, 2**bits)``) -> bytes ``[..., N * bits / 8]`` uint8."""
+    bits = _BITS[fmt]
+    codes, nbytes = _UNIT[fmt]
+    if nbytes == 1:  # int4, int2: code i of a byte in bits [bits*i, bits*(i+1))
+        q = q.to(torch.uint8)
+        out = q[..., 0::codes]
+        for i in range(1, codes):
+            out = out | (q[..., i::codes] << (bits * i))
+        return out
+    u = q.to(torch.int32).reshape(*q.shape[:-1], q.shape[-1] // codes, codes)  # [..., N/8, 8]
+    word = u[..., 0]
+    for i in range(1, codes):
+        word = word | (u[..., i] << (bits * i))  # a 24-bit little-endian word per 8 codes
+    out = torch.stack([(word >> (8 * j)) & 255 for j in range(nbytes)], -1)  # [..., N/8, 3]
+    return out.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // codes * nbytes)
+
+
+def unpack(b: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Bytes from :func:`pack` -> codes ``[..., N]`` as float32."""
+    bits = _BITS[fmt]
+    codes, nbytes = _UNIT[fmt]
+    mask = (1 << bits) - 1
+    if nbytes == 1:
+        x = torch.empty((*b.shape, codes), dtype=torch.float32, device=b.device)  # [..., N/codes, codes]
+        for i in range(codes):
+            x[..., i] = (b >> (bits * i)) & mask
+        return x.reshape(*b.shape[:-1], b.shape[-1] * codes)
+    u = b.to(torch.int32).reshape(*b.shape[:-1], b.shape[-1] // nbytes, nbytes)  # [..., N/8, 3]
+    word = u[..., 0] | (u[..., 1] << 8) | (u[..., 2] << 16)  # [..., N/8]
+    x = torch.stack([(word >> (bits * i)) & mask for i in range(codes)], -1)  # [..., N/8, 8]
+    return x.to(torch.float32).reshape(*b.shape[:-1], b.shape[-1] // nbytes * codes)
 
 
 def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -125,8 +183,11 @@ def _stored_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s16 == 0, torch.ones_like(s16), s16)
 
 
-def quantise(w: torch.Tensor, fmt: str, group: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
-    """Weight ``w [..., N]`` -> its parts in ``fmt`` (see the module docstring and :func:`part_specs`)."""
+def quantise(w: torch.Tensor, fmt: str, group: int = GROUP_SIZE, refine: bool | None = None) -> dict[str, torch.Tensor]:
+    """Weight ``w [..., N]`` -> its parts in ``fmt`` (see the module docstring and :func:`part_specs`).
+
+    ``refine``: whether the zero point is refined (HQQ); None: as the format does (int3, int2). The
+    runtime always uses the default; the option is there to measure the choice."""
     if fmt == "bf16":
         return {"q": w.to(torch.bfloat16)}
     x = _groups(w, group)  # [..., N/G, G]
@@ -134,14 +195,41 @@ def quantise(w: torch.Tensor, fmt: str, group: int = GROUP_SIZE) -> dict[str, to
         s = _stored_scale(x.abs().amax(-1) / _QMAX[fmt])  # [..., N/G]
         q = torch.round(x / s.float().unsqueeze(-1)).clamp(-_QMAX[fmt], _QMAX[fmt])
         return {"q": q.to(torch.int8).reshape(w.shape), "scale": s}
-    if fmt == "int4":
+    if fmt in _BITS:
+        part_specs(tuple(w.shape), fmt, group)  # a last dim the packing cannot take: a one-line error
         lo, hi = x.amin(-1), x.amax(-1)
         s = _stored_scale((hi - lo) / _QMAX[fmt])
-        z = (-lo / s.float()).to(_SCALE_DTYPE)
+        z = -lo / s.float()
+        if (fmt in _REFINED) if refine is None else refine:
+            z = refine_zero(x, s.float(), z, _QMAX[fmt])
+        z = z.to(_SCALE_DTYPE)
         q = torch.round(x / s.float().unsqueeze(-1) + z.float().unsqueeze(-1)).clamp(0, _QMAX[fmt])
-        q = q.to(torch.uint8).reshape(w.shape)
-        return {"q": q[..., 0::2] | (q[..., 1::2] << 4), "scale": s, "zero": z}
+        return {"q": pack(q.reshape(w.shape), fmt), "scale": s, "zero": z}
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def refine_zero(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, iters: int = _ITERS) -> torch.Tensor:
+    """HQQ's zero point (see the module docstring): groups ``x [..., N/G, G]``, stored scales and
+    min-max zero points ``[..., N/G]`` -> refined zero points ``[..., N/G]`` (float32).
+
+    Half-quadratic splitting of ``min ||x - (q - z) s||_p`` (``p < 1``): an error term ``e`` takes the
+    outliers (a generalised soft threshold), then ``z`` is the mean that fits the rest. Each group
+    keeps its best step by mean absolute error, so the result depends on the group alone."""
+    inv = 1.0 / s.unsqueeze(-1)  # [..., N/G, 1]
+    zero = z.unsqueeze(-1)
+    best_zero, best_err = zero, torch.full_like(zero, float("inf"))
+    beta = _BETA
+    for _ in range(iters):
+        q = torch.round(x * inv + zero).clamp(0, qmax)
+        r = (q - zero) * s.unsqueeze(-1)  # [..., N/G, G] the values the codes stand for
+        d = x - r
+        err = d.abs().mean(-1, keepdim=True)
+        better = err < best_err
+        best_zero, best_err = torch.where(better, zero, best_zero), torch.where(better, err, best_err)
+        e = torch.sign(d) * torch.relu(d.abs() - (1.0 / beta) * (d.abs() + 1e-8).pow(_LP - 1))  # lp shrinkage
+        zero = (q - (x - e) * inv).mean(-1, keepdim=True)
+        beta *= _KAPPA
+    return best_zero.squeeze(-1)
 
 
 def dequantise(parts: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> torch.Tensor:
@@ -152,15 +240,13 @@ def dequantise(parts: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype) 
     s = parts["scale"].float().unsqueeze(-1)  # [..., N/G, 1]
     if fmt == "int8":
         x = q.float()
-    elif fmt == "int4":
-        x = torch.empty((*q.shape, 2), dtype=torch.float32, device=q.device)  # [..., N/2, 2]: low, high nibble
-        x[..., 0] = q & 15
-        x[..., 1] = q >> 4
+    elif fmt in _BITS:
+        x = unpack(q, fmt)  # [..., N] codes, a tensor of our own
     else:
         raise ValueError(f"unknown format {fmt!r}")
-    n = q.shape[-1] * (2 if fmt == "int4" else 1)
-    x = x.reshape(*q.shape[:-1], s.shape[-2], n // s.shape[-2])  # [..., N/G, G], a tensor of our own
-    if fmt == "int4":
+    n = x.shape[-1]
+    x = x.reshape(*q.shape[:-1], s.shape[-2], n // s.shape[-2])  # [..., N/G, G]
+    if fmt in _BITS:
         x = x.sub_(parts["zero"].float().unsqueeze(-1))
     return x.mul_(s).reshape(*q.shape[:-1], n).to(dtype)
 

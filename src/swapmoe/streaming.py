@@ -72,6 +72,8 @@ class ExpertStreamer:
     targets: dict[str, tuple[str, str]]
     where: dict[str, Path]
     streamed: dict[str, dict[str, StreamedParam]] = field(default_factory=dict)  # block -> name -> param
+    # an MXFP4 checkpoint's layers stored so: block -> part -> checkpoint key (swapmoe.mxfp4.find_parts)
+    mxfp4: dict[str, dict[str, str]] = field(default_factory=dict)
     finders: dict[str, RecipeFinder] = field(default_factory=dict)
     _restore: tuple[Any, Any] | None = None
     _async_env: str | None = None

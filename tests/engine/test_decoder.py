@@ -50,8 +50,9 @@ def test_the_reason_a_model_decodes_eagerly_is_the_models_own(engine_checkpoint,
                                experts_implementation="eager")).startswith("the 'eager' experts kernel")
     assert reason(load_policy("ondemand", engine_checkpoint, "50%", device="cpu",
                               dtype=torch.bfloat16)).startswith("on-demand loading")
+    # quantised experts are captured too (their decode path gathers per term: fixed shapes, no host read)
     assert reason(swapmoe.load(engine_checkpoint, "50%", device="cpu", dtype=torch.bfloat16,
-                               expert_dtype="int8")).startswith("quantised experts")
+                               expert_dtype="int8")) == "not on a CUDA device"
     llama4 = make_adapted("llama4_text", tmp_path / "llama4")
     assert reason(swapmoe.load(llama4, "50%", device="cpu", dtype=torch.bfloat16)).startswith("an adapted family")
 
@@ -160,3 +161,26 @@ def test_sliding_window_models_decode_the_same_through_the_static_cache(tmp_path
     assert static_tokens == dynamic_tokens
     for a, b in zip(static_rows, dynamic_rows, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_on_a_release_whose_mask_copies_a_host_scalar_is_not_captured(tmp_path, monkeypatch):
+    """transformers up to 5.20 builds the eager-attention mask from ``torch.tensor(0.0, device=...)``, a
+    copy from pageable memory that a CUDA graph capture refuses (seen on the H200 with gpt-oss on 5.17):
+    graph_blocker says so instead of a failed capture; 5.21 on builds it on the device."""
+    from transformers import masking_utils
+
+    from swapmoe.compat import eager_mask_is_capturable
+    from tests.tiny_models import make_checkpoint
+
+    model = swapmoe.load(make_checkpoint("gpt_oss", tmp_path / "gpt-oss", layout="fused"), "50%", device="cpu",
+                         dtype=torch.bfloat16)
+    assert model.config._attn_implementation == "eager"
+    assert eager_mask_is_capturable()  # the locked release (5.24) builds its mask on the device
+    assert graph_blocker(model) == "not on a CUDA device"
+
+    def old_eager_mask(mask, dtype=torch.float32):  # 5.17's way of making the zero
+        return torch.where(mask, torch.tensor(0.0, device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+
+    monkeypatch.setattr(masking_utils, "eager_mask", old_eager_mask)
+    assert not eager_mask_is_capturable()
+    assert graph_blocker(model).startswith("eager attention on transformers < 5.21")

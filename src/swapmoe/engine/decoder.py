@@ -71,8 +71,8 @@ def graph_blocker(model: Any) -> str | None:
     or from ``Decoder(model, "graph")``) is the one that moving to a GPU would not remove.
     """
     from swapmoe.adapters.base import SparseExperts
+    from swapmoe.compat import eager_mask_is_capturable
     from swapmoe.families import find_moe_layers
-    from swapmoe.qexperts import QuantisedForward
     from swapmoe.runtime.step import uses_eager_kernel
 
     if getattr(model.config, "is_encoder_decoder", False):
@@ -85,10 +85,6 @@ def graph_blocker(model: Any) -> str | None:
         return "on-demand loading (copies decided on the host inside the forward)"
     layers = [st.layer for st in runtime.layers] if runtime is not None else find_moe_layers(model)
     for layer in layers:
-        if isinstance(layer.experts.__dict__.get("forward"), QuantisedForward):
-            # its decode path is written to be capturable (swapmoe.qexperts), but no capture of it
-            # has run on a GPU yet: until one has, it decodes eagerly
-            return "quantised experts (--expert-dtype int8/int4): their graph capture is not yet verified"
         if isinstance(layer.experts, SparseExperts):
             return "an adapted family (its experts dispatch on data-dependent shapes)"
         if uses_eager_kernel(layer.experts):
@@ -96,6 +92,9 @@ def graph_blocker(model: Any) -> str | None:
         if _grouped_mm_off_bf16(layer):
             return ("grouped_mm on non-bfloat16 expert weights (it reads group offsets on the host); "
                     "load in bfloat16 or with experts_implementation='batched_mm'")
+    if getattr(model.config, "_attn_implementation", None) == "eager" and not eager_mask_is_capturable():
+        return ("eager attention on transformers < 5.21 (its mask copies a host scalar during the step); "
+                "upgrade transformers for graph decoding")
     if model_device(model).type != "cuda":
         return "not on a CUDA device"
     return None

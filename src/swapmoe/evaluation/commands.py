@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from swapmoe.errors import SwapMoEError
 from swapmoe.provenance import provenance
+from swapmoe.quant import FORMATS
 
 
 def _progress(console: Console) -> Progress:
@@ -47,6 +48,7 @@ def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "decay": args.decay,
                           "async_swaps": not args.sync_swaps, "allow_pickle": args.allow_pickle,
                           "cuda_graph": not getattr(args, "no_cuda_graph", False),
+                          "moe_kernel": getattr(args, "moe_kernel", "transformers"),
                           "trust_remote_code": args.trust_remote_code}
     if getattr(args, "expert_dtype", None) is not None:  # load_policy gives it to the swapmoe policies only
         kw["expert_dtype"] = args.expert_dtype
@@ -270,7 +272,7 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--out", default="runs/trace")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+    p.add_argument("--expert-dtype", default=None, choices=list(FORMATS),
                    help="hold experts quantised while routing is traced (docs/quantization.md)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")

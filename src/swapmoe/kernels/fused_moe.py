@@ -1,0 +1,302 @@
+"""A fused MoE decode kernel pair over slot ids, in Triton: the experts part of one MoE layer in two launches.
+
+transformers' grouped_mm path runs a dozen small kernels per layer and call (sort, gather, histogram,
+offsets, two grouped GEMMs, activation, weighting, inverse permutation, sum), and a batch-1 decode step
+is bound by its kernel count (docs/benchmarks.md). Here the same computation is two kernels that read
+each chosen expert's weights once, straight from the layer's ``[S, ...]`` slot tensors (no gather
+copy), so that the bytes, not the launches, bound it:
+
+1. ``_gate_up_kernel``, one program per (term, block of the intermediate dim):
+   ``h[j] = act(gate_up[s_j] @ x_t)``, the gated activation fused in;
+2. ``_down_kernel``, one program per (token, block of the hidden dim):
+   ``out[t] = sum_k w_tk * (down[s_tk] @ h[tk] + b)``, summed per token in registers: no atomics,
+   deterministic, no zero-filled output buffer.
+
+A term whose slot id is ``>= S`` (or negative) is *skipped*: its program reads no byte of any slot
+(the id is tested before any weight load, and a slot may be the target of a copy in flight) and it
+adds nothing. Accumulation is float32 whatever the weights' dtype.
+
+Weights are addressed through strides, so one kernel serves both layouts of transformers' fused experts:
+``gate_up [S, 2I, H]`` / ``down [S, H, I]`` and the transposed ``[S, H, 2I]`` / ``[S, I, H]`` (gpt-oss),
+with gate and up halves concatenated (``gate = rows [0, I)``) or interleaved (``gate = even rows``).
+Quantised int8 weights (:mod:`swapmoe.quant`: ``q`` int8 and a float16 scale per group of ``G`` values
+along the stored last dim) are dequantised inside the loads.
+
+Activations (``ACT``): 0 = SiLU-gated, ``silu(gate) * up`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...);
+1 = gpt-oss's clamped SwiGLU, ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
+``g = min(gate, l)``.
+
+Everything here is shape-static for a given ``T*K`` and never reads a device value on the host, so the
+launches can be captured in a CUDA graph (compile them with one eager call first).
+
+    T = tokens, K = experts per token, J = T*K terms, S = slots, H = hidden size, I = intermediate size,
+    G = values per int8 scale
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_SILU = 0
+ACT_GPT_OSS = 1
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """One layer's per-slot tensors as the kernels read them (all ``[S, ...]`` on the same device).
+
+    ``gate_up``/``down`` are the weights (or their int8 codes ``q`` when ``*_scale`` is given);
+    ``transposed``: stored ``[S, in, out]`` rather than ``[S, out, in]``; ``interleaved``: gate and up
+    rows alternate (gpt-oss) rather than being the two halves.
+    """
+
+    gate_up: torch.Tensor  # [S, 2I, H] (transposed: [S, H, 2I])
+    down: torch.Tensor  # [S, H, I] (transposed: [S, I, H])
+    gate_up_bias: torch.Tensor | None = None  # [S, 2I]
+    down_bias: torch.Tensor | None = None  # [S, H]
+    gate_up_scale: torch.Tensor | None = None  # int8: [S, 2I, H/G]
+    down_scale: torch.Tensor | None = None  # int8: [S, H, I/G]
+    transposed: bool = False
+    interleaved: bool = False
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate_up.shape[0]
+
+    def dims(self) -> tuple[int, int]:
+        """(H, I) from the down projection's shape."""
+        out_in = self.down.shape[1:]
+        h, i = (out_in[1], out_in[0]) if self.transposed else (out_in[0], out_in[1])
+        return int(h), int(i)
+
+
+# The kernels call language builtins only (tl.reduce, not tl.sum; tl.full, not tl.zeros): Triton's own
+# jit helpers are defined when triton is first imported, and under a TRITON_INTERPRET=1 set after that
+# (the CPU tests) they would not run. The sum's combine function is Triton's own where it has one: the
+# interpreter recognises it and sums with numpy (a combine function of ours runs element by element).
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+_SUM = getattr(tl.standard, "_sum_combine", _add)
+
+
+@triton.jit
+def _row_dots(w_ptr, sc_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
+              QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One loop step of ``W[rows] @ x``: ``sum over k in [k0, k0 + BK) of W[rows, k] * x[k]``, float32
+    ``[BN]``; ``W = q * scale`` when ``QUANT``. With ``GROUP`` (a power of two dividing BK, each scale's
+    group) the tile is read as ``[BN, BK/G, G]`` and each scale multiplies its group's partial sum, one
+    load per (row, group); otherwise (``GROUP = 0``) every weight reads its own scale."""
+    if QUANT and GROUP > 0:
+        offs3 = k0 + tl.arange(0, BLOCK_K // GROUP)[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+        mask3 = offs3 < n_in  # [1, BK/G, G]
+        x3 = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + rows[:, None, None] * sw_n + offs3 * sw_k, mask=mask_n[:, None, None] & mask3,
+                     other=0).to(tl.float32)  # [BN, BK/G, G]
+        part = tl.reduce(w3 * x3, 2, _SUM)  # [BN, BK/G]
+        offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)  # [BK/G] group index
+        sc = tl.load(sc_ptr + rows[:, None] * ss_n + offs_g[None, :] * ss_g,
+                     mask=mask_n[:, None] & (offs_g[None, :] * GROUP < n_in), other=0.0).to(tl.float32)
+        return tl.reduce(part * sc, 1, _SUM)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        mask_k = offs_k < n_in
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        m2 = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + rows[:, None] * sw_n + offs_k[None, :] * sw_k, mask=m2, other=0.0).to(tl.float32)
+        if QUANT:
+            w = w * tl.load(sc_ptr + rows[:, None] * ss_n + (offs_k[None, :] // group) * ss_g, mask=m2,
+                            other=0.0).to(tl.float32)
+        return tl.reduce(w * x[None, :], 1, _SUM)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, ids_ptr, w_ptr, sc_ptr, b_ptr, h_ptr,
+    S, H, N_I, K, group,  # N_I: intermediate size (I)
+    stride_x, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
+    up_row, gate_step, alpha, limit,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    j = tl.program_id(0)  # term
+    pid_n = tl.program_id(1)
+    s = tl.load(ids_ptr + j).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate index
+    mask_n = offs_n < N_I
+    gate = tl.full([BLOCK_N], 0.0, tl.float32)
+    up = tl.full([BLOCK_N], 0.0, tl.float32)
+    if (s >= 0) & (s < S):  # a skipped term reads nothing
+        x_base = x_ptr + (j // K) * stride_x
+        w_base = w_ptr + s * sw_s
+        sc_base = sc_ptr + s * ss_s
+        if INTERLEAVED:  # gate and up rows alternate: read both as one contiguous [2BN] block of rows
+            rows2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # [2BN] gate0, up0, gate1, up1, ...
+            mask2 = rows2 < 2 * N_I
+            both = tl.full([2 * BLOCK_N], 0.0, tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                both += _row_dots(w_base, sc_base, rows2, mask2, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                                  QUANT, GROUP, 2 * BLOCK_N, BLOCK_K)
+            if HAS_BIAS:
+                both += tl.load(b_ptr + s * sb_s + rows2, mask=mask2, other=0.0).to(tl.float32)
+            gate, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))  # [BN], [BN]
+        else:
+            rows_g = offs_n * gate_step  # [BN] stored row of the gate half
+            rows_u = up_row + offs_n * gate_step  # [BN] stored row of the up half
+            for k0 in range(0, H, BLOCK_K):
+                gate += _row_dots(w_base, sc_base, rows_g, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                                  QUANT, GROUP, BLOCK_N, BLOCK_K)
+                up += _row_dots(w_base, sc_base, rows_u, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
+                                QUANT, GROUP, BLOCK_N, BLOCK_K)
+            if HAS_BIAS:
+                gate += tl.load(b_ptr + s * sb_s + rows_g, mask=mask_n, other=0.0).to(tl.float32)
+                up += tl.load(b_ptr + s * sb_s + rows_u, mask=mask_n, other=0.0).to(tl.float32)
+    if ACT == 0:
+        act = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        act = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+    tl.store(h_ptr + j * N_I + offs_n, act, mask=mask_n)  # a skipped term's row: act(0, 0) = 0, never read
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, ids_ptr, tw_ptr, w_ptr, sc_ptr, b_ptr, out_ptr,
+    S, H, N_I, K, group,  # N_I: intermediate size (I)
+    stride_o, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
+    HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)  # token
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden index
+    mask_n = offs_n < H
+    acc = tl.full([BLOCK_N], 0.0, tl.float32)
+    for kk in range(0, K):
+        j = t * K + kk
+        s = tl.load(ids_ptr + j).to(tl.int64)
+        if (s >= 0) & (s < S):  # a skipped term reads nothing and adds nothing
+            w_base = w_ptr + s * sw_s
+            sc_base = sc_ptr + s * ss_s
+            part = tl.full([BLOCK_N], 0.0, tl.float32)
+            for i0 in range(0, N_I, BLOCK_K):
+                part += _row_dots(w_base, sc_base, offs_n, mask_n, h_ptr + j * N_I, i0, N_I, sw_n, sw_k, ss_n,
+                                  ss_g, group, QUANT, GROUP, BLOCK_N, BLOCK_K)
+            if HAS_BIAS:
+                part += tl.load(b_ptr + s * sb_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tl.load(tw_ptr + j).to(tl.float32) * part
+    tl.store(out_ptr + t * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and warps of the two kernels (see :func:`default_blocks`): ``*_n`` output rows per
+    program, ``*_k`` input columns per loop step."""
+
+    gate_up_n: int = 16
+    gate_up_k: int = 256
+    gate_up_warps: int = 4
+    down_n: int = 8
+    down_k: int = 1024
+    down_warps: int = 4
+
+
+def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False) -> Blocks:
+    """Tiles for a decode call. Batch-1 decode reads each chosen expert once and does two flops per
+    weight, so both kernels are bound by memory, and by Little's law the bytes in flight must cover
+    bandwidth x latency (3.8 TB/s x ~0.7 us ~ 2.7 MB on an H200). Small output blocks spread a step's
+    reads over more programs than the GPU has multiprocessors (132 on an H200): the gate/up kernel runs
+    ``J * I / gate_up_n`` programs with ``2 * gate_up_n * gate_up_k`` weights in flight each (J*2I*256*2
+    bytes = 8 MB for OLMoE's shape at T=1); the down kernel ``T * H / down_n`` programs with
+    ``down_n * down_k`` each, ``T * H * down_k * 2`` bytes in all (4 MB at H=2048), hence the long step.
+    In the transposed layout (gpt-oss) the output dim is the contiguous one: the down kernel takes 16
+    rows a program so that its loads are 16 bytes wide (8 rows gave 8-byte loads; checked in the SASS of
+    an sm_90 build). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py."""
+    del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
+    return Blocks(down_n=16, down_k=512) if transposed else Blocks()
+
+
+def _strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """(slot, output row, input col) strides of a ``[S, out, in]`` (or transposed ``[S, in, out]``) tensor."""
+    return (w.stride(0), w.stride(2), w.stride(1)) if transposed else (w.stride(0), w.stride(1), w.stride(2))
+
+
+def _scale_args(q: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, int, int, int, int]:
+    """(pointer, values per scale along the stored last dim, slot/row/group strides); a dummy pointer
+    and zeros when unquantised."""
+    if scale is None:
+        return q, 1, 0, 0, 0
+    return scale, q.shape[-1] // scale.shape[-1], scale.stride(0), scale.stride(1), scale.stride(2)
+
+
+def _group_tiles(scale: torch.Tensor | None, group: int, block_k: int) -> int:
+    """The kernels' ``GROUP``: the scale group when a loop step holds whole groups of a power-of-two
+    size (one scale load per row and group), else 0 (a scale load per weight)."""
+    if scale is None or group & (group - 1) or block_k % group:
+        return 0
+    return group
+
+
+def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act: int = ACT_SILU,
+                alpha: float = 1.702, limit: float = 7.0, blocks: Blocks | None = None) -> torch.Tensor:
+    """The first kernel: ``h [J, I]`` float32, ``h[j] = act(gate_up[s_j] @ x_t (+ b))`` (0 for a skipped term)."""
+    T, K = ids.shape
+    H, N_I = ex.dims()
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed)
+    x = hidden.contiguous()
+    h = torch.empty((T * K, N_I), dtype=torch.float32, device=hidden.device)  # [J, I]
+    up_row, step = (1, 2) if ex.interleaved else (N_I, 1)
+    sc, group, *sc_s = _scale_args(ex.gate_up, ex.gate_up_scale)
+    bias = ex.gate_up_bias if ex.gate_up_bias is not None else ex.gate_up  # a dummy pointer when unused
+    _gate_up_kernel[(T * K, triton.cdiv(N_I, b.gate_up_n))](
+        x, ids.reshape(-1).contiguous(), ex.gate_up, sc, bias, h,
+        ex.num_slots, H, N_I, K, group,
+        x.stride(0), *_strides(ex.gate_up, ex.transposed), *sc_s,
+        bias.stride(0) if ex.gate_up_bias is not None else 0,
+        up_row, step, float(alpha), float(limit),
+        ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=ex.gate_up_scale is not None,
+        GROUP=_group_tiles(ex.gate_up_scale, group, b.gate_up_k), INTERLEAVED=ex.interleaved, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
+    )
+    return h
+
+
+def down_sum(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertTensors, dtype: torch.dtype,
+             blocks: Blocks | None = None) -> torch.Tensor:
+    """The second kernel: ``out [T, H]`` in ``dtype``, ``out[t] = sum_k w_tk * (down[s_tk] @ h[tk] (+ b))``."""
+    T, K = ids.shape
+    H, N_I = ex.dims()
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed)
+    out = torch.empty((T, H), dtype=dtype, device=h.device)  # [T, H]
+    sc, group, *sc_s = _scale_args(ex.down, ex.down_scale)
+    bias = ex.down_bias if ex.down_bias is not None else ex.down
+    _down_kernel[(T, triton.cdiv(H, b.down_n))](
+        h, ids.reshape(-1).contiguous(), weights.reshape(-1).contiguous(), ex.down, sc, bias, out,
+        ex.num_slots, H, N_I, K, group,
+        out.stride(0), *_strides(ex.down, ex.transposed), *sc_s,
+        bias.stride(0) if ex.down_bias is not None else 0,
+        HAS_BIAS=ex.down_bias is not None, QUANT=ex.down_scale is not None,
+        GROUP=_group_tiles(ex.down_scale, group, b.down_k), BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.down_warps,
+    )
+    return out
+
+
+def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertTensors,
+                  act: int = ACT_SILU, alpha: float = 1.702, limit: float = 7.0,
+                  blocks: Blocks | None = None) -> torch.Tensor:
+    """``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t])`` over the slot tensors ``ex``.
+
+    ``hidden [T, H]``, ``ids [T, K]`` slot ids (``>= S`` or negative: skipped, nothing read),
+    ``weights [T, K]``. Returns ``[T, H]`` in ``hidden``'s dtype. ``alpha``/``limit``: gpt-oss's
+    activation constants (``act=ACT_GPT_OSS``).
+    """
+    if ex.transposed and ex.gate_up_scale is not None:
+        raise ValueError("quantised weights are read in the [S, out, in] layout only")
+    h = gate_up_act(hidden, ids, ex, act, alpha, limit, blocks)  # [J, I]
+    return down_sum(h, ids, weights, ex, hidden.dtype, blocks)  # [T, H]

@@ -1,0 +1,317 @@
+"""The fused Triton MoE decode kernel (swapmoe.kernels.fused_moe) and its installation (swapmoe.fused).
+
+The kernel runs under Triton's interpreter on CPU tensors: ``TRITON_INTERPRET=1`` is set by the
+``kernels`` fixture only, which imports the kernel module afresh under it (Triton reads the variable
+when a kernel is defined) and drops that module again afterwards, so that a later import in the same
+process (a CUDA test) compiles the kernels for the GPU.
+
+    T = tokens, K = experts per token, S = slots, H = hidden size, N = intermediate size
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from swapmoe.fused import (
+    ACT_GPT_OSS,
+    ACT_SILU,
+    MAX_TERMS,
+    FusedForward,
+    MoEKernelError,
+    install,
+    remove,
+    unsupported,
+    use_fused_kernel,
+)
+from swapmoe.kernels.reference import reference_experts
+from swapmoe.quant import quantise
+
+pytest.importorskip("triton")
+
+KERNEL_MODULE = "swapmoe.kernels.fused_moe"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        sys.modules.pop(KERNEL_MODULE, None)
+        yield importlib.import_module(KERNEL_MODULE)
+    sys.modules.pop(KERNEL_MODULE, None)
+
+
+def _experts(kernels, S, H, N, *, transposed=False, interleaved=False, bias=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gu = torch.randn(S, 2 * N, H, generator=g) / H**0.5  # [S, 2N, H]
+    dn = torch.randn(S, H, N, generator=g) / N**0.5  # [S, H, N]
+    if transposed:
+        gu, dn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()  # [S, H, 2N], [S, N, H]
+    gb = torch.randn(S, 2 * N, generator=g) * 0.1 if bias else None
+    db = torch.randn(S, H, generator=g) * 0.1 if bias else None
+    gu, dn, gb, db = (None if t is None else t.to(dtype) for t in (gu, dn, gb, db))
+    return kernels.ExpertTensors(gu, dn, gb, db, transposed=transposed, interleaved=interleaved)
+
+
+def _inputs(T, K, H, ids, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)  # [T, H]
+    w = torch.rand(T, K, generator=g)  # [T, K]
+    return x, torch.tensor(ids, dtype=torch.long).view(T, K), w
+
+
+# (T, K, ids): one decode token; several tokens sharing slots; the same slot twice in one token
+CALLS = [(1, 4, [3, 0, 5, 1]), (3, 2, [1, 4, 4, 2, 1, 1]), (2, 3, [2, 2, 0, 5, 3, 3])]
+
+
+@pytest.mark.parametrize(("T", "K", "ids"), CALLS)
+@pytest.mark.parametrize("layout", ["silu", "gpt_oss"])
+def test_kernel_matches_the_float64_reference(kernels, T, K, ids, layout):
+    S, H, N = 6, 40, 24  # neither a multiple of the tiles: the masks at the edges matter
+    gpt = layout == "gpt_oss"
+    ex = _experts(kernels, S, H, N, transposed=gpt, interleaved=gpt, bias=gpt)
+    x, idx, w = _inputs(T, K, H, ids)
+    act = ACT_GPT_OSS if gpt else ACT_SILU
+    out = kernels.fused_experts(x, idx, w, ex, act, alpha=1.702, limit=0.5)  # a limit the values reach
+    ref = reference_experts(x, idx, w, ex, act, alpha=1.702, limit=0.5)
+    assert out.dtype == torch.float32 and out.shape == (T, H)
+    # float32 accumulation over H=40 and N=24 terms of O(1) values (measured max error ~5e-7)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_small_tiles_loop_over_several_blocks(kernels):
+    """Tiles smaller than the dims: the k-loops run several iterations and the grid several blocks."""
+    S, H, N = 4, 40, 24
+    ex = _experts(kernels, S, H, N)
+    x, idx, w = _inputs(2, 2, H, [0, 3, 2, 1])
+    blocks = kernels.Blocks(gate_up_n=8, gate_up_k=16, down_n=16, down_k=8, down_warps=2)
+    out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
+    torch.testing.assert_close(out.double(), reference_experts(x, idx, w, ex), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["silu", "gpt_oss"])
+def test_skipped_terms_read_nothing(kernels, layout):
+    """Ids >= S (and negative) are skipped terms; the slots at both ends hold NaN (as a slot being
+    written may) and only skipped terms could be mapped to them (clamped, or sent to slot 0): a read
+    of either would put NaN in the output."""
+    S, H, N = 5, 32, 16
+    gpt = layout == "gpt_oss"
+    ex = _experts(kernels, S, H, N, transposed=gpt, interleaved=gpt, bias=gpt)
+    for t in (ex.gate_up, ex.down) + ((ex.gate_up_bias, ex.down_bias) if gpt else ()):
+        t[0] = float("nan")
+        t[S - 1] = float("nan")
+    x, idx, w = _inputs(2, 3, H, [1, S, 2, S + 3, -1, 3])
+    act = ACT_GPT_OSS if gpt else ACT_SILU
+    out = kernels.fused_experts(x, idx, w, ex, act)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), reference_experts(x, idx, w, ex, act), rtol=1e-5, atol=1e-5)
+    # a token whose every term is skipped gets exactly zero
+    none = kernels.fused_experts(x[:1], torch.tensor([[S, S + 1, -1]]), w[:1], ex, act)
+    assert torch.equal(none, torch.zeros_like(none))
+
+
+def test_bf16_weights_round_once_at_the_end(kernels):
+    S, H, N = 4, 64, 32
+    ex = _experts(kernels, S, H, N, dtype=torch.bfloat16)
+    x, idx, w = _inputs(1, 2, H, [2, 0], dtype=torch.bfloat16)
+    out = kernels.fused_experts(x, idx, w, ex)
+    assert out.dtype == torch.bfloat16
+    ref = reference_experts(x, idx, w, ex)  # the same bf16 values, computed in float64
+    # float32 accumulation, then one conversion to bfloat16 (8 significant bits). Triton's interpreter
+    # converts by truncation (measured: every |out| <= |ref|, errors up to 0.8 ulp), a GPU rounds to
+    # nearest: one ulp, 2**-7 relative, covers both
+    err = (out.double() - ref).abs()
+    assert (err <= ref.abs() * 2**-7 + 1e-6).all() and err.max() > 0
+
+
+@pytest.mark.parametrize("step", [32, 8])  # whole groups per loop step (scale per group), or a scale per weight
+def test_int8_weights_are_dequantised_inside_the_kernel(kernels, step):
+    S, H, N = 4, 64, 32
+    fp = _experts(kernels, S, H, N)
+    gu, dn = quantise(fp.gate_up, "int8", group=16), quantise(fp.down, "int8", group=16)  # 4 and 2 groups a row
+    ex = kernels.ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"])
+    for t in (ex.gate_up_scale, ex.down_scale):
+        t[S - 1] = float("nan")  # only a skipped term could reach it
+    x, idx, w = _inputs(2, 2, H, [0, 2, S, 1])
+    blocks = kernels.Blocks(gate_up_k=step, down_k=step)  # several loop steps either way
+    assert kernels._group_tiles(gu["scale"], 16, step) == (16 if step == 32 else 0)
+    out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
+    ref = reference_experts(x, idx, w, ex)  # dequantised as swapmoe.quant decodes them
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the scales were applied per group: the float weights give a different (nearby) answer
+    far = (reference_experts(x, idx, w, fp) - ref).abs().max()
+    assert 1e-5 < far < 0.05
+
+
+# ------------------------------------------------------------ the module wrapper, on tiny models
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral", "gpt_oss"])
+def test_fused_forward_equals_transformers_grouped_mm(kernels, family):
+    from swapmoe.families import find_moe_layers
+    from tests.tiny_models import build_model
+
+    model = build_model(family)
+    ex = find_moe_layers(model)[0].experts
+    E = ex.num_experts
+    ex._is_expert_parallel = True  # transformers skips ids >= num_experts only in this mode
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, model.config.hidden_size, generator=g)  # [T, H]
+    idx = torch.tensor([[1, 5], [E, 2], [7, 1]])  # one skipped term (id E)
+    w = torch.rand(3, 2, generator=g)
+    with torch.no_grad():
+        want = type(ex).forward(ex, hidden, idx, w)
+        fused = install(ex, devices=("cpu",))
+        got = ex(hidden, idx, w)
+    assert fused.calls == 1
+    # the tiny models' experts give outputs of ~1e-3: a tolerance relative to them (measured error ~1e-7 of it)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    remove(ex)
+    assert "forward" not in ex.__dict__
+
+
+def test_calls_larger_than_a_decode_step_keep_transformers_kernels(kernels):
+    from swapmoe.families import find_moe_layers
+    from tests.tiny_models import build_model
+
+    model = build_model("olmoe")
+    ex = find_moe_layers(model)[0].experts
+    T = MAX_TERMS // 2 + 1  # K = 2: one term past the limit
+    hidden = torch.randn(T, model.config.hidden_size)
+    idx = torch.randint(0, ex.num_experts, (T, 2))
+    w = torch.rand(T, 2)
+    with torch.no_grad():
+        want = type(ex).forward(ex, hidden, idx, w)
+        fused = install(ex, devices=("cpu",))
+        got = ex(hidden, idx, w)
+    assert fused.calls == 0 and torch.equal(got, want)
+
+
+def test_unsupported_modules_say_why():
+    from swapmoe.families import find_moe_layers
+    from tests.tiny_models import build_model
+
+    ex = find_moe_layers(build_model("olmoe"))[0].experts
+    assert unsupported(ex) is None
+    ex.act_fn = nn.GELU()
+    assert "activation" in unsupported(ex)
+    with pytest.raises(MoEKernelError, match="activation"):
+        FusedForward(ex)
+    assert "fused-experts module" in unsupported(nn.Linear(2, 2))
+    ex2 = find_moe_layers(build_model("olmoe"))[0].experts
+    ex2.has_post_expert_norm = True
+    assert "norm" in unsupported(ex2)
+
+
+# ------------------------------------------------------------ swapmoe.load(moe_kernel=...)
+@pytest.fixture(scope="module")
+def olmoe_checkpoint(tmp_path_factory):
+    from tests.tiny_models import make_checkpoint
+
+    return make_checkpoint("olmoe", tmp_path_factory.mktemp("olmoe"))
+
+
+def _fused(model):
+    return [st.layer.experts.__dict__.get("forward") for st in model.swapmoe.layers]
+
+
+def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
+    import swapmoe
+    import swapmoe.fused
+
+    default = swapmoe.load(olmoe_checkpoint, "50%")  # opt-in: transformers' kernels by default
+    assert not any(isinstance(f, FusedForward) for f in _fused(default))
+    cpu = swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="auto")  # auto off CUDA: transformers' kernels
+    assert not any(isinstance(f, FusedForward) for f in _fused(cpu))
+    # auto on CUDA: only the layers swapmoe computes (the decision touches no GPU: the kernel is not called)
+    full = swapmoe.load(olmoe_checkpoint, "100%")
+    use_fused_kernel([(st.layer.experts, i == 0) for i, st in enumerate(full.swapmoe.layers)], "auto",
+                     torch.device("cuda"))
+    assert [isinstance(f, FusedForward) for f in _fused(full)] == [True, False]
+    forced = swapmoe.load(olmoe_checkpoint, "100%", moe_kernel="triton")  # every layer, full ones too
+    assert all(isinstance(f, FusedForward) and f.devices == ("cuda",) for f in _fused(forced))
+    with pytest.raises(MoEKernelError, match="unknown MoE kernel"):
+        swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="cuda")
+    assert use_fused_kernel([], "transformers", torch.device("cuda")) == []
+    int4 = swapmoe.load(olmoe_checkpoint, "50%", expert_dtype="int4")  # a format the kernel does not read
+    why = use_fused_kernel([(st.layer.experts, True) for st in int4.swapmoe.layers], "triton", torch.device("cpu"))
+    assert len(why) == len(int4.swapmoe.layers) and all("int4" in line for line in why)
+    assert not any(isinstance(f, FusedForward) for f in _fused(int4))
+    monkeypatch.setattr(swapmoe.fused, "triton_available", lambda: False)
+    with pytest.raises(MoEKernelError, match="needs Triton"):
+        swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="triton")
+
+
+def _auto_on(model):
+    """What ``auto`` installs on CUDA, made to run here: the layers swapmoe computes, on the CPU."""
+    layers = [(st.layer.experts, st.pool is not None or st.layer.experts.__dict__.get("forward") is not None)
+              for st in model.swapmoe.layers]
+    for module, ours in layers:
+        if ours:
+            install(module, devices=("cpu",))
+    return [f for f in _fused(model) if isinstance(f, FusedForward)]
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_checkpoint(tmp_path_factory):
+    from tests.tiny_models import make_checkpoint
+
+    return make_checkpoint("gpt_oss", tmp_path_factory.mktemp("gpt_oss"), layout="fused")
+
+
+@pytest.mark.parametrize(("family", "expert_dtype", "budget"),
+                         [("olmoe", None, "50%"), ("olmoe", "int8", "25%"), ("gpt_oss", None, "50%")])  # int8: half
+def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, request, family, expert_dtype, budget):
+    """Half the experts resident, skip strategy (skipped terms reach the kernel), static decode with updates every
+    token: the same tokens' logits with and without the fused kernel."""
+    import swapmoe
+    from swapmoe.engine.decoder import Decoder
+
+    path = request.getfixturevalue(f"{family}_checkpoint")
+    kw = {"strategy": "skip", "update_interval": 1, "expert_dtype": expert_dtype}
+    plain = swapmoe.load(path, budget, **kw)
+    fast = swapmoe.load(path, budget, **kw)
+    fused = _auto_on(fast)
+    assert len(fused) == len(fast.swapmoe.layers)
+    if expert_dtype == "int8":
+        assert all(f.quantised is not None for f in fused)
+    prompt = [(7 * i + 3) % 90 for i in range(MAX_TERMS // 2 + 8)]  # K=2: a prefill past MAX_TERMS terms
+    feed = [11, 7, 29, 2, 60, 13, 4, 33]
+    a, b = Decoder(plain, "static"), Decoder(fast, "static")
+    la, lb = a.prefill(prompt, max_new_tokens=len(feed)), b.prefill(prompt, max_new_tokens=len(feed))
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)  # prefill: transformers' kernels in both
+    assert sum(f.calls for f in fused) == 0
+    worst = 0.0
+    for tok in feed:
+        la, lb = a.step(tok), b.step(tok)
+        worst = max(worst, (lb - la).abs().max().item() / la.abs().max().item())
+    assert 0 < worst < 1e-5  # float32 sums in another order (measured: 1.2-2.1e-7 of the largest logit)
+    assert sum(f.calls for f in fused) == len(feed) * len(fused)
+    assert fast.swapmoe.stats()["total"]["swaps"] == plain.swapmoe.stats()["total"]["swaps"] > 0
+
+
+# ------------------------------------------------------------ transformers' ExpertsInterface (opt-in)
+@pytest.fixture
+def registered():
+    from transformers.integrations.moe import ExpertsInterface
+
+    from swapmoe.fused import REGISTERED_NAME, register_experts_implementation
+
+    assert REGISTERED_NAME not in ExpertsInterface._global_mapping  # nothing registers it at import
+    yield register_experts_implementation()
+    ExpertsInterface._global_mapping.pop(REGISTERED_NAME, None)
+
+
+def test_registered_implementation_falls_back_to_grouped_mm_off_cuda(registered):
+    """A plain transformers model can select it by name; a CPU call runs grouped_mm, bit for bit."""
+    from tests.tiny_models import build_model
+
+    ids = torch.tensor([[5, 17, 3, 42, 8]])
+    model = build_model("olmoe")
+    with torch.no_grad():
+        want = model(ids).logits
+        model.set_experts_implementation(registered)
+        assert model.config._experts_implementation == registered
+        assert torch.equal(model(ids).logits, want)
