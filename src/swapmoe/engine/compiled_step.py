@@ -65,8 +65,15 @@ class CompiledStep:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
-        # inductor's own CUDA graphs stay off in both modes: the decoder captures the step
-        return compile_fx(gm, example_inputs, config_patches={**list_mode_options(self.mode), "triton.cudagraphs": False})
+        patches = {
+            **list_mode_options(self.mode),
+            "triton.cudagraphs": False,  # off in both modes: the decoder captures the step itself
+            # round bf16/fp16 intermediates where the eager step rounds them: without it inductor keeps
+            # them in float32 and bf16 logits drift from the uncompiled step's (greedy tokens then differ
+            # at near-ties); with it they are bit-identical on the CPU (tests/engine/test_compiled_step.py)
+            "emulate_precision_casts": True,
+        }
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     def __call__(self, forward: Any, ids: torch.Tensor, cache: Any, cache_kw: str) -> torch.Tensor:
         return self._fn(forward, ids, cache, cache_kw)
