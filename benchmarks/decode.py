@@ -41,9 +41,10 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
                "aten::_local_scalar_dense", "cudaMemcpy")
 
 
-def settings() -> list[tuple[str, str, dict[str, Any], str]]:
-    """(name, loader, load kwargs, decode mode)."""
-    return [
+def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(name, loader, load kwargs, decode mode); ``compile_step`` adds the graph settings whose captured
+    step is compiled by inductor first (Decoder(compile_step=True))."""
+    rows = [
         ("plain transformers, eager", "plain", {}, "dynamic"),
         ("plain transformers, graph", "plain", {}, "graph"),
         ("swapmoe 100%, graph", "swapmoe", {"memory_budget": "100%"}, "graph"),
@@ -60,6 +61,14 @@ def settings() -> list[tuple[str, str, dict[str, Any], str]]:
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
         ("accelerate offload 50%", "accelerate-offload", {"memory_budget": "50%"}, "dynamic"),
     ]
+    if not compile_step:
+        return rows
+    out = []
+    for name, kind, kw, mode in rows:  # each compiled setting right after its uncompiled twin
+        out.append((name, kind, kw, mode))
+        if name in ("plain transformers, graph", "swapmoe 100%, graph", "swapmoe 50%, graph"):
+            out.append((name + "+compiled", kind, kw, "graph-compiled"))
+    return out
 
 
 def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels: list[str]
@@ -141,6 +150,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile-tokens", type=int, default=8)
     p.add_argument("--only", default=None, help="';'-separated setting names to run (default: all)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="add settings whose captured decode step is compiled by inductor (graph+compiled)")
+    p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="inductor mode of the graph+compiled settings")
     p.add_argument("--moe-kernel", default="transformers",
                    help="comma-separated swapmoe.load(moe_kernel=...) choices (transformers, auto, triton): every "
                         "swapmoe setting runs once per choice, named '<setting>, moe <choice>' (e.g. "
@@ -159,7 +172,7 @@ def main() -> None:
     vocab = ARCHS[args.arch]["vocab_size"]
     prompt = torch.randint(0, vocab, (32,), generator=rng).tolist()
     feed = torch.randint(0, vocab, (max(args.tokens + 8, 20 + args.profile_tokens),), generator=rng).tolist()
-    chosen = with_moe_kernels(settings(), [k.strip() for k in args.moe_kernel.split(",") if k.strip()])
+    chosen = with_moe_kernels(settings(args.compile_step), [k.strip() for k in args.moe_kernel.split(",") if k.strip()])
     if device.type != "cuda":  # accelerate's offloading moves weights from the GPU to host memory
         chosen = [c for c in chosen if c[1] != "accelerate-offload"]
     if args.only:
@@ -173,11 +186,17 @@ def main() -> None:
     for name, kind, kw, mode in chosen:
         model = load(kind, path, kw, device, dtype, loaded)
         # on a CPU (a smoke test) the graph settings run the graph path without the capture
-        fuse = mode != "graph-unfused"
-        mode = "graph" if mode == "graph-unfused" else mode
+        fuse, compiled = mode != "graph-unfused", mode == "graph-compiled"
+        mode = "graph" if mode in ("graph-unfused", "graph-compiled") else mode
+        t_compile = time.perf_counter()
         decoders[name] = Decoder(model, mode if device.type == "cuda" or mode != "graph" else "static",
-                                 fuse_router=fuse and mode == "graph")
-        rows[name] = {"setting": name, "mode": mode, "ms": []}
+                                 fuse_router=fuse and mode == "graph" and not compiled, compile_step=compiled,
+                                 compile_mode=args.compile_mode)
+        rows[name] = {"setting": name, "mode": mode + ("+compiled" if compiled else ""), "ms": []}
+        if compiled:  # compile (and capture) before the timed rounds, and say how long it took
+            time_decode(model, prompt, 2, feed=feed, warmup=1, decoder=decoders[name])
+            rows[name]["compile_s"] = time.perf_counter() - t_compile
+            rows[name]["compile_mode"] = args.compile_mode
     console.print(f"built {built:.0f}s, loaded {len(loaded)} models in {time.perf_counter() - t_load:.0f}s")
     for r in range(args.rounds):
         order = list(rows) if r % 2 == 0 else list(reversed(rows))
@@ -215,6 +234,8 @@ def main() -> None:
                 row.update(profile_counts(dec, prompt, feed, args.profile_tokens))
             row["decode_transient_bytes"] = torch.cuda.max_memory_allocated(device) - base
             row["graphs_captured"] = dec.graphs_captured
+        if dec.compiled is not None:
+            row["compiles"] = dec.compiled.compiles  # over the whole run: a per-token recompile would show
     gc.collect()
     show(list(rows.values()), console)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -207,6 +207,46 @@ def test_graph_logits_equal_eager_swapmoe_with_swaps_frozen(tmp_path, expert_dty
         assert torch.equal(a, b)
 
 
+def test_compiled_graph_decode_at_full_budget_equals_the_uncompiled_graph_for_64_tokens(tmp_path):
+    """The step compiled by inductor and captured in the decoder's graph decodes the same greedy tokens
+    as the captured uncompiled step, compiling once for the whole decode."""
+    from swapmoe.engine.decoder import Decoder
+
+    path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
+    model = swapmoe.load(path, "100%", device="cuda", dtype=torch.bfloat16)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref, ref_rows = _greedy(Decoder(model, "graph"), prompt, 64)
+    dec = Decoder(model, "graph", compile_step=True)
+    got, rows = _greedy(dec, prompt, 64)
+    assert dec.mode == "graph" and dec.graphs_captured == 1 and dec.compiled.compiles == 1
+    # the compiled step rounds where eager rounds (emulated precision casts: bit-identical on the CPU), but
+    # its GPU kernels may reduce in another order; the message says by how much logits differ, up to
+    # where the tokens first differ
+    first = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), len(ref))
+    worst = max(float((a - b).abs().max()) for a, b in zip(rows[:first + 1], ref_rows[:first + 1], strict=False))
+    top2 = ref_rows[min(first, len(ref) - 1)].topk(2).values
+    print(f"compiled vs uncompiled graph: first differing token {first}, worst |dlogit| {worst:.4f}")
+    assert got == ref, (f"greedy tokens differ from step {first} (worst |dlogit| {worst:.4f} up to it; "
+                        f"reference top-2 margin there {float(top2[0] - top2[1]):.4f})")
+
+
+def test_compiled_graph_replays_equal_the_compiled_static_steps_at_half_budget(tmp_path):
+    """At 50% (swaps frozen: the same resident sets in both runs) a replay of the captured compiled step
+    gives bit-identical logits to running the compiled step itself: capture adds nothing."""
+    from swapmoe.engine.decoder import Decoder
+
+    path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
+    model = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, swaps_per_update=0)
+    prompt = list(range(3, 40))
+    graph = Decoder(model, "graph", compile_step=True)
+    g_tokens, g_rows = _greedy(graph, prompt, 64)
+    s_tokens, s_rows = _greedy(Decoder(model, "static", compile_step=True), prompt, 64)
+    assert graph.mode == "graph" and graph.graphs_captured == 1 and graph.compiled.compiles == 1
+    assert g_tokens == s_tokens
+    for a, b in zip(g_rows, s_rows, strict=True):
+        assert torch.equal(a, b)
+
+
 TORN_TOLERANCE = 0.0625  # logits; see the comment at the end of the test below
 MAX_NOISY_STEPS = 4  # of 256: near-tie router flips from bf16 noise
 
@@ -267,14 +307,15 @@ def _map_at_submit(swapper):
 # experts it moved only 4 of 256 steps on the H200 (worst 0.61), within the noise allowance, so the int8
 # runs check the correct and synchronous orderings only: the detector is not shown to work there.
 @pytest.mark.parametrize("ordering,expert_dtype", [
-    ("correct", None), ("synchronous", None), ("correct", "int8"), ("synchronous", "int8"),
+    ("correct", None), ("synchronous", None), ("compiled", None), ("correct", "int8"), ("synchronous", "int8"),
     pytest.param("broken", None, marks=pytest.mark.xfail(
         strict=True, reason="mapping before the copy lands must be caught: this test detects torn reads")),
 ])
 def test_async_swaps_every_token_equal_the_same_schedule_applied_synchronously(tmp_path, ordering, expert_dtype):
     """256 graph-replayed tokens at 50% with swaps every token: the asynchronous run's logits equal, step
     by step, a run applying its exact map/unmap schedule with synchronous copies. A torn read (a slot
-    read while written) would change them; the "broken" case maps before the copy lands to show it."""
+    read while written) would change them; the "broken" case maps before the copy lands to show it.
+    "compiled": both runs capture the step compiled by inductor (Decoder(compile_step=True))."""
     from swapmoe.engine.decoder import Decoder
 
     # 50 MB experts (0.9 ms to copy from pinned memory) against a short replay: a read of a slot that is
@@ -289,18 +330,19 @@ def test_async_swaps_every_token_equal_the_same_schedule_applied_synchronously(t
     logged = _Logged(live.swapmoe)
     if ordering == "broken":
         _map_at_submit(live.swapmoe.swapper)
-    dec = Decoder(live, "graph")
+    compiled = ordering == "compiled"
+    dec = Decoder(live, "graph", compile_step=compiled)
     rows = [dec.read_logits(dec.prefill(prompt, max_new_tokens=256))]
     for i, t in enumerate(feed[:-1]):
         logged.token = i
         rows.append(dec.read_logits(dec.step(t)))
     assert sum(1 for e in logged.log if e[2] == "map") > 64, "the schedule must swap often"
-    assert dec.graphs_captured == 1
+    assert dec.graphs_captured == 1 and (not compiled or dec.compiled.compiles == 1)
 
     ref = swapmoe.load(path, slots=[4, 4, 4], device="cuda", dtype=torch.bfloat16, swaps_per_update=0,
                        initial="first", expert_dtype=expert_dtype)
     pools = [st.pool for st in ref.swapmoe.layers if st.pool is not None]
-    ref_dec = Decoder(ref, "graph")
+    ref_dec = Decoder(ref, "graph", compile_step=compiled)
     _apply(logged.log, -1, pools)
     ref_rows = [ref_dec.read_logits(ref_dec.prefill(prompt, max_new_tokens=256))]
     for i, t in enumerate(feed[:-1]):
@@ -318,17 +360,18 @@ def test_async_swaps_every_token_equal_the_same_schedule_applied_synchronously(t
     assert len(moved) <= MAX_NOISY_STEPS, f"{len(moved)} steps moved beyond {TORN_TOLERANCE}, first {moved[:5]}"
 
 
-@pytest.mark.parametrize("expert_dtype", [None, "int8", "int4"])
-def test_steady_state_graph_decode_with_swaps_allocates_no_device_memory(tmp_path, expert_dtype):
+@pytest.mark.parametrize("expert_dtype,compile_step", [(None, False), ("int8", False), ("int4", False), (None, True)])
+def test_steady_state_graph_decode_with_swaps_allocates_no_device_memory(tmp_path, expert_dtype, compile_step):
     """The budget is a promise about the allocator: swapping copies into the fixed slots, nothing else
-    (a quantised layer's per-term scratch comes from the graph's own pool, allocated at capture)."""
+    (a quantised layer's per-term scratch comes from the graph's own pool, allocated at capture; so do
+    the compiled step's buffers)."""
     from swapmoe.engine.decoder import Decoder
 
     path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
     model = swapmoe.load(path, "25%", device="cuda", dtype=torch.bfloat16, update_interval=1, swaps_per_update=2,
                          expert_dtype=expert_dtype)
     assert dec_mode(model) == "graph"
-    dec = Decoder(model, "graph")
+    dec = Decoder(model, "graph", compile_step=compile_step)
     feed = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(6)).tolist()
     dec.read_logits(dec.prefill(feed[:8], max_new_tokens=190))
     for t in feed[8:16]:

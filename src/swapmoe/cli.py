@@ -45,6 +45,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-swaps", action="store_true", help="copy experts synchronously (no overlap; for comparison)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="compile the decode step with inductor before capturing it (fewer kernels per token; the "
+                        "first token waits for the compile; not yet verified on a GPU)")
     p.add_argument("--moe-kernel", choices=["transformers", "auto", "triton"], default="transformers",
                    help="expert compute of decode steps: transformers' kernels (default), or swapmoe's fused Triton "
                         "kernel (not yet verified on a GPU) where swapmoe computes the layer on CUDA (auto) or in "
@@ -66,7 +69,8 @@ def load_from_args(args: argparse.Namespace) -> Any:
             dtype=args.dtype, expert_dtype=args.expert_dtype, async_swaps=not args.sync_swaps,
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph,
-            moe_kernel=getattr(args, "moe_kernel", "transformers"), **kw,
+            moe_kernel=getattr(args, "moe_kernel", "transformers"),
+            compile_step=getattr(args, "compile_step", False), **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig
         raise SwapMoEError(str(e)) from None

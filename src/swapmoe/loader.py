@@ -317,6 +317,7 @@ def load(
     async_swaps: bool = True,
     cuda_graph: bool = True,
     moe_kernel: str = DEFAULT_MOE_KERNEL,
+    compile_step: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     expert_dtype: str | list[str | None] | None = None,
@@ -346,6 +347,9 @@ def load(
                    opt-in and not yet verified on a GPU, swapmoe's fused Triton kernel over slot ids: "auto"
                    (on CUDA with Triton, in the layers swapmoe computes itself) or "triton" (in every MoE
                    layer it supports); prefills keep transformers' kernels (swapmoe.fused)
+    compile_step   compile that decode step with inductor before capturing it (fewer, fused kernels per
+                   token; swapmoe.engine.compiled_step); the first decode step then takes the compile time.
+                   Not verified on a GPU yet
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     expert_dtype   "bf16", "int8", "int4", "int3" or "int2": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
@@ -470,17 +474,19 @@ def load(
     ours = [(st.layer.experts, st.pool is not None or lay is not None) for st, lay in zip(states, layouts, strict=True)]
     for line in use_fused_kernel(ours, moe_kernel, dev):
         log.info("transformers' experts kernel kept in %s", line)
-    _use_decoder(model, cuda_graph)
+    _use_decoder(model, cuda_graph, compile_step)
     return_freed_memory()  # the load's temporaries
     return model
 
 
-def _use_decoder(model: nn.Module, cuda_graph: bool) -> None:
+def _use_decoder(model: nn.Module, cuda_graph: bool, compile_step: bool = False) -> None:
     """Choose how the model decodes: on CUDA by default one graph replay per token, through the
-    engine's decoder and through ``model.generate`` (swapmoe.engine.hf_generate)."""
+    engine's decoder and through ``model.generate`` (swapmoe.engine.hf_generate); with
+    ``compile_step`` the static-cache decoders compile their step first (swapmoe.engine.decoder_for)."""
     from swapmoe.engine.decoder import graph_blocker
     from swapmoe.engine.hf_generate import install
 
+    model.swapmoe_compile_step = compile_step
     if not cuda_graph:
         model.swapmoe_decode_mode = "dynamic"
         return

@@ -15,6 +15,12 @@ Modes
              hooks do only in-graph work). CPU tests check the graph path's bookkeeping with it.
     dynamic  a ``DynamicCache``, every step an eager forward (CPU; models a graph cannot capture).
 
+``compile_step=True`` (graph and static modes): the single-token step is compiled by inductor, without
+inductor's own CUDA graphs, with the router hooks' in-graph work traced into it
+(:mod:`swapmoe.engine.compiled_step`); graph mode runs the compiled step once, then captures it as
+above. Off by default: not verified on a GPU yet (tests/test_cuda.py "compiled", benchmarks/decode.py
+--compile-step).
+
 Prefill is always eager (one forward of the whole prompt): prompts vary in length, a captured
 prefill would need one graph per length. The decode graph is kept across requests: a new request
 resets the cache in place (same addresses), so the graph stays valid; only a request that needs a
@@ -33,6 +39,7 @@ from typing import Any
 import torch
 
 from swapmoe.compat import cache_argument
+from swapmoe.engine.compiled_step import CompiledStep
 from swapmoe.runtime.step import compiled_route
 
 log = logging.getLogger(__name__)
@@ -117,19 +124,25 @@ class Decoder:
     """
 
     def __init__(self, model: Any, mode: str | None = None, min_capacity: int = MIN_CAPACITY,
-                 fuse_router: bool | None = None) -> None:
+                 fuse_router: bool | None = None, compile_step: bool = False, compile_mode: str = "default"
+                 ) -> None:
         if mode is None:
             mode = "graph" if graph_blocker(model) is None else "dynamic"
         if mode not in MODES:
             raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
         if mode == "graph" and (why := graph_blocker(model)) is not None:
             raise ValueError(f"this model's decode step cannot be captured in a CUDA graph: {why}")
+        if compile_step and mode == "dynamic":
+            raise ValueError("compile_step compiles the static-cache decode step: use mode 'graph' or 'static'")
         self.model = model
         self.mode = mode
         self.runtime = getattr(model, "swapmoe", None)  # None: plain transformers
+        # the whole single-token step compiled by inductor (compiled_step.py); its router work is traced
+        # into that graph, so the separately compiled router step is not used then
+        self.compiled = CompiledStep(compile_mode) if compile_step else None
         # graph mode: the router hooks' tensor work compiled into a few kernels (runtime/step.py)
-        fuse = mode == "graph" if fuse_router is None else fuse_router
-        self.fused = compiled_route() if fuse and self.runtime is not None else None
+        fuse = mode == "graph" and not compile_step if fuse_router is None else fuse_router
+        self.fused = compiled_route() if fuse and self.runtime is not None and not compile_step else None
         self.device = model_device(model)
         self.cache_kw = cache_argument(model)
         self.limit = context_length(model)
@@ -177,10 +190,18 @@ class Decoder:
             self.cache.reset()  # in place: the captured graph keeps reading the same tensors
 
     # ---------------------------------------------------------------- forwards
-    def _forward(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, all_logits: bool, step: bool = False) -> torch.Tensor:
         # the model's own forward, also where model.generate's wrapper is installed (hf_generate.py)
         forward = self.model.__dict__.get("_swapmoe_plain_forward", self.model)
         with plain_no_grad():
+            if step and self.compiled is not None:  # a single-token step on the static cache
+                try:
+                    return self.compiled(forward, ids, self.cache, self.cache_kw)  # [1, V]
+                except torch._dynamo.exc.TorchDynamoException as e:
+                    # dynamo fails before the compiled step runs anything (fullgraph): nothing half-done
+                    log.warning("could not compile the decode step (%s); decoding with the uncompiled step",
+                                str(e).strip().splitlines()[0])
+                    self.compiled = None
             out = forward(input_ids=ids, **{self.cache_kw: self.cache}, use_cache=True,
                              logits_to_keep=0 if all_logits else 1)
             return out.logits[0].float()  # [T or 1, V]
@@ -193,12 +214,12 @@ class Decoder:
         self.start(len(token_ids) + max(max_new_tokens, 1))
         return self._extend(list(token_ids), all_logits)
 
-    def _extend(self, token_ids: list[int | torch.Tensor], all_logits: bool) -> torch.Tensor:
+    def _extend(self, token_ids: list[int | torch.Tensor], all_logits: bool, step: bool = False) -> torch.Tensor:
         if isinstance(token_ids[0], torch.Tensor):
             ids = torch.stack([t.reshape(()) for t in token_ids]).view(1, -1).to(self.device)  # [1, T]
         else:
             ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
-        logits = self._forward(ids, all_logits)
+        logits = self._forward(ids, all_logits, step)
         self.history.extend(token_ids)
         return logits if all_logits else logits[-1]
 
@@ -212,11 +233,11 @@ class Decoder:
         if self.mode != "dynamic" and len(self.history) + 1 > self.capacity:
             self._grow()
         if self.mode == "static" and self.history:
-            if self.runtime is None:
-                return self._extend([token], all_logits=False)
-            self.runtime.before_replay(1)
-            with self.runtime.capturing():
-                return self._extend([token], all_logits=False)
+            return self._split_step(token)
+        if self.mode == "graph" and self.graph is None and self.compiled is not None and self.history:
+            logits = self._split_step(token)  # compiles the step (or reuses it), then runs it once
+            self._capture()
+            return logits
         if self.mode != "graph" or self.graph is None:
             with self._fused_router():
                 logits = self._extend([token], all_logits=False)
@@ -234,6 +255,16 @@ class Decoder:
         self.graph.replay()
         self.history.append(token)
         return self._output
+
+    def _split_step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """A step split as a replay splits it: the runtime's host side first (scheduling, mapping
+        finished copies, counting), then a forward whose router hooks do in-graph work only; compiled
+        with ``compile_step``. ``[V]`` logits."""
+        if self.runtime is None:
+            return self._extend([token], all_logits=False, step=True)
+        self.runtime.before_replay(1)
+        with self.runtime.capturing():
+            return self._extend([token], all_logits=False, step=True)
 
     @contextlib.contextmanager
     def _fused_router(self) -> Any:
@@ -267,7 +298,7 @@ class Decoder:
         hooks = self.runtime.capturing() if self.runtime is not None else contextlib.nullcontext()
         try:
             with hooks, torch.cuda.graph(graph):
-                self._output = self._forward(self._input, all_logits=False)[-1]  # [V]
+                self._output = self._forward(self._input, all_logits=False, step=True)[-1]  # [V]
         except RuntimeError as e:  # a kernel that reads device values on the host cannot be captured
             log.warning("could not capture the decode step (%s); decoding with eager forwards",
                         str(e).splitlines()[0])
@@ -303,10 +334,14 @@ def context_length(model: Any) -> int | None:
 def decoder_for(model: Any, mode: str | None = None) -> Decoder:
     """The model's decoder, created on first use and kept on the model (its graph and cache are reused
     by every request). ``mode`` None: the model's default (``model.swapmoe_decode_mode`` if set by
-    ``swapmoe.load(cuda_graph=...)``, else graph where possible)."""
+    ``swapmoe.load(cuda_graph=...)``, else graph where possible); the step is compiled where
+    ``swapmoe.load(compile_step=True)`` asked for it."""
     mode = mode or getattr(model, "swapmoe_decode_mode", None)
     dec = model.__dict__.get("_swapmoe_decoder")
     if dec is None or (mode is not None and dec.mode != mode):
-        dec = Decoder(model, mode)
+        resolved = mode or ("graph" if graph_blocker(model) is None else "dynamic")
+        # swapmoe.load(compile_step=True): the static-cache modes compile their step; eager ones cannot
+        compile_step = bool(getattr(model, "swapmoe_compile_step", False)) and resolved != "dynamic"
+        dec = Decoder(model, resolved, compile_step=compile_step)
         model.__dict__["_swapmoe_decoder"] = dec
     return dec
