@@ -22,6 +22,7 @@ from rich.table import Table
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
+from swapmoe.quant import FORMATS
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -59,7 +60,6 @@ def _strategies(text: str) -> tuple[str, ...]:
 
 def _formats(text: str, flag: str = "--formats") -> tuple[str, ...]:
     """``bf16,int8,int4`` (any of :data:`swapmoe.quant.FORMATS`), or ``none``."""
-    from swapmoe.quant import FORMATS
 
     if text.strip().lower() == "none":
         return ()
@@ -250,7 +250,6 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     many configurations, and a plan is what chooses them.
     """
     del add_model_arguments
-    from swapmoe.quant import FORMATS
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: bundled model)")
@@ -263,7 +262,7 @@ def add_parsers(sub: Any, add_model_arguments: Callable[[argparse.ArgumentParser
     p.add_argument("--out", default="profile.json", help="profile file, written after every measurement")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    p.add_argument("--expert-dtype", default=None, choices=["bf16", "int8", "int4"],
+    p.add_argument("--expert-dtype", default=None, choices=list(FORMATS),
                    help="profile the model with its experts held in this format (the full model in it is the "
                         "reference; bytes are its bytes); `swapmoe plan` writes it into the plan")
     p.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens used (the first ones)")
