@@ -10,6 +10,7 @@ import torch
 import swapmoe
 from swapmoe.fused import ACT_GPT_OSS, ACT_SILU, FusedForward
 from swapmoe.kernels.reference import reference_experts
+from tests.test_cuda import _greedy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("triton")
@@ -55,14 +56,6 @@ def _checkpoint(tmp_path):
     return tmp_path
 
 
-def _greedy(dec, prompt, new):
-    logits = dec.prefill(prompt, max_new_tokens=new)
-    tokens, rows = [], []
-    for _ in range(new):
-        rows.append(dec.read_logits(logits))
-        tokens.append(int(rows[-1].argmax()))
-        logits = dec.step(tokens[-1])
-    return tokens, rows
 
 
 @pytest.mark.parametrize("expert_dtype", [None, "int8"])
