@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks that are written but have not yet run on the H200, as one stage per device call
+# (each stays under the device tool's 10-minute limit; results land under $OUT).
+#
+#   bash benchmarks/gpu_pending.sh tests      # CUDA tests: graph path, quantised graphs, fused kernel, MXFP4, compiled step
+#   bash benchmarks/gpu_pending.sh tf524      # the same CUDA tests that need transformers >= 5.21 (gpt-oss graph capture);
+#                                             # carry the wheel: pip download transformers==5.24.0 --no-deps -d .gpu-wheels
+#   bash benchmarks/gpu_pending.sh kernels    # fused Triton MoE kernel vs grouped_mm per layer (benchmarks/fused_moe.py)
+#   bash benchmarks/gpu_pending.sh olmoe      # decode: compiled step and fused kernel against the graph anchor, int8 at 50%'s slots
+#   bash benchmarks/gpu_pending.sh qwen3      # decode on the Qwen3-30B-A3B shape (12 layers), accelerate offload included
+#
+# Each stage writes a log and, for the benchmarks, a JSON with provenance under $OUT/<stage>/.
+set -uo pipefail
+stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3"}
+out=${OUT:-runs/gpu}/$stage
+mkdir -p "$out"
+export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+cuda_tests=(tests/test_cuda.py tests/test_fused_moe_cuda.py tests/test_mxfp4_cuda.py)
+case $stage in
+  tests)
+    timeout 540 python3 -m pytest -q -rA -p no:cacheprovider -p no:logging "${cuda_tests[@]}" >"$out/pytest.txt" 2>&1
+    grep -E "passed|failed|^FAILED|^ERROR|XPASS|^E  " "$out/pytest.txt" | tail -40 ;;
+  tf524)
+    wheel=$(ls .gpu-wheels/transformers-5.2[1-9]*.whl 2>/dev/null | head -1)
+    [ -n "$wheel" ] || { echo "carry a transformers >= 5.21 wheel in .gpu-wheels/"; exit 2; }
+    python3 -m pip install -q --no-deps --target /tmp/tf-new "$wheel"
+    PYTHONPATH=/tmp/tf-new:$PYTHONPATH timeout 540 python3 -m pytest -q -rA -p no:cacheprovider -p no:logging \
+      "${cuda_tests[@]}" -k "sliding_window or mxfp4 or gpt_oss or full_budget" >"$out/pytest.txt" 2>&1
+    grep -E "passed|failed|^FAILED|^ERROR|XPASS|^E  " "$out/pytest.txt" | tail -40 ;;
+  kernels)
+    timeout 540 python3 benchmarks/fused_moe.py --no-sweep --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+  olmoe)
+    timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
+      --compile-step --moe-kernel transformers,auto \
+      --only "plain transformers, graph;swapmoe 50%, graph;swapmoe int8, 50%'s slots, graph" \
+      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+  qwen3)
+    timeout 560 python3 benchmarks/decode.py --arch qwen3-30b-a3b --layers 12 --tokens 16 --rounds 3 --profile-tokens 6 \
+      --only "plain transformers, eager;plain transformers, graph;swapmoe 100%, graph;swapmoe 50%, graph;swapmoe int8, 50%'s slots, graph;ondemand 50%;accelerate offload 50%" \
+      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
