@@ -38,6 +38,9 @@ POLICY_TESTS = ("tests/test_policy.py",)
 ROUTING_TESTS = ("tests/test_routing.py",)
 DECODER_TESTS = ("tests/engine/test_decoder.py", "tests/test_long_call.py")
 MEMORY_TESTS = ("tests/test_loader.py", "-k", "memory_held and mixtral")
+QUANT_TESTS = ("tests/test_quant.py",)
+PRECISION_TESTS = ("tests/planner/test_precision.py",)
+MXFP4_TESTS = ("tests/test_mxfp4.py",)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,18 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("drop-routed-scaling", "src/swapmoe/routing.py",
              "        w /= w.sum(dim=-1, keepdim=True) + 1e-20\n    return w * p.scaling, idx\n",
              "        w /= w.sum(dim=-1, keepdim=True) + 1e-20\n    return w, idx\n", ROUTING_TESTS),
+    # ---- quantised experts, the planner's precision axis, published MXFP4, the graph path's guard
+    Mutation("int3-word-bytes-reversed", "src/swapmoe/quant.py",
+             "word = u[..., 0] | (u[..., 1] << 8) | (u[..., 2] << 16)",
+             "word = u[..., 2] | (u[..., 1] << 8) | (u[..., 0] << 16)", QUANT_TESTS),
+    Mutation("planner-ignores-format-penalty", "src/swapmoe/planner/perfmodel.py",
+             "q = 0.0 if fmt is None else self.format_points[layer][fmt]", "q = 0.0", PRECISION_TESTS),
+    Mutation("mxfp4-nibbles-swapped", "src/swapmoe/mxfp4.py",
+             "(_e2m1_values(b & 15), _e2m1_values(b >> 4))", "(_e2m1_values(b >> 4), _e2m1_values(b & 15))",
+             MXFP4_TESTS),
+    Mutation("graph-despite-host-scalar-mask", "src/swapmoe/engine/decoder.py",
+             'if getattr(model.config, "_attn_implementation", None) == "eager" and not eager_mask_is_capturable():',
+             "if False:", DECODER_TESTS),
     Mutation("group-mask-after-selection", "src/swapmoe/routing.py",
              "    choice = choice.masked_fill(~mask, NEG_INF)\n    if p.num_group > 1:\n"
              "        idx = _topk_in_groups(choice, _group_select(choice, p, \"top2sum\"), p.top_k)",
