@@ -69,8 +69,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              "st.tokens_since_update <= config.update_interval", ("tests/test_long_call.py",)),
     # ---- the graph path's split: host side before each replay, in-graph work only inside it
     Mutation("static-step-skips-scheduler", "src/swapmoe/engine/decoder.py",
-             "            self.runtime.before_replay(1)\n            with self.runtime.capturing():",
-             "            with self.runtime.capturing():", DECODER_TESTS),
+             "        self.runtime.before_replay(1)\n        with self.runtime.capturing():",
+             "        with self.runtime.capturing():", DECODER_TESTS),
     Mutation("captured-hooks-still-schedule", "src/swapmoe/runtime/__init__.py",
              "        if not self.in_graph:", "        if True:", DECODER_TESTS),
     Mutation("staged-swap-maps-before-its-read", "src/swapmoe/pool.py",
