@@ -8,6 +8,8 @@ each family, on the tiny float32 checkpoints of ``tests/adapters/tiny.py``:
 
 * at 100%, each format moves the logits by a measured amount, ordered bf16 < int8 < int4 < int2,
   int8 within a few times the bf16 cast's own error, and int8 greedy decoding equals the model's;
+* in a bfloat16 model, ``expert_dtype="bf16"`` changes nothing (bit for bit) and int8 moves the logits
+  no more than a few times what computing the model in float32 instead does;
 * at a budget with swaps (``update_interval=1``), in int8, int4 and int2: the storages the experts
   modules compute from (walked as ``tests/memory.py`` does) are the true quantised bytes, within the
   budget, with as many slots as ``swapmoe info`` promises, and after swapping every slot holds its
@@ -35,6 +37,7 @@ from tests.memory import bookkeeping_allowance, experts_storages, held_storages
 from tests.tiny_models import save_tokenizer
 
 F32 = torch.float32
+BF16 = torch.bfloat16
 
 # At 100%, against the unquantised float32 model (16-token prompts, seeds 0-2 of the tiny checkpoints):
 # int8's mean |logit difference| is 3.0-4.1x that of casting the experts to bf16 (0.2e-5 to 2e-3 across
@@ -42,6 +45,12 @@ F32 = torch.float32
 INT8_OVER_BF16 = 6.0
 INT8_MAX_LOGIT_TOL = 0.05
 INT8_KL_TOL = 1e-4
+# The same model loaded in bfloat16 (as Llama 4 and DBRX are published), seeds 0-2: int8's mean |logit
+# difference| from the bf16 model is 0.2-1.7x what computing the model in float32 instead moves them,
+# its largest at most 0.038 and its mean KL at most 5.1e-5 nats (Switch).
+BF16_INT8_OVER_F32 = 2.5
+BF16_INT8_MAX_LOGIT_TOL = 0.1
+BF16_INT8_KL_TOL = 2e-4
 # budgets of the tiny float32 checkpoints at which each format holds 4 or 5 of the 8 experts per layer
 SWAP_BUDGET = {"int8": "15%", "int4": "8%", "int2": "5%"}
 
@@ -73,6 +82,25 @@ def test_quantised_experts_at_100_percent_stay_close_to_the_model(checkpoint, fa
     means = [float(diffs[f].mean()) for f in ("bf16", "int8", "int4", "int2")]
     assert 0 < means[0] < means[1] < means[2] < means[3], means  # fewer bits, more error
     assert means[1] <= INT8_OVER_BF16 * means[0], means
+
+
+@pytest.mark.parametrize("family", ADAPTED)
+def test_quantised_experts_of_a_bfloat16_model_at_100_percent(checkpoint, family):
+    path = checkpoint(family)
+    ids = prompt(batch=1, length=16)
+    ref = _logits(swapmoe.load(path, "100%", device="cpu", dtype=BF16), ids).float()
+    same = swapmoe.load(path, "100%", device="cpu", dtype=BF16, expert_dtype="bf16")  # the model's own dtype
+    assert not any(isinstance(st.layer.experts.__dict__.get("forward"), QuantisedForward) for st in same.swapmoe.layers)
+    assert torch.equal(_logits(same, ids).float(), ref)
+    f32 = _logits(swapmoe.load(path, "100%", device="cpu", dtype=F32), ids)
+    int8_model = swapmoe.load(path, "100%", device="cpu", dtype=BF16, expert_dtype="int8")
+    assert _is_quantised(int8_model)
+    int8 = _logits(int8_model, ids).float()
+    int4 = _logits(swapmoe.load(path, "100%", device="cpu", dtype=BF16, expert_dtype="int4"), ids).float()
+    d8 = (int8 - ref).abs()
+    assert 0 < d8.mean() <= BF16_INT8_OVER_F32 * (f32 - ref).abs().mean()
+    assert d8.max() <= BF16_INT8_MAX_LOGIT_TOL and _kl(ref, int8) <= BF16_INT8_KL_TOL
+    assert (int4 - ref).abs().mean() > d8.mean()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int2"])
