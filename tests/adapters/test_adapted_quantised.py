@@ -17,6 +17,7 @@ each family, on the tiny float32 checkpoints of ``tests/adapters/tiny.py``:
 * the scratch of the chosen slots (per term and per used slot, with a skipped term) equals a float64
   reference of the family's expert on the dequantised slots;
 * the checkpoint-backed store (``host_budget``) quantises as it reads: same generation and swaps;
+* ``ondemand`` with int4 experts equals the model with every expert resident in int4;
 * ``swapmoe generate --expert-dtype int4`` runs Switch text-to-text at a budget too small for its
   float32 experts.
 """
@@ -27,7 +28,8 @@ import pytest
 import torch
 
 import swapmoe
-from swapmoe import cli
+from swapmoe import cli, fused
+from swapmoe.baselines import load_policy
 from swapmoe.inspect import describe
 from swapmoe.qexperts import QuantisedForward
 from tests.adapters.test_adapted_families import _logits, _plain, _plain_experts, _reference_expert
@@ -76,7 +78,9 @@ def test_quantised_experts_at_100_percent_stay_close_to_the_model(checkpoint, fa
         assert _is_quantised(model)  # every layer computes from its parts, not from float32 weights
         out = _logits(model, ids)
         diffs[fmt] = (out - ref).abs()
-        if fmt == "int8":
+        if fmt == "int8":  # the fused int8 kernel (--moe-kernel, CUDA) computes transformers' experts only
+            assert all(fused.unsupported(st.layer.experts).startswith("not a transformers fused-experts")
+                       for st in model.swapmoe.layers)
             assert diffs[fmt].max() <= INT8_MAX_LOGIT_TOL and _kl(ref, out) <= INT8_KL_TOL
             assert torch.equal(greedy(model, ids), greedy(full, ids))  # decoding through generate
     means = [float(diffs[f].mean()) for f in ("bf16", "int8", "int4", "int2")]
@@ -183,6 +187,23 @@ def test_checkpoint_backed_store_quantises_as_it_reads(checkpoint, family):
             continue
         staged = y.pool.store.stage(3, pin=False)  # read from the files and quantised now
         assert set(staged) == set(host) and all(torch.equal(staged[n], host[n][3]) for n in host)
+
+
+@pytest.mark.parametrize("family", ADAPTED)
+def test_ondemand_with_quantised_experts_equals_the_full_quantised_model(checkpoint, family):
+    """Loading each chosen expert's quantised parts on demand computes what every expert resident in int4
+    computes: the slots hold exactly the experts' parts, whichever slot an expert lands in."""
+    path = checkpoint(family)
+    kw = {"device": "cpu", "dtype": F32, "expert_dtype": "int4"}
+    full = swapmoe.load(path, "100%", **kw)
+    od = load_policy("ondemand", path, "8%", **kw)
+    assert all(st.pool.slots[f"{n}.q"].dtype == torch.uint8 for st in od.swapmoe.layers
+               for n in st.layer.expert_param_names)  # the slots hold int4 codes (ondemand wraps the forward)
+    ids = prompt(batch=1, length=16, seed=6)
+    torch.testing.assert_close(_logits(od, ids), _logits(full, ids), rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy(od, ids, 6), greedy(full, ids, 6))
+    stats = od.swapmoe.stats()["total"]
+    assert stats["swaps"] > 0 and stats["resident_bytes"] <= stats["budget_bytes"]
 
 
 @pytest.fixture(scope="module")
