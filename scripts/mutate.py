@@ -41,6 +41,7 @@ MEMORY_TESTS = ("tests/test_loader.py", "-k", "memory_held and mixtral")
 QUANT_TESTS = ("tests/test_quant.py",)
 PRECISION_TESTS = ("tests/planner/test_precision.py",)
 MXFP4_TESTS = ("tests/test_mxfp4.py",)
+ADAPTED_QUANT_TESTS = ("tests/adapters/test_adapted_quantised.py",)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("graph-despite-host-scalar-mask", "src/swapmoe/engine/decoder.py",
              'if getattr(model.config, "_attn_implementation", None) == "eager" and not eager_mask_is_capturable():',
              "if False:", DECODER_TESTS),
+    Mutation("quantised-scratch-misnumbered", "src/swapmoe/qexperts.py",
+             "lut[used] = torch.arange(c, device=ids.device)",
+             "lut[used] = torch.arange(c, device=ids.device).flip(0)", ADAPTED_QUANT_TESTS),
+    Mutation("swap-copies-no-scales", "src/swapmoe/pool.py",
+             "        dst.copy_(src, non_blocking=non_blocking)\n",
+             "        if not name.endswith(\".scale\"):\n            dst.copy_(src, non_blocking=non_blocking)\n",
+             ADAPTED_QUANT_TESTS),
     Mutation("group-mask-after-selection", "src/swapmoe/routing.py",
              "    choice = choice.masked_fill(~mask, NEG_INF)\n    if p.num_group > 1:\n"
              "        idx = _topk_in_groups(choice, _group_select(choice, p, \"top2sum\"), p.top_k)",
