@@ -198,6 +198,13 @@ def main() -> None:
             rows[name]["compile_s"] = time.perf_counter() - t_compile
             rows[name]["compile_mode"] = args.compile_mode
     console.print(f"built {built:.0f}s, loaded {len(loaded)} models in {time.perf_counter() - t_load:.0f}s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"decode-{args.arch}{'-' + str(args.layers) + 'l' if args.layers else ''}.json"
+    common = {"arch": args.arch, "layers": args.layers, "spec": ARCHS[args.arch], "tokens": args.tokens,
+              "rounds": args.rounds, "bandwidth_bytes_per_s": bandwidth, **provenance(device)}
+
+    def write(result: dict[str, Any]) -> None:
+        out.write_text(json.dumps(result, indent=1))
     for r in range(args.rounds):
         order = list(rows) if r % 2 == 0 else list(reversed(rows))
         for name in order:
@@ -214,11 +221,13 @@ def main() -> None:
                 looked = after["lookups"] - before["lookups"]
                 rows[name]["hit_rate"] = (after["hits"] - before["hits"]) / looked if looked else None
                 rows[name]["swaps"] = after["swaps"] - before["swaps"]
-        console.print(f"round {r + 1}/{args.rounds} done")
+        console.print(f"round {r + 1}/{args.rounds} done: " + "; ".join(
+            f"{name} {statistics.median(row['ms']):.2f}" for name, row in rows.items() if row["ms"]))
+        # a run cut short (the GPU machine's per-call limit) still leaves the rounds it finished
+        write({**common, "complete": False, "rounds_done": r + 1, "rows": [summarised(row) for row in rows.values()]})
     for name, dec in decoders.items():
-        row = rows[name]
-        row["ms_min"], row["ms_median"] = min(row["ms"]), statistics.median(row["ms"])
-        row["tokens_per_s"] = 1e3 / row["ms_median"]
+        row = summarised(rows[name])
+        rows[name] = row
         model = dec.model
         if hasattr(model, "swapmoe"):
             experts, other = weight_split(model)
@@ -238,13 +247,16 @@ def main() -> None:
             row["compiles"] = dec.compiled.compiles  # over the whole run: a per-token recompile would show
     gc.collect()
     show(list(rows.values()), console)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"arch": args.arch, "layers": args.layers, "spec": ARCHS[args.arch], "tokens": args.tokens,
-              "rounds": args.rounds, "bandwidth_bytes_per_s": bandwidth, **provenance(device),
-              "rows": list(rows.values())}
-    out = args.out / f"decode-{args.arch}{'-' + str(args.layers) + 'l' if args.layers else ''}.json"
-    out.write_text(json.dumps(result, indent=1))
+    write({**common, "complete": True, "rounds_done": args.rounds, "rows": list(rows.values())})
     console.print(f"wrote {out}")
+
+
+def summarised(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with min/median ms and tokens/s over the rounds it has (None before the first)."""
+    if not row["ms"]:
+        return {**row, "ms_min": None, "ms_median": None, "tokens_per_s": None}
+    median = statistics.median(row["ms"])
+    return {**row, "ms_min": min(row["ms"]), "ms_median": median, "tokens_per_s": 1e3 / median}
 
 
 def show(rows: list[dict[str, Any]], console: Console) -> None:
