@@ -140,6 +140,24 @@ def test_load_with_compile_step_compiles_the_engines_static_decoder(engine_check
     assert compiled.__dict__["_swapmoe_decoder"].compiled is None
 
 
+def test_compile_step_on_a_cpu_decodes_on_the_static_cache_compiled(engine_checkpoint, tokenizer):
+    """A CPU has no graph to capture, but `--compile-step` still compiles the step: the engine decodes on
+    the static cache with the compiled step (not the eager dynamic path, where it would do nothing),
+    and generates what the uncompiled eager decoder generates."""
+    from swapmoe.engine import SamplingParams, generate
+
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    eager = swapmoe.load(engine_checkpoint, "50%", device="cpu", update_interval=2)
+    compiled = swapmoe.load(engine_checkpoint, "50%", device="cpu", update_interval=2, compile_step=True)
+    ref = generate(eager, tokenizer, FEED[:8], params)
+    got = generate(compiled, tokenizer, FEED[:8], params)
+    assert eager.__dict__["_swapmoe_decoder"].mode == "dynamic"
+    dec = compiled.__dict__["_swapmoe_decoder"]
+    assert dec.mode == "static" and dec.compiled is not None and dec.compiled.compiles == 1
+    assert got.token_ids == ref.token_ids and len(got.token_ids) > 0
+    assert compiled.swapmoe.stats()["total"]["swaps"] == eager.swapmoe.stats()["total"]["swaps"] > 0
+
+
 def test_a_step_dynamo_cannot_trace_falls_back_to_the_uncompiled_step(engine_checkpoint, caplog):
     """A model whose step breaks the graph (here a hook branching on a device value) is decoded with the
     uncompiled step, with a warning naming the reason, rather than failing the request."""
