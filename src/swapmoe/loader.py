@@ -349,7 +349,8 @@ def load(
                    layer it supports); prefills keep transformers' kernels (swapmoe.fused)
     compile_step   compile that decode step with inductor before capturing it (fewer, fused kernels per
                    token; swapmoe.engine.compiled_step); the first decode step then takes the compile time.
-                   Not verified on a GPU yet
+                   Not verified on a GPU yet. On a CPU the engine then decodes on the static cache with
+                   the compiled step (2.2x on the reference model; docs/benchmarks.md)
     path           a checkpoint directory, or a Hugging Face repo id ("org/name") at ``revision``
     expert_dtype   "bf16", "int8", "int4", "int3" or "int2": experts held quantised (weight-only, group-wise; swapmoe.quant)
                    in the host store, the checkpoint-backed store and the slots, and the budget counted in
