@@ -88,8 +88,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from swapmoe.budget import parse_budget
     from swapmoe.evaluation.perplexity import tokenize_text
     from swapmoe.plan import Plan
+    from swapmoe.planner.measure import decode_steps, reference_logprobs, score
     from swapmoe.planner.perfmodel import Config, fit
-    from swapmoe.planner.profile import decode_steps, read_profile, reference_logprobs, save_profile, score
+    from swapmoe.planner.profile import read_profile, save_profile
     from swapmoe.planner.search import search, uniform_config
     from swapmoe.provenance import provenance
 

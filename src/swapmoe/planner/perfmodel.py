@@ -462,7 +462,7 @@ def fit_latency(profile: dict[str, Any]) -> LatencyModel:
     scale: dict[str, list[float]] = {}
     for f in _precision_runs(profile):
         # d_F: the median over layers of the measured difference of one MoE block's decode time
-        # (alternating rounds, see profile.time_formats); whole decode runs minutes apart drift more
+        # (alternating rounds, see measure.time_formats); whole decode runs minutes apart drift more
         # than this on a shared CPU
         deltas = timing.get("format_decode_delta_s", {}).get(f, [])
         format_s[f] = max(0.0, statistics.median(deltas)) if deltas else 0.0
