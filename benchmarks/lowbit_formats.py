@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant_compare import expert_weights  # noqa: E402
 
 CANDIDATES = [  # (format, group, refine)
     ("int4", 64, False), ("int4", 64, True),
@@ -31,11 +35,6 @@ CANDIDATES = [  # (format, group, refine)
     ("int2", 16, True), ("int2", 32, False), ("int2", 32, True), ("int2", 64, False), ("int2", 64, True),
     ("int2", 128, True),
 ]
-
-
-def expert_weights(model: Any) -> list[torch.nn.Parameter]:
-    return [getattr(st.layer.experts, n) for st in model.swapmoe.layers for n in st.layer.expert_param_names
-            if getattr(st.layer.experts, n).dim() == 3]
 
 
 def bytes_per_weight(shapes: list[tuple[int, ...]], fmt: str, group: int) -> float:

@@ -411,17 +411,22 @@ def test_importance_snapshot_is_fresh_after_a_fresh_read():
 def test_sliding_window_family_decodes_through_the_graph(tmp_path):
     """gpt-oss (sliding-window and full layers) is captured too: its static cache has full-length layers."""
     from swapmoe.compat import eager_mask_is_capturable
-    from swapmoe.engine.decoder import Decoder
     from tests.tiny_models import make_checkpoint
 
     if not eager_mask_is_capturable():
         pytest.skip("transformers < 5.21: the eager-attention mask copies a host scalar (graph_blocker says so)")
     path = make_checkpoint("gpt_oss", tmp_path / "gpt-oss", layout="fused")
     model = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, swaps_per_update=0)
-    prompt = [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9]
-    graph = Decoder(model, "graph", min_capacity=16)
-    g_tokens, g_rows = _greedy(graph, prompt, 40)
-    e_tokens, e_rows = _greedy(Decoder(model, "static", min_capacity=16), prompt, 40)
+    assert_graph_matches_static(model, [3, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7, 9], 40)
+
+
+def assert_graph_matches_static(model, prompt, new, min_capacity=16):
+    """The captured graph's greedy tokens equal the uncaptured static steps', logits within TORN_TOLERANCE."""
+    from swapmoe.engine.decoder import Decoder
+
+    graph = Decoder(model, "graph", min_capacity=min_capacity)
+    g_tokens, g_rows = _greedy(graph, prompt, new)
+    e_tokens, e_rows = _greedy(Decoder(model, "static", min_capacity=min_capacity), prompt, new)
     assert graph.graphs_captured >= 1 and graph.mode == "graph"
     assert g_tokens == e_tokens
     assert max(float((a - b).abs().max()) for a, b in zip(g_rows, e_rows, strict=True)) <= TORN_TOLERANCE

@@ -37,7 +37,7 @@ from torch import nn
 from swapmoe.errors import CheckpointError
 from swapmoe.families import MoELayer
 from swapmoe.mmap_store import CheckpointStore, SafetensorsFiles
-from swapmoe.quant import ExpertLayout
+from swapmoe.quant import ExpertLayout, one_expert_bytes
 
 FORMAT = "mxfp4"
 #: values per e8m0 scale (OCP MX block size; gpt-oss)
@@ -162,8 +162,7 @@ class Mxfp4Layout:
 
     def expert_bytes(self) -> int:
         """Bytes of one expert as stored: FP4 codes, e8m0 scales and biases."""
-        return sum(torch.Size(shape[1:]).numel() * torch.empty((), dtype=dt).element_size()
-                   for shape, dt in self.parts().values())
+        return one_expert_bytes(self.parts())
 
     def decode(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parts (with any leading dims) -> ``name -> tensor`` as the module holds it ([..., in, out])."""

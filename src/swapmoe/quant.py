@@ -288,8 +288,7 @@ class ExpertLayout:
 
     def expert_bytes(self) -> int:
         """Bytes of one expert as stored: weights, scales and zero points."""
-        return sum(torch.Size(shape[1:]).numel() * torch.empty((), dtype=dt).element_size()
-                   for shape, dt in self.parts().values())
+        return one_expert_bytes(self.parts())
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``name -> [..., *expert shape]`` tensors (all experts, one, or a gathered few) -> their parts."""
@@ -319,9 +318,14 @@ def layer_expert_bytes(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[st
     """Bytes of one expert of a layer with per-expert tensors ``shapes`` (``[E, ...]``) in ``fmt``
     (None: as the model holds them)."""
     if fmt is None:
-        return sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=dtypes[n]).element_size()
-                   for n, s in shapes.items())
+        return one_expert_bytes({n: (s, dtypes[n]) for n, s in shapes.items()})
     return ExpertLayout(fmt, dict(shapes), dict(dtypes)).expert_bytes()
+
+
+def one_expert_bytes(parts: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes of one expert of stored tensors ``part name -> ([E, ...] shape, dtype)``."""
+    return sum(torch.Size(shape[1:]).numel() * torch.empty((), dtype=dt).element_size()
+               for shape, dt in parts.values())
 
 
 def lowest_fitting(budget_bytes: int, totals: Mapping[str | None, int]) -> str | None:

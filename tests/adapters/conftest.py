@@ -31,3 +31,13 @@ def checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def switch_with_tokenizer(tmp_path_factory):
+    """A tiny Switch checkpoint with a tokenizer beside it, for the CLI's text-to-text path."""
+    from tests.tiny_models import save_tokenizer
+
+    path = make_checkpoint("switch_transformers", tmp_path_factory.mktemp("switch-tok"))
+    save_tokenizer(path)
+    return path

@@ -36,10 +36,9 @@ from tests.adapters.tiny import (
     STREAMED,
     SWITCH_CAPACITY,
     TOP_K,
-    make_checkpoint,
 )
 from tests.matrix import block_out, distinct_weight_bytes, greedy, nbytes, prompt
-from tests.tiny_models import VOCAB, save_tokenizer
+from tests.tiny_models import VOCAB
 
 F32 = torch.float32
 
@@ -386,13 +385,6 @@ def test_truncated_or_mismatched_checkpoint_is_rejected_clearly(checkpoint, fami
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="could not load"):
         swapmoe.load(other, "50%", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def switch_with_tokenizer(tmp_path_factory):
-    path = make_checkpoint("switch_transformers", tmp_path_factory.mktemp("switch-tok"))
-    save_tokenizer(path)
-    return path
 
 
 def test_cli_generate_text_to_text_on_switch(switch_with_tokenizer, capsys):

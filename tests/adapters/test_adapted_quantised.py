@@ -33,10 +33,9 @@ from swapmoe.baselines import load_policy
 from swapmoe.inspect import describe
 from swapmoe.qexperts import QuantisedForward
 from tests.adapters.test_adapted_families import _logits, _plain, _plain_experts, _reference_expert
-from tests.adapters.tiny import ADAPTED, TOP_K, make_checkpoint
+from tests.adapters.tiny import ADAPTED, TOP_K
 from tests.matrix import greedy, prompt
 from tests.memory import bookkeeping_allowance, experts_storages, held_storages
-from tests.tiny_models import save_tokenizer
 
 F32 = torch.float32
 BF16 = torch.bfloat16
@@ -203,13 +202,6 @@ def test_ondemand_with_quantised_experts_equals_the_full_quantised_model(checkpo
     assert torch.equal(greedy(od, ids, 6), greedy(full, ids, 6))
     stats = od.swapmoe.stats()["total"]
     assert stats["swaps"] > 0 and stats["resident_bytes"] <= stats["budget_bytes"]
-
-
-@pytest.fixture(scope="module")
-def switch_with_tokenizer(tmp_path_factory):
-    path = make_checkpoint("switch_transformers", tmp_path_factory.mktemp("switch-quant-tok"))
-    save_tokenizer(path)
-    return path
 
 
 def test_cli_generate_with_quantised_experts_on_switch(switch_with_tokenizer, capsys):
