@@ -175,15 +175,12 @@ def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Rand
     """A layer whose experts were streamed past host memory during the load (swapmoe.streaming):
     a checkpoint store from the recipes verified then, with any parameter that could not be verified
     held in memory."""
-    ex = layer.experts
-    held = {n: ex._parameters[n].detach() for n in layer.expert_param_names if n not in streamed}
+    norms, held = _norms(layer, streamed)  # [E], as expert_norms computes it
     if held:
         log.warning("MoE layer %s: %s could not be matched to checkpoint tensors exactly; they stay in host "
                     "memory (over the host budget)", layer.name, ", ".join(held))
     shapes = {n: streamed[n].shape if n in streamed else held[n].shape for n in layer.expert_param_names}
     dtypes = {n: streamed[n].dtype if n in streamed else held[n].dtype for n in layer.expert_param_names}
-    norms = norms_from_squares([streamed[n].norm_sq if n in streamed else expert_sq_norms(held[n])
-                                for n in layer.expert_param_names])  # [E], as expert_norms computes it
     first = _initial_experts(norms, num_slots, initial, rng)
     store = finder.store({n: p.recipe for n, p in streamed.items()}, shapes, dtypes, held)
     if layout is not None:
