@@ -113,24 +113,20 @@ def meta_model(ckpt: CheckpointFiles, trust_remote_code: bool = False, dtype: to
 
 def _bytes_as(layers: list, fmt: str) -> list[int] | None:
     """Bytes of one expert per layer in ``fmt``, or None where the shapes cannot be held in it."""
-    from swapmoe.quant import layer_expert_bytes
+    from swapmoe.loader import stored_expert_bytes
 
-    out = []
-    for la in layers:
-        params = {n: getattr(la.experts, n) for n in la.expert_param_names}
-        try:
-            out.append(layer_expert_bytes({n: tuple(p.shape) for n, p in params.items()},
-                                          {n: p.dtype for n, p in params.items()}, fmt))
-        except SwapMoEError:
-            return None
-    return out
+    try:
+        return [stored_expert_bytes(la, fmt) for la in layers]
+    except SwapMoEError:
+        return None
 
 
 def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
              dtype: torch.dtype | None = None) -> ModelInfo:
     """What a checkpoint's budgets mean, from its config (``dtype``: as loaded in that dtype)."""
+    from swapmoe.loader import stored_expert_bytes
     from swapmoe.mxfp4 import FORMAT as MXFP4
-    from swapmoe.mxfp4 import Mxfp4Layout, checkpoint_is_mxfp4
+    from swapmoe.mxfp4 import checkpoint_is_mxfp4
     from swapmoe.quant import FORMATS
 
     ckpt = check_checkpoint(path, allow_pickle=allow_pickle)
@@ -150,8 +146,7 @@ def describe(path: str | Path, trust_remote_code: bool = False, allow_pickle: bo
     bytes_as = {f: b for f in FORMATS if (b := _bytes_as(layers, f)) is not None}
     if checkpoint_is_mxfp4(ckpt.config):
         published = MXFP4
-        bytes_as[MXFP4] = [Mxfp4Layout.of({n: getattr(la.experts, n) for n in la.expert_param_names}).expert_bytes()
-                           for la in layers]
+        bytes_as[MXFP4] = [stored_expert_bytes(la, MXFP4) for la in layers]
     family = rule_family(config.model_type, layers[0].router)  # a borrowed router routes as its family
     rule = FAMILY_RULES[family] if family is not None else None
     return ModelInfo(
