@@ -11,7 +11,7 @@ tokens; device memory split. A table on stdout and a JSON with torch, transforme
     python benchmarks/decode.py --arch olmoe-1b-7b --out runs/decode       # on the GPU machine
     python benchmarks/decode.py --arch tiny --device cpu --out runs/tiny     # smoke test anywhere
     python benchmarks/decode.py --arch olmoe-1b-7b --moe-kernel transformers,auto \
-        --only "swapmoe 100%, graph;swapmoe 50%, graph;plain transformers, graph"   # fused experts or not
+        --settings "swapmoe 100%, graph;swapmoe 50%, graph;plain transformers, graph"   # fused experts or not
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
         ("swapmoe 25%, graph", "swapmoe", {"memory_budget": "25%"}, "graph"),
         ("swapmoe 50%, eager", "swapmoe", {"memory_budget": "50%"}, "dynamic"),
         # issue 14: quantised experts in the graph, at the same slot count as bf16 50% and at the same bytes
-        ("swapmoe int8, 50%'s slots, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int8"}, "graph"),
-        ("swapmoe int4, 50%'s slots, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int4"}, "graph"),
+        ("swapmoe int8, slots of 50%, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int8"}, "graph"),
+        ("swapmoe int4, slots of 50%, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int4"}, "graph"),
         ("swapmoe 50% int8, graph", "swapmoe", {"memory_budget": "50%", "expert_dtype": "int8"}, "graph"),
         ("swapmoe 25% int4, graph", "swapmoe", {"memory_budget": "25%", "expert_dtype": "int4"}, "graph"),
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
@@ -149,7 +149,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32, help="timed decode tokens per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile-tokens", type=int, default=8)
-    p.add_argument("--only", default=None, help="';'-separated setting names to run (default: all)")
+    p.add_argument("--settings", default=None,
+                   help="';'-separated setting names to run (default: all). Not --only: inductor reads an --only "
+                   "argument from sys.argv into the code it generates, unescaped (torch._inductor.utils.get_benchmark_name)")
     p.add_argument("--compile-step", action="store_true",
                    help="add settings whose captured decode step is compiled by inductor (graph+compiled)")
     p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
@@ -175,8 +177,8 @@ def main() -> None:
     chosen = with_moe_kernels(settings(args.compile_step), [k.strip() for k in args.moe_kernel.split(",") if k.strip()])
     if device.type != "cuda":  # accelerate's offloading moves weights from the GPU to host memory
         chosen = [c for c in chosen if c[1] != "accelerate-offload"]
-    if args.only:
-        wanted = {s.strip() for s in args.only.split(";")}
+    if args.settings:
+        wanted = {s.strip() for s in args.settings.split(";")}
         # a setting's own name also selects its per-kernel twins
         chosen = [c for c in chosen if c[0] in wanted or c[0].rsplit(", moe ", 1)[0] in wanted]
     loaded: dict[tuple, Any] = {}
@@ -257,6 +259,21 @@ def summarised(row: dict[str, Any]) -> dict[str, Any]:
         return {**row, "ms_min": None, "ms_median": None, "tokens_per_s": None}
     median = statistics.median(row["ms"])
     return {**row, "ms_min": min(row["ms"]), "ms_median": median, "tokens_per_s": 1e3 / median}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table docs/benchmarks.md quotes (tests/test_docs_figures.py regenerates it from the JSON)."""
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| setting | ms/token min | median | tokens/s | roofline share | GPU busy ms/token | kernels/token "
+             "| host syncs/token | hit rate | swaps (last round) |", "|" + "---|" * 10]
+    for r in rows:
+        cells = [r["setting"], f(r.get("ms_min"), ".2f"), f(r.get("ms_median"), ".2f"), f(r.get("tokens_per_s"), ".0f"),
+                 f(r.get("roofline_share"), ".0%"), f(r.get("gpu_busy_ms"), ".2f"), f(r.get("kernels"), ".0f"),
+                 f(r.get("host_syncs"), ".2f"), f(r.get("hit_rate"), ".3f"), f(r.get("swaps"), "d")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def show(rows: list[dict[str, Any]], console: Console) -> None:

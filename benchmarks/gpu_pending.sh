@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_pending.sh tf524      # the same CUDA tests that need transformers >= 5.21 (gpt-oss graph capture);
 #                                             # carry the wheel: pip download transformers==5.24.0 --no-deps -d .gpu-wheels
 #   bash benchmarks/gpu_pending.sh kernels    # fused Triton MoE kernel vs grouped_mm per layer (benchmarks/fused_moe.py)
-#   bash benchmarks/gpu_pending.sh olmoe      # decode: compiled step and fused kernel against the graph anchor, int8 at 50%'s slots
+#   bash benchmarks/gpu_pending.sh olmoe      # decode: compiled step and fused kernel against the graph anchor, int8 at slots of 50%
 #   bash benchmarks/gpu_pending.sh qwen3      # decode on the Qwen3-30B-A3B shape (12 layers), accelerate offload included
 #
 # Each stage writes a log and, for the benchmarks, a JSON with provenance under $OUT/<stage>/.
@@ -32,11 +32,11 @@ case $stage in
   olmoe)
     timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
       --compile-step --moe-kernel transformers,auto \
-      --only "plain transformers, graph;swapmoe 50%, graph;swapmoe int8, 50%'s slots, graph" \
+      --settings "plain transformers, graph;swapmoe 50%, graph;swapmoe int8, slots of 50%, graph" \
       --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
   qwen3)
     timeout 560 python3 benchmarks/decode.py --arch qwen3-30b-a3b --layers 12 --tokens 16 --rounds 3 --profile-tokens 6 \
-      --only "plain transformers, eager;plain transformers, graph;swapmoe 100%, graph;swapmoe 50%, graph;swapmoe int8, 50%'s slots, graph;ondemand 50%;accelerate offload 50%" \
+      --settings "plain transformers, eager;plain transformers, graph;swapmoe 100%, graph;swapmoe 50%, graph;swapmoe int8, slots of 50%, graph;ondemand 50%;accelerate offload 50%" \
       --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

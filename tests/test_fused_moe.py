@@ -94,6 +94,41 @@ def test_small_tiles_loop_over_several_blocks(kernels):
 
 
 @pytest.mark.parametrize("layout", ["silu", "gpt_oss"])
+def test_a_compiled_step_calls_the_kernel_as_one_opaque_operator(kernels, layout):
+    """Under torch.compile the kernel is one node, torch.ops.swapmoe.fused_experts, with the output shape
+    of its fake implementation; inductor compiles what surrounds it and leaves the launches to swapmoe
+    (tracing into them failed in inductor's compile worker on the H200). Compiled == eager (up to
+    inductor's own rounding of the norm around it: measured 1 float32 ulp)."""
+    from swapmoe.kernels import fused_op
+
+    S, H, N = 6, 40, 24
+    gpt = layout == "gpt_oss"
+    ex = _experts(kernels, S, H, N, transposed=gpt, interleaved=gpt, bias=gpt)
+    x, idx, w = _inputs(1, 4, H, [3, 0, 6, 1])  # slot 6 >= S: a skipped term
+    act = ACT_GPT_OSS if gpt else ACT_SILU
+
+    def layer(x, idx, w):  # what a compiled decode step does around the experts call
+        return fused_op.call(torch.nn.functional.rms_norm(x, (H,)), idx, w, ex, act, 1.702, 0.5) * 2.0 + x
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+    out, eager = compiled(x, idx, w), layer(x, idx, w)
+    assert seen.count("swapmoe.fused_experts") == 1, seen
+    assert out.shape == (1, H)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    ref = reference_experts(torch.nn.functional.rms_norm(x, (H,)), idx, w, ex, act, alpha=1.702, limit=0.5)
+    torch.testing.assert_close(out.double(), ref * 2.0 + x.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["silu", "gpt_oss"])
 def test_skipped_terms_read_nothing(kernels, layout):
     """Ids >= S (and negative) are skipped terms; the slots at both ends hold NaN (as a slot being
     written may) and only skipped terms could be mapped to them (clamped, or sent to slot 0): a read
@@ -289,6 +324,30 @@ def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, request,
         worst = max(worst, (lb - la).abs().max().item() / la.abs().max().item())
     assert 0 < worst < 1e-5  # float32 sums in another order (measured: 1.2-2.1e-7 of the largest logit)
     assert sum(f.calls for f in fused) == len(feed) * len(fused)
+    assert fast.swapmoe.stats()["total"]["swaps"] == plain.swapmoe.stats()["total"]["swaps"] > 0
+
+
+def test_a_compiled_decode_step_holds_the_fused_kernel_and_compiles_once(kernels, olmoe_checkpoint):
+    """``compile_step`` with the fused kernel: one compile for the whole decode (a Python counter read while
+    tracing made it recompile at every call; the H200 run compiled twice), the kernel inside the compiled
+    step as its one operator, and the logits of the uncompiled fused steps while swaps flip the maps."""
+    import swapmoe
+    from swapmoe.engine.decoder import Decoder
+
+    kw = {"strategy": "skip", "update_interval": 1}
+    plain, fast = swapmoe.load(olmoe_checkpoint, "50%", **kw), swapmoe.load(olmoe_checkpoint, "50%", **kw)
+    fused = _auto_on(fast)
+    prompt, feed = [(7 * i + 3) % 90 for i in range(12)], [11, 7, 29, 2, 60, 13]
+    a, b = Decoder(plain, "static"), Decoder(fast, "static", compile_step=True)
+    a.prefill(prompt, max_new_tokens=len(feed))
+    b.prefill(prompt, max_new_tokens=len(feed))
+    eager_calls = sum(f.calls for f in fused)  # a 24-term prefill is decode-sized: eager, through the kernel
+    for tok in feed:
+        la, lb = a.step(tok), b.step(tok)
+        torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)  # float32; inductor's fusions reorder sums
+    assert b.compiled is not None and b.compiled.compiles == 1
+    assert "swapmoe.fused_experts" in b.compiled.ops
+    assert sum(f.calls for f in fused) == eager_calls  # every decode step ran compiled
     assert fast.swapmoe.stats()["total"]["swaps"] == plain.swapmoe.stats()["total"]["swaps"] > 0
 
 

@@ -85,6 +85,32 @@ def test_graph_decode_captures_the_fused_kernel(tmp_path, expert_dtype):
     assert not any(isinstance(st.layer.experts.__dict__.get("forward"), FusedForward) for st in off.swapmoe.layers)
 
 
+def test_compiled_graph_decode_keeps_the_fused_kernel(tmp_path):
+    """``compile_step`` with ``moe_kernel="auto"``: inductor compiles the step around the kernel (one opaque
+    operator, swapmoe.kernels.fused_op), the compile does not fall back to the uncompiled step, and the
+    captured compiled step gives the logits of eager steps with the same kernel on the same tokens (within
+    bf16 rounding: inductor fuses the norms and residuals around the experts)."""
+    from swapmoe.engine.decoder import Decoder
+
+    path = _checkpoint(tmp_path)
+    model = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, swaps_per_update=0, moe_kernel="auto")
+    fused = [st.layer.experts.__dict__.get("forward") for st in model.swapmoe.layers]
+    graph = Decoder(model, "graph", compile_step=True)
+    prompt = list(range(3, 40))
+    tokens, rows = _greedy(graph, prompt, 32)
+    assert graph.compiled is not None and graph.compiled.compiles == 1, "the step's compile fell back"
+    assert graph.graphs_captured == 1 and "swapmoe.fused_experts" in graph.compiled.ops
+    assert all(f.calls == 0 for f in fused)  # counted in eager calls only: a count read while tracing recompiles
+    static = Decoder(model, "static")
+    logits = static.prefill(prompt, max_new_tokens=32)
+    worst = 0.0
+    for token, row in zip(tokens, rows, strict=True):
+        worst = max(worst, (static.read_logits(logits) - row).abs().max().item())
+        logits = static.step(token)  # teacher-forced on the graph's tokens
+    print(f"compiled graph with the fused kernel vs eager fused steps: worst |dlogit| {worst:.4f}")
+    assert worst <= 0.0625  # bf16 logits of O(1-10): a few ulps; a wrong kernel or a stale slot is O(1)
+
+
 def test_registered_implementation_runs_the_fused_kernel_on_cuda():
     """``model.set_experts_implementation("swapmoe_fused")`` on a plain transformers model: a decode-sized
     call takes the fused kernel (float32, so the comparison with grouped_mm is tight), a prefill grouped_mm."""

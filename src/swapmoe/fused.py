@@ -202,7 +202,8 @@ class FusedForward:
         self.max_terms = max_terms
         self.replaced = module.__dict__.get("forward")  # None: the class's forward; else QuantisedForward
         self.quantised = self.replaced if _is_quantised(self.replaced) else None
-        self.calls = 0  # calls that took the fused kernel (eager calls, and each capture; not replays)
+        self.calls = 0  # calls that took the fused kernel (eager calls, and each capture; not replays, not
+        # compiled steps)
 
     def inner(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.replaced is not None:
@@ -213,11 +214,13 @@ class FusedForward:
                  *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not decode_sized(hidden_states, top_k_index, self.devices, self.max_terms):
             return self.inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        from swapmoe.kernels.fused_moe import fused_experts
+        from swapmoe.kernels import fused_op  # one opaque operator: see that module for why
 
-        self.calls += 1
+        if not torch.compiler.is_compiling():
+            # not while dynamo traces: it would guard on the count and recompile the step at every call
+            self.calls += 1
         ex = expert_tensors(self.module, self.spec, self.quantised)
-        return fused_experts(hidden_states, top_k_index, top_k_weights, ex, self.spec.act,
+        return fused_op.call(hidden_states, top_k_index, top_k_weights, ex, self.spec.act,
                              self.spec.alpha, self.spec.limit)
 
 
@@ -281,9 +284,9 @@ def fused_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
         self.__dict__["_swapmoe_gate_spec"] = spec
     if spec is None or not decode_sized(hidden_states, top_k_index, ("cuda",)):
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
-    from swapmoe.kernels.fused_moe import fused_experts
+    from swapmoe.kernels import fused_op
 
-    return fused_experts(hidden_states, top_k_index, top_k_weights, expert_tensors(self, spec),
+    return fused_op.call(hidden_states, top_k_index, top_k_weights, expert_tensors(self, spec),
                          spec.act, spec.alpha, spec.limit)
 
 

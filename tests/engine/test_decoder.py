@@ -184,3 +184,33 @@ def test_eager_attention_on_a_release_whose_mask_copies_a_host_scalar_is_not_cap
     monkeypatch.setattr(masking_utils, "eager_mask", old_eager_mask)
     assert not eager_mask_is_capturable()
     assert graph_blocker(model).startswith("eager attention on transformers < 5.21")
+
+
+def test_a_router_step_that_fails_to_compile_is_routed_uncompiled_once_and_for_all(engine_checkpoint, caplog):
+    """Inductor can fail on a machine (the H200 once wrote a wrapper it could not import): the decoder
+    then routes through the uncompiled step, with one warning, and decodes what an unfused decoder
+    decodes, importance and hits included (the failed compile ran nothing)."""
+    calls = []
+
+    def broken_compile(*args, **kwargs):
+        calls.append(1)
+        raise torch._dynamo.exc.TorchDynamoException("Failed to import /tmp/x.py\nSyntaxError: ...")
+
+    runs = {}
+    for name in ("unfused", "failing"):
+        model = swapmoe.load(engine_checkpoint, "50%", device="cpu", update_interval=2, swaps_per_update=1)
+        dec = Decoder(model, "static", fuse_router=False)
+        if name == "failing":
+            dec.fused = broken_compile
+        with caplog.at_level("WARNING", logger="swapmoe.runtime"):
+            tokens, rows = _greedy(dec, PROMPT, 12)
+        importance = [st.importance.clone() for st in model.swapmoe.layers if st.pool is not None]
+        runs[name] = (tokens, rows, model.swapmoe.stats()["total"], importance)
+        assert dec.fused is None and model.swapmoe.fused is None
+    assert calls == [1]  # tried once, not per layer or per token
+    assert [r.getMessage() for r in caplog.records].count(
+        "could not compile the router step (Failed to import /tmp/x.py); routing with the uncompiled step") == 1
+    (t0, r0, s0, i0), (t1, r1, s1, i1) = runs["unfused"], runs["failing"]
+    assert t1 == t0 and s1 == s0
+    for a, b in zip(r1 + i1, r0 + i0, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

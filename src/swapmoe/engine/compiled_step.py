@@ -54,6 +54,7 @@ class CompiledStep:
                              f"graphs: the decoder captures the step itself), got {mode!r}")
         self.mode = mode
         self.compiles = 0  # graphs inductor built for this decoder's step (a graph break adds one)
+        self.ops: set[str] = set()  # the operators those graphs call (which kernels the step holds)
         # A code object of its own: dynamo caches compiled code per code object, with a limit on entries
         # (torch._dynamo.config.recompile_limit) past which it silently runs eagerly. Decoders of
         # different models would otherwise share one code object and use that limit up between them.
@@ -65,6 +66,7 @@ class CompiledStep:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
+        self.ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         patches = {
             **list_mode_options(self.mode),
             "triton.cudagraphs": False,  # off in both modes: the decoder captures the step itself

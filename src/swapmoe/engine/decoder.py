@@ -277,7 +277,7 @@ class Decoder:
         if self.runtime is None:
             return self._extend([token], all_logits=False, step=True)
         self.runtime.before_replay(1)
-        with self.runtime.capturing():
+        with self.runtime.capturing(), self._fused_router():
             return self._extend([token], all_logits=False, step=True)
 
     @contextlib.contextmanager
@@ -290,6 +290,8 @@ class Decoder:
         try:
             yield
         finally:
+            if self.runtime.fused is None:  # its compile failed (VirtualExperts._on_route): not again
+                self.fused = None
             self.runtime.fused = previous
 
     def _grow(self) -> None:

@@ -14,6 +14,7 @@ only resident experts out of the compact ``[S, ...]`` slot tensors. The runtime 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from swapmoe.pool import Swapper
 from swapmoe.runtime.scheduler import before_tokens
 from swapmoe.runtime.state import IMPORTANCE_KINDS, STRATEGIES, LayerState, RuntimeConfig
 from swapmoe.runtime.step import route, sentinel_slot
+
+log = logging.getLogger(__name__)
 
 __all__ = ["IMPORTANCE_KINDS", "STRATEGIES", "LayerState", "RuntimeConfig", "RuntimeSnapshot", "VirtualExperts",
            "sentinel_slot"]
@@ -82,7 +85,17 @@ class VirtualExperts:
             # the host: no device work at all, so a 100% budget runs at plain transformers' speed)
             return None
         single = hidden.numel() == hidden.shape[-1]  # one token: a decode step (the one captured)
-        return route(st, self.config, hidden, output, self.observe, self.fused if single else None)
+        fused = self.fused if single else None
+        if fused is not None:
+            try:
+                return route(st, self.config, hidden, output, self.observe, fused)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                # the compile failed before the compiled code ran (importance and hits are untouched):
+                # route this call, and every later one, through the uncompiled step
+                log.warning("could not compile the router step (%s); routing with the uncompiled step",
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                self.fused = None
+        return route(st, self.config, hidden, output, self.observe, None)
 
     # ------------------------------------------------------------ scheduling
     def before_replay(self, tokens: int = 1) -> None:
