@@ -35,6 +35,7 @@ from budgets import ARCHS, build_checkpoint, bytes_per_token, copy_bandwidth, we
 import swapmoe  # noqa: E402
 from swapmoe.engine.decoder import Decoder  # noqa: E402
 from swapmoe.engine.timing import time_decode  # noqa: E402
+from swapmoe.fused import DEFAULT_MOE_KERNEL  # noqa: E402
 from swapmoe.provenance import provenance  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
@@ -74,15 +75,15 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
 def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels: list[str]
                      ) -> list[tuple[str, str, dict[str, Any], str]]:
     """Each swapmoe setting once per ``moe_kernel`` choice (``--moe-kernel transformers,auto``: without and
-    with the fused Triton kernel, in one process); the one default choice leaves the settings as they are."""
-    if kernels == ["transformers"]:
-        return chosen
+    with the fused Triton kernel, in one process, named '<setting>, moe <choice>'); one choice keeps the names."""
     out = []
     for name, kind, kw, mode in chosen:
         if kind != "swapmoe":
             out.append((name, kind, kw, mode))
-            continue
-        out.extend((f"{name}, moe {k}", kind, {**kw, "moe_kernel": k}, mode) for k in kernels)
+        elif len(kernels) == 1:  # one choice: the names stay as they are, the choice is passed all the same
+            out.append((name, kind, {**kw, "moe_kernel": kernels[0]}, mode))
+        else:
+            out.extend((f"{name}, moe {k}", kind, {**kw, "moe_kernel": k}, mode) for k in kernels)
     return out
 
 
@@ -156,7 +157,7 @@ def main() -> None:
                    help="add settings whose captured decode step is compiled by inductor (graph+compiled)")
     p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                    help="inductor mode of the graph+compiled settings")
-    p.add_argument("--moe-kernel", default="transformers",
+    p.add_argument("--moe-kernel", default=DEFAULT_MOE_KERNEL,
                    help="comma-separated swapmoe.load(moe_kernel=...) choices (transformers, auto, triton): every "
                         "swapmoe setting runs once per choice, named '<setting>, moe <choice>' (e.g. "
                         "transformers,auto: without and with the fused Triton kernel in one process)")

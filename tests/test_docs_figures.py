@@ -81,3 +81,13 @@ def test_load_memory_table_is_its_json():
         figures = (f"| {r['setting']} | {r['peak_bytes'] / 2**20:.0f} | {r['after_bytes'] / 2**20:.0f} | "
                    f"{r['peak_bytes'] / size:.2f} |")
         assert figures in page, figures
+
+
+@pytest.mark.parametrize("name", ["decode-olmoe-1b-7b", "decode-qwen3-30b-a3b-12l", "decode-olmoe-1b-7b-kernels",
+                                  "decode-olmoe-1b-7b-compiled-fused"])
+def test_decode_tables_are_their_json(name):
+    """The GPU decode tables of docs/benchmarks.md (and the figures README quotes from them)."""
+    decode = _benchmark("decode")
+    data = json.loads((DOCS / "results" / "decode" / f"{name}.json").read_text())
+    assert data.get("complete", True) and data["device"] == "NVIDIA H200"  # older files predate "complete"
+    assert _missing(_rows(decode.markdown(data["rows"])), DOCS / "benchmarks.md") == []

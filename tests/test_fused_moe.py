@@ -253,10 +253,15 @@ def _fused(model):
 
 
 def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
+    import inspect
+
     import swapmoe
     import swapmoe.fused
+    from swapmoe.cli import build_parser
 
-    default = swapmoe.load(olmoe_checkpoint, "50%")  # opt-in: transformers' kernels by default
+    assert inspect.signature(swapmoe.load).parameters["moe_kernel"].default == "auto"  # measured: it pays
+    assert build_parser().parse_args(["generate", str(olmoe_checkpoint), "-m", "50%", "-p", "hi"]).moe_kernel == "auto"
+    default = swapmoe.load(olmoe_checkpoint, "50%")  # auto on a CPU: transformers' kernels
     assert not any(isinstance(f, FusedForward) for f in _fused(default))
     cpu = swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="auto")  # auto off CUDA: transformers' kernels
     assert not any(isinstance(f, FusedForward) for f in _fused(cpu))

@@ -81,7 +81,9 @@ def test_graph_decode_captures_the_fused_kernel(tmp_path, expert_dtype):
     assert g_tokens == e_tokens
     for a, b in zip(g_rows, e_rows, strict=True):
         assert torch.equal(a, b)
-    off = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16)  # the default: opt-in
+    default = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16)  # auto is the default
+    assert all(isinstance(st.layer.experts.__dict__.get("forward"), FusedForward) for st in default.swapmoe.layers)
+    off = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, moe_kernel="transformers")
     assert not any(isinstance(st.layer.experts.__dict__.get("forward"), FusedForward) for st in off.swapmoe.layers)
 
 

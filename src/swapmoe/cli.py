@@ -17,6 +17,7 @@ from rich.table import Table
 
 from swapmoe.budget import format_bytes
 from swapmoe.errors import SwapMoEError
+from swapmoe.fused import DEFAULT_MOE_KERNEL, MOE_KERNELS
 from swapmoe.quant import FORMATS
 
 EXIT_USER_ERROR = 2
@@ -46,13 +47,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode with eager forwards instead of one CUDA graph replay per token (CUDA only)")
     p.add_argument("--compile-step", action="store_true",
-                   help="compile the decode step with inductor (on CUDA before capturing it: fewer kernels per token, "
-                        "not yet verified on a GPU; on a CPU: fused C++, 2.2x on the reference model); the "
-                        "first token waits for the compile")
-    p.add_argument("--moe-kernel", choices=["transformers", "auto", "triton"], default="transformers",
-                   help="expert compute of decode steps: transformers' kernels (default), or swapmoe's fused Triton "
-                        "kernel (not yet verified on a GPU) where swapmoe computes the layer on CUDA (auto) or in "
-                        "every MoE layer (triton)")
+                   help="compile the decode step with inductor (on CUDA before capturing it: 1.9x faster decode on "
+                        "an OLMoE-sized model at 50%%; on a CPU: fused C++, 2.2x on the reference model); the first "
+                        "token waits for the compile (about 50 s at OLMoE size on the H200, cold cache)")
+    p.add_argument("--moe-kernel", choices=list(MOE_KERNELS), default=DEFAULT_MOE_KERNEL,
+                   help="expert compute of decode steps: swapmoe's fused Triton kernel where swapmoe computes the "
+                        "layer on CUDA (auto, the default), transformers' kernels everywhere (transformers), or the "
+                        "fused kernel in every MoE layer (triton)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights: only for trusted files")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped in the model directory")
 
@@ -70,7 +71,7 @@ def load_from_args(args: argparse.Namespace) -> Any:
             dtype=args.dtype, expert_dtype=args.expert_dtype, async_swaps=not args.sync_swaps,
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code, cuda_graph=not args.no_cuda_graph,
-            moe_kernel=getattr(args, "moe_kernel", "transformers"),
+            moe_kernel=getattr(args, "moe_kernel", DEFAULT_MOE_KERNEL),
             compile_step=getattr(args, "compile_step", False), **kw,
         )
     except ValueError as e:  # bad numeric options from RuntimeConfig

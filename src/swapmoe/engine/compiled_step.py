@@ -25,8 +25,9 @@ The first step pays the compile (seconds for the tiny test models on a CPU; more
 with a cold inductor cache). Inductor also starts its pool of compile workers then, which competes
 with the host work of the first steps after a compile: time decode steps only after those.
 
-Not verified on a GPU yet (tests/test_cuda.py "compiled", benchmarks/decode.py --compile-step), hence
-off by default.
+On the H200 it takes an OLMoE-sized step from ~1,600 to ~400 kernels, 1.9x faster (1.89 ms/token at 50%
+with the fused MoE kernel; docs/benchmarks.md); off by default because the compile (about 50 s there,
+cold cache) costs more than a short generation gains.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from swapmoe.errors import SwapMoEError
+from swapmoe.fused import DEFAULT_MOE_KERNEL
 from swapmoe.provenance import provenance
 from swapmoe.quant import FORMATS
 
@@ -48,7 +49,7 @@ def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "decay": args.decay,
                           "async_swaps": not args.sync_swaps, "allow_pickle": args.allow_pickle,
                           "cuda_graph": not getattr(args, "no_cuda_graph", False),
-                          "moe_kernel": getattr(args, "moe_kernel", "transformers"),
+                          "moe_kernel": getattr(args, "moe_kernel", DEFAULT_MOE_KERNEL),
                           "trust_remote_code": args.trust_remote_code}
     if getattr(args, "expert_dtype", None) is not None:  # load_policy gives it to the swapmoe policies only
         kw["expert_dtype"] = args.expert_dtype
