@@ -42,6 +42,7 @@ QUANT_TESTS = ("tests/test_quant.py",)
 PRECISION_TESTS = ("tests/planner/test_precision.py",)
 MXFP4_TESTS = ("tests/test_mxfp4.py",)
 ADAPTED_QUANT_TESTS = ("tests/adapters/test_adapted_quantised.py",)
+FUSED_TESTS = ("tests/test_fused_moe.py", "-k", "compiled or opaque")
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              "st.tokens_since_update <= config.update_interval", ("tests/test_long_call.py",)),
     # ---- the graph path's split: host side before each replay, in-graph work only inside it
     Mutation("static-step-skips-scheduler", "src/swapmoe/engine/decoder.py",
-             "        self.runtime.before_replay(1)\n        with self.runtime.capturing():",
-             "        with self.runtime.capturing():", DECODER_TESTS),
+             "        self.runtime.before_replay(1)\n        with self.runtime.capturing(), self._fused_router():",
+             "        with self.runtime.capturing(), self._fused_router():", DECODER_TESTS),
     Mutation("captured-hooks-still-schedule", "src/swapmoe/runtime/__init__.py",
              "        if not self.in_graph:", "        if True:", DECODER_TESTS),
     Mutation("staged-swap-maps-before-its-read", "src/swapmoe/pool.py",
@@ -167,6 +168,15 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        dst.copy_(src, non_blocking=non_blocking)\n",
              "        if not name.endswith(\".scale\"):\n            dst.copy_(src, non_blocking=non_blocking)\n",
              ADAPTED_QUANT_TESTS),
+    # ---- the fused kernel under torch.compile, and a router step whose compile fails
+    Mutation("fused-call-count-read-while-tracing", "src/swapmoe/fused.py",
+             "        if not torch.compiler.is_compiling():", "        if True:", FUSED_TESTS),
+    Mutation("fused-kernel-traced-not-opaque", "src/swapmoe/kernels/fused_op.py",
+             "    return torch.ops.swapmoe.fused_experts(\n        hidden,",
+             "    return fused_experts._init_fn(\n        hidden,", FUSED_TESTS),
+    Mutation("router-compile-failure-propagates", "src/swapmoe/runtime/__init__.py",
+             "            except torch._dynamo.exc.TorchDynamoException as e:",
+             "            except ZeroDivisionError as e:", DECODER_TESTS),
     Mutation("group-mask-after-selection", "src/swapmoe/routing.py",
              "    choice = choice.masked_fill(~mask, NEG_INF)\n    if p.num_group > 1:\n"
              "        idx = _topk_in_groups(choice, _group_select(choice, p, \"top2sum\"), p.top_k)",
