@@ -332,6 +332,41 @@ def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, request,
     assert fast.swapmoe.stats()["total"]["swaps"] == plain.swapmoe.stats()["total"]["swaps"] > 0
 
 
+@pytest.mark.parametrize("policy", ["ondemand", "random-keep", "swapmoe-int8"])
+def test_baselines_decode_the_same_through_the_fused_kernel(kernels, olmoe_checkpoint, policy, monkeypatch):
+    """``auto`` is the default on CUDA, so every policy built on swapmoe's slots takes the kernel there:
+    on-demand loading (which wraps the experts forward, the fused one inside, and copies missing experts
+    into slots within the forward), a fixed random set, int8 swapmoe. Here ``auto`` is made to act on
+    the CPU as it acts on CUDA, at load: the same logits as through transformers' kernels, swaps included."""
+    import swapmoe.loader
+    from swapmoe.baselines import load_policy
+    from swapmoe.engine.decoder import Decoder
+
+    installed = []
+
+    def auto_here(layers, choice, device):
+        installed.extend(install(m, devices=("cpu",)) for m, ours in layers if ours and choice == "auto")
+        return []
+
+    # int8: a quarter of the bytes holds half the experts; swaps within the 8 steps
+    budget, kw = ("25%", {"update_interval": 1}) if policy == "swapmoe-int8" else ("50%", {})
+    plain = load_policy(policy, olmoe_checkpoint, budget, moe_kernel="transformers", **kw)
+    monkeypatch.setattr(swapmoe.loader, "use_fused_kernel", auto_here)
+    fast = load_policy(policy, olmoe_checkpoint, budget, **kw)  # the default moe_kernel
+    assert len(installed) == len(fast.swapmoe.layers)
+    prompt, feed = [(5 * i + 1) % 90 for i in range(40)], [11, 7, 29, 2, 60, 13, 4, 33]  # 80-term prefill
+    a, b = Decoder(plain, "dynamic"), Decoder(fast, "dynamic")
+    a.prefill(prompt, max_new_tokens=len(feed))
+    b.prefill(prompt, max_new_tokens=len(feed))
+    assert sum(f.calls for f in installed) == 0  # a prefill keeps transformers' kernels
+    for tok in feed:
+        la, lb = a.step(tok), b.step(tok)
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    assert sum(f.calls for f in installed) >= len(feed) * len(installed)  # on-demand: a call per loaded group
+    sa, sb = plain.swapmoe.stats()["total"], fast.swapmoe.stats()["total"]
+    assert sa["swaps"] == sb["swaps"] and (policy == "random-keep" or sa["swaps"] > 0)
+
+
 def test_a_compiled_decode_step_holds_the_fused_kernel_and_compiles_once(kernels, olmoe_checkpoint):
     """``compile_step`` with the fused kernel: one compile for the whole decode (a Python counter read while
     tracing made it recompile at every call; the H200 run compiled twice), the kernel inside the compiled
