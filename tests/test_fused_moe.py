@@ -57,6 +57,13 @@ def _experts(kernels, S, H, N, *, transposed=False, interleaved=False, bias=Fals
     return kernels.ExpertTensors(gu, dn, gb, db, transposed=transposed, interleaved=interleaved)
 
 
+def _int4_experts(kernels, fp, group):
+    """``fp``'s weights as swapmoe.quant's int4 parts, in the kernels' ``ExpertTensors``."""
+    gu, dn = quantise(fp.gate_up, "int4", group=group), quantise(fp.down, "int4", group=group)
+    return kernels.ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
+                                 gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=4)
+
+
 def _inputs(T, K, H, ids, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(dtype)  # [T, H]
@@ -93,17 +100,20 @@ def test_small_tiles_loop_over_several_blocks(kernels):
     torch.testing.assert_close(out.double(), reference_experts(x, idx, w, ex), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["silu", "gpt_oss"])
+@pytest.mark.parametrize("layout", ["silu", "gpt_oss", "int4"])
 def test_a_compiled_step_calls_the_kernel_as_one_opaque_operator(kernels, layout):
     """Under torch.compile the kernel is one node, torch.ops.swapmoe.fused_experts, with the output shape
     of its fake implementation; inductor compiles what surrounds it and leaves the launches to swapmoe
     (tracing into them failed in inductor's compile worker on the H200). Compiled == eager (up to
-    inductor's own rounding of the norm around it: measured 1 float32 ulp)."""
+    inductor's own rounding of the norm around it: measured 1 float32 ulp). int4: the operator carries
+    the zero points and the bits of the codes."""
     from swapmoe.kernels import fused_op
 
     S, H, N = 6, 40, 24
     gpt = layout == "gpt_oss"
     ex = _experts(kernels, S, H, N, transposed=gpt, interleaved=gpt, bias=gpt)
+    if layout == "int4":
+        ex = _int4_experts(kernels, ex, 64)
     x, idx, w = _inputs(1, 4, H, [3, 0, 6, 1])  # slot 6 >= S: a skipped term
     act = ACT_GPT_OSS if gpt else ACT_SILU
 
@@ -180,13 +190,6 @@ def test_int8_weights_are_dequantised_inside_the_kernel(kernels, step):
     # the scales were applied per group: the float weights give a different (nearby) answer
     far = (reference_experts(x, idx, w, fp) - ref).abs().max()
     assert 1e-5 < far < 0.05
-
-
-def _int4_experts(kernels, fp, group):
-    """``fp``'s weights as swapmoe.quant's int4 parts, in the kernels' ``ExpertTensors``."""
-    gu, dn = quantise(fp.gate_up, "int4", group=group), quantise(fp.down, "int4", group=group)
-    return kernels.ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
-                                 gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=4)
 
 
 # (S, H, N, group, loop step): whole groups per loop step (a scale and zero point per row and group), a
