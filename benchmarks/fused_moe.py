@@ -5,17 +5,18 @@ swapmoe layer holds them) and each token count:
 
 * correctness: the fused kernel and grouped_mm in the model dtype against a float64 reference computed
   on the device (swapmoe.kernels.reference), with skipped terms (ids >= S) in the call, and the kernel's
-  captured-graph output against its eager output (bit for bit); int8 (swapmoe.quant, dequantised inside
-  the kernel) against the reference on the dequantised weights;
+  captured-graph output against its eager output (bit for bit); int8 and int4 (swapmoe.quant,
+  dequantised inside the kernel) against the reference on the dequantised weights;
 * speed: per-layer time inside one CUDA graph of ``--layers`` layers (each its own weights, so the
   weights come from HBM as in a model), the bytes of the chosen experts over that time (GB/s), and
   from the profiler over eager calls: kernels per layer call and GPU-busy time per layer call;
-  int8 fused against swapmoe's per-term gather path (qexperts.QuantisedForward + grouped_mm);
+  int8 and int4 fused against swapmoe's per-term gather path (qexperts.QuantisedForward + grouped_mm);
 * a small sweep of the fused kernel's tile sizes at T=1 (the best is reported; the default is
   swapmoe.kernels.fused_moe.default_blocks).
 
 A table on stdout and a JSON with provenance (torch, transformers, triton, GPU, commit) under --out.
-Not yet run on a GPU (written and smoke-tested on CPU under Triton's interpreter).
+Run on the H200 before the int4 columns existed (docs/results/fused_moe/); the int4 columns are
+smoke-tested on CPU under Triton's interpreter only.
 
     python benchmarks/fused_moe.py --out runs/fused_moe                              # on the GPU machine
     python benchmarks/fused_moe.py --device cpu --shapes tiny,tiny-gpt-oss --layers 2 --out runs/fm-smoke  # interpreter
@@ -192,8 +193,9 @@ def run_shape(name: str, shape: dict[str, Any], args: argparse.Namespace, device
     for T in args.tokens:
         with torch.no_grad():
             row = run_case(name, shape, T, S, layers, tensors, spec, args, device, dtype)
-            if shape["model_type"] != "gpt_oss" and args.int8:
-                row.update(run_int8(shape, T, S, layers, spec, args, device, dtype))
+            for fmt in ("int8", "int4"):
+                if shape["model_type"] != "gpt_oss" and getattr(args, fmt):
+                    row.update(run_quantised(fmt, shape, T, S, layers, spec, args, device, dtype))
         rows.append(row)
         console.print(f"{name} T={T} done")
     return rows
@@ -285,10 +287,11 @@ def sweep_tiles(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, tensors: li
     return out
 
 
-def run_int8(shape: dict[str, Any], T: int, S: int, layers: list[torch.nn.Module], spec: Any,
-             args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """int8 slots: the fused kernel (dequantising in its loads) against swapmoe's per-term gather path
-    (qexperts.QuantisedForward + grouped_mm), both captured in a graph of all layers."""
+def run_quantised(fmt: str, shape: dict[str, Any], T: int, S: int, layers: list[torch.nn.Module], spec: Any,
+                  args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Slots in ``fmt`` (int8 or int4): the fused kernel (dequantising in its loads) against swapmoe's
+    per-term gather path (qexperts.QuantisedForward + grouped_mm), both captured in a graph of all
+    layers; keys ``{fmt}_...``."""
     from swapmoe.fused import expert_tensors, install
     from swapmoe.kernels import fused_moe as fm
     from swapmoe.kernels.reference import reference_experts
@@ -303,23 +306,23 @@ def run_int8(shape: dict[str, Any], T: int, S: int, layers: list[torch.nn.Module
     for m in layers:
         q = experts_module(shape, S, dtype, device, seed=None)  # its parameters: placeholders below
         params = {"gate_up_proj": m.gate_up_proj.detach(), "down_proj": m.down_proj.detach()}
-        layout = ExpertLayout.of(params, "int8")
+        layout = ExpertLayout.of(params, fmt)
         for n in params:  # the slots hold the parts; the parameters become empty placeholders
             q._parameters[n] = torch.nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False)
         quantised.append((q, install_quantised(q, layout, layout.encode(params))))
     q0, qf0 = quantised[0]
     ex0 = expert_tensors(q0, spec, qf0)
     ref = reference_experts(x, ids_skip, w, ex0, spec.act)
-    row: dict[str, Any] = {"int8_err_fused_skip": rel_err(fm.fused_experts(x, ids_skip, w, ex0), ref),
-                           "int8_err_gather_skip": rel_err(qf0(x, ids_skip, w), ref)}
-    per_layer_us(lambda: [qf(x, ids, w) for _, qf in quantised], device, args, row, "int8_gather_graph_us")
+    row: dict[str, Any] = {f"{fmt}_err_fused_skip": rel_err(fm.fused_experts(x, ids_skip, w, ex0), ref),
+                           f"{fmt}_err_gather_skip": rel_err(qf0(x, ids_skip, w), ref)}
+    per_layer_us(lambda: [qf(x, ids, w) for _, qf in quantised], device, args, row, f"{fmt}_gather_graph_us")
     for q, _ in quantised:
         install(q, devices=(device.type,))  # FusedForward over the QuantisedForward
-    per_layer_us(lambda: [q(x, ids, w) for q, _ in quantised], device, args, row, "int8_fused_graph_us")
+    per_layer_us(lambda: [q(x, ids, w) for q, _ in quantised], device, args, row, f"{fmt}_fused_graph_us")
     read = len(set(ids.flatten().tolist())) * sum(t[0].numel() * t.element_size() for t in qf0.parts.values())
-    row["int8_bytes_per_layer"] = read
-    us = row["int8_fused_graph_us"]
-    row["int8_fused_gb_s"] = read / us / 1e3 if us else None
+    row[f"{fmt}_bytes_per_layer"] = read
+    us = row[f"{fmt}_fused_graph_us"]
+    row[f"{fmt}_fused_gb_s"] = read / us / 1e3 if us else None
     return row
 
 
@@ -332,7 +335,9 @@ def show(rows: list[dict[str, Any]], console: Console) -> None:
             ("kernels gmm", "grouped_mm_kernels", ".0f"), ("busy us fused", "fused_busy_us", ".1f"),
             ("busy us gmm", "grouped_mm_busy_us", ".1f"), ("best gate_up us", "best_gate_up_us", ".1f"),
             ("best down us", "best_down_us", ".1f"),
-            ("int8 fused us", "int8_fused_graph_us", ".1f"), ("int8 gather us", "int8_gather_graph_us", ".1f")]
+            ("int8 fused us", "int8_fused_graph_us", ".1f"), ("int8 gather us", "int8_gather_graph_us", ".1f"),
+            ("int4 err fused", "int4_err_fused_skip", ".1e"),
+            ("int4 fused us", "int4_fused_graph_us", ".1f"), ("int4 gather us", "int4_gather_graph_us", ".1f")]
     for head, _, _ in cols:
         t.add_column(head)
     for r in rows:
@@ -348,14 +353,15 @@ def markdown(result: dict[str, Any]) -> str:
     """The docs' table (docs/benchmarks.md) from a result file: one row per shape and token count."""
     lines = ["| shape | T | slots | rel. error fused | rel. error grouped_mm | us/layer fused | us/layer grouped_mm "
              "| GB/s fused | kernels/layer fused | kernels/layer grouped_mm | us/layer int8 fused | "
-             "us/layer int8 gather |", "|" + "---|" * 12]
+             "us/layer int8 gather | us/layer int4 fused | us/layer int4 gather |", "|" + "---|" * 14]
     for r in result["rows"]:
         lines.append(
             f"| {r['shape']} | {r['T']} | {r['S']} | {_f(r['err_fused_skip'], '.1e')} | "
             f"{_f(r['err_grouped_mm_skip'], '.1e')} | {_f(r.get('fused_graph_us'), '.1f')} | "
             f"{_f(r.get('grouped_mm_graph_us'), '.1f')} | {_f(r.get('fused_gb_s'), '.0f')} | "
             f"{_f(r['fused_kernels'], '.0f')} | {_f(r['grouped_mm_kernels'], '.0f')} | "
-            f"{_f(r.get('int8_fused_graph_us'), '.1f')} | {_f(r.get('int8_gather_graph_us'), '.1f')} |")
+            f"{_f(r.get('int8_fused_graph_us'), '.1f')} | {_f(r.get('int8_gather_graph_us'), '.1f')} | "
+            f"{_f(r.get('int4_fused_graph_us'), '.1f')} | {_f(r.get('int4_gather_graph_us'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -370,7 +376,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tile-size sweep")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 rows")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 columns")
+    p.add_argument("--no-int4", dest="int4", action="store_false", help="skip the int4 columns")
     p.add_argument("--out", type=Path, default=Path("runs/fused_moe"))
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]

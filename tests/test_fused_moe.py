@@ -29,7 +29,7 @@ from swapmoe.fused import (
     use_fused_kernel,
 )
 from swapmoe.kernels.reference import reference_experts
-from swapmoe.quant import quantise
+from swapmoe.quant import dequantise, quantise
 
 pytest.importorskip("triton")
 
@@ -55,6 +55,13 @@ def _experts(kernels, S, H, N, *, transposed=False, interleaved=False, bias=Fals
     db = torch.randn(S, H, generator=g) * 0.1 if bias else None
     gu, dn, gb, db = (None if t is None else t.to(dtype) for t in (gu, dn, gb, db))
     return kernels.ExpertTensors(gu, dn, gb, db, transposed=transposed, interleaved=interleaved)
+
+
+def _int4_experts(kernels, fp, group):
+    """``fp``'s weights as swapmoe.quant's int4 parts, in the kernels' ``ExpertTensors``."""
+    gu, dn = quantise(fp.gate_up, "int4", group=group), quantise(fp.down, "int4", group=group)
+    return kernels.ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
+                                 gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=4)
 
 
 def _inputs(T, K, H, ids, dtype=torch.float32, seed=1):
@@ -93,17 +100,20 @@ def test_small_tiles_loop_over_several_blocks(kernels):
     torch.testing.assert_close(out.double(), reference_experts(x, idx, w, ex), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["silu", "gpt_oss"])
+@pytest.mark.parametrize("layout", ["silu", "gpt_oss", "int4"])
 def test_a_compiled_step_calls_the_kernel_as_one_opaque_operator(kernels, layout):
     """Under torch.compile the kernel is one node, torch.ops.swapmoe.fused_experts, with the output shape
     of its fake implementation; inductor compiles what surrounds it and leaves the launches to swapmoe
     (tracing into them failed in inductor's compile worker on the H200). Compiled == eager (up to
-    inductor's own rounding of the norm around it: measured 1 float32 ulp)."""
+    inductor's own rounding of the norm around it: measured 1 float32 ulp). int4: the operator carries
+    the zero points and the bits of the codes."""
     from swapmoe.kernels import fused_op
 
     S, H, N = 6, 40, 24
     gpt = layout == "gpt_oss"
     ex = _experts(kernels, S, H, N, transposed=gpt, interleaved=gpt, bias=gpt)
+    if layout == "int4":
+        ex = _int4_experts(kernels, ex, 64)
     x, idx, w = _inputs(1, 4, H, [3, 0, 6, 1])  # slot 6 >= S: a skipped term
     act = ACT_GPT_OSS if gpt else ACT_SILU
 
@@ -180,6 +190,64 @@ def test_int8_weights_are_dequantised_inside_the_kernel(kernels, step):
     # the scales were applied per group: the float weights give a different (nearby) answer
     far = (reference_experts(x, idx, w, fp) - ref).abs().max()
     assert 1e-5 < far < 0.05
+
+
+# (S, H, N, group, loop step): whole groups per loop step (a scale and zero point per row and group), a
+# scale and zero point per byte (step < group), and dims that are no multiple of the tiles with one group
+# a row (swapmoe's G=64 on rows of 40 and 24 values; the default tiles)
+INT4_CASES = [(5, 64, 32, 16, 32), (5, 64, 32, 16, 8), (5, 40, 24, 64, None)]
+
+
+@pytest.mark.parametrize(("S", "H", "N", "group", "step"), INT4_CASES)
+def test_int4_weights_are_dequantised_inside_the_kernel(kernels, S, H, N, group, step):
+    """int4 slots (two codes a byte, a scale and zero point per group) against the float64 reference on
+    the weights as swapmoe.quant decodes them; the slots at both ends hold NaN scales and zero points,
+    reachable only by skipped terms (ids S, S + 2, -1)."""
+    fp = _experts(kernels, S, H, N)
+    ex = _int4_experts(kernels, fp, group)
+    assert ex.dims() == (H, N) and ex.gate_up.dtype == torch.uint8 and ex.gate_up.shape[-1] == H // 2
+    for t in (ex.gate_up_scale, ex.down_scale, ex.gate_up_zero, ex.down_zero):
+        t[0] = float("nan")
+        t[S - 1] = float("nan")
+    x, idx, w = _inputs(2, 3, H, [1, S, 2, S + 2, 3, -1])
+    blocks = None if step is None else kernels.Blocks(gate_up_k=step, down_k=step)  # several loop steps
+    g = group if H % group == 0 else H
+    expect = g if step is not None and step % g == 0 else 0
+    assert kernels._group_tiles(ex.gate_up_scale, g, step or kernels.default_blocks(6, H, N, int4=True).gate_up_k) \
+        == expect
+    out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
+    assert torch.isfinite(out).all()
+    ref = reference_experts(x, idx, w, ex)  # dequantised by swapmoe.quant.dequantise
+    # float32 sums of O(1) values over H <= 64 (measured max error 1.3e-7 to 5.3e-7)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the codes, scales and zero points were applied: the float weights give a different answer
+    far = (reference_experts(x, idx, w, fp) - ref).abs().max() / ref.abs().max()
+    assert 0.02 < far < 0.5  # measured 0.08-0.21 (4-bit codes of unit-variance rows)
+
+
+def test_int4_nibble_order_is_quant_s():
+    """The reference decodes int4 with swapmoe.quant itself: byte b holds column 2b in its low nibble
+    (the order the kernel's unpacking assumes), on literal codes."""
+    q = torch.tensor([[0x21, 0xF0]], dtype=torch.uint8)  # columns: 1, 2, 0, 15
+    parts = {"q": q, "scale": torch.tensor([[0.5]], dtype=torch.float16),
+             "zero": torch.tensor([[1.0]], dtype=torch.float16)}
+    assert dequantise(parts, "int4", torch.float64).tolist() == [[0.0, 0.5, -0.5, 7.0]]
+
+
+def test_quantised_parts_the_kernel_cannot_read_are_refused(kernels):
+    S, H, N = 2, 64, 32
+    fp = _experts(kernels, S, H, N)
+    ex = _int4_experts(kernels, fp, 16)
+    x, idx, w = _inputs(1, 2, H, [0, 1])
+    with pytest.raises(ValueError, match="zero points laid out as its scales"):
+        kernels.fused_experts(x, idx, w, kernels.ExpertTensors(ex.gate_up, ex.down, gate_up_scale=ex.gate_up_scale,
+                                                               down_scale=ex.down_scale, bits=4))
+    with pytest.raises(ValueError, match="3 bits"):
+        kernels.fused_experts(x, idx, w, kernels.ExpertTensors(**{**ex.__dict__, "bits": 3}))
+    with pytest.raises(ValueError, match="only int4"):
+        kernels.fused_experts(x, idx, w, kernels.ExpertTensors(**{**ex.__dict__, "bits": 8}))
+    with pytest.raises(ValueError, match=r"\[S, out, in\] layout only"):
+        kernels.fused_experts(x, idx, w, kernels.ExpertTensors(**{**ex.__dict__, "transposed": True}))
 
 
 # ------------------------------------------------------------ the module wrapper, on tiny models
@@ -275,10 +343,14 @@ def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
     with pytest.raises(MoEKernelError, match="unknown MoE kernel"):
         swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="cuda")
     assert use_fused_kernel([], "transformers", torch.device("cuda")) == []
-    int4 = swapmoe.load(olmoe_checkpoint, "50%", expert_dtype="int4")  # a format the kernel does not read
-    why = use_fused_kernel([(st.layer.experts, True) for st in int4.swapmoe.layers], "triton", torch.device("cpu"))
-    assert len(why) == len(int4.swapmoe.layers) and all("int4" in line for line in why)
-    assert not any(isinstance(f, FusedForward) for f in _fused(int4))
+    int3 = swapmoe.load(olmoe_checkpoint, "50%", expert_dtype="int3")  # a format the kernel does not read
+    why = use_fused_kernel([(st.layer.experts, True) for st in int3.swapmoe.layers], "triton", torch.device("cpu"))
+    assert len(why) == len(int3.swapmoe.layers) and all("int3" in line for line in why)
+    assert not any(isinstance(f, FusedForward) for f in _fused(int3))
+    int4 = swapmoe.load(olmoe_checkpoint, "12.5%", expert_dtype="int4")  # read by the kernel, as int8 is
+    assert use_fused_kernel([(st.layer.experts, True) for st in int4.swapmoe.layers], "auto",
+                            torch.device("cuda")) == []
+    assert all(isinstance(f, FusedForward) and f.quantised is not None for f in _fused(int4))
     monkeypatch.setattr(swapmoe.fused, "triton_available", lambda: False)
     with pytest.raises(MoEKernelError, match="needs Triton"):
         swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="triton")
@@ -302,7 +374,8 @@ def gpt_oss_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("family", "expert_dtype", "budget"),
-                         [("olmoe", None, "50%"), ("olmoe", "int8", "25%"), ("gpt_oss", None, "50%")])  # int8: half
+                         [("olmoe", None, "50%"), ("olmoe", "int8", "25%"), ("olmoe", "int4", "12.5%"),
+                          ("gpt_oss", None, "50%")])  # slots of 8: int8 at 25% all and 7, int4 at 12.5% 7 and 6
 def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, request, family, expert_dtype, budget):
     """Half the experts resident, skip strategy (skipped terms reach the kernel), static decode with updates every
     token: the same tokens' logits with and without the fused kernel."""
@@ -315,8 +388,8 @@ def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, request,
     fast = swapmoe.load(path, budget, **kw)
     fused = _auto_on(fast)
     assert len(fused) == len(fast.swapmoe.layers)
-    if expert_dtype == "int8":
-        assert all(f.quantised is not None for f in fused)
+    if expert_dtype is not None:
+        assert all(f.quantised is not None and f.quantised.layout.fmt == expert_dtype for f in fused)
     prompt = [(7 * i + 3) % 90 for i in range(MAX_TERMS // 2 + 8)]  # K=2: a prefill past MAX_TERMS terms
     feed = [11, 7, 29, 2, 60, 13, 4, 33]
     a, b = Decoder(plain, "static"), Decoder(fast, "static")

@@ -22,7 +22,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 KERNEL_MODULE = "swapmoe.kernels.fused_moe"
-DIVISIBLE = {"x_ptr", "ids_ptr", "w_ptr", "sc_ptr", "b_ptr", "h_ptr", "tw_ptr", "out_ptr", "H", "N_I", "stride_x",
+DIVISIBLE = {"x_ptr", "ids_ptr", "w_ptr", "sc_ptr", "zp_ptr", "b_ptr", "h_ptr", "tw_ptr", "out_ptr", "H", "N_I", "stride_x",
              "stride_o", "sw_s", "sw_n", "sw_k", "ss_s", "ss_n", "sb_s", "up_row"}
 
 
@@ -60,11 +60,14 @@ def _loads(sass: str) -> Counter:
     return Counter(t for line in sass.splitlines() for t in line.replace(";", " ").split() if t.startswith("LDG"))
 
 
-BF16 = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*bf16", "sc_ptr": "*bf16", "b_ptr": "*bf16",
+# the pointers that a variant does not read are the ones the launch passes as dummies (fused_moe._scale_args)
+BF16 = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16", "b_ptr": "*bf16",
         "h_ptr": "*fp32", "tw_ptr": "*fp32", "out_ptr": "*bf16", "alpha": "fp32", "limit": "fp32"}
-INT8 = {**BF16, "w_ptr": "*i8", "sc_ptr": "*fp16"}
+INT8 = {**BF16, "w_ptr": "*i8", "sc_ptr": "*fp16", "zp_ptr": "*fp16"}
+INT4 = {**BF16, "w_ptr": "*u8", "sc_ptr": "*fp16", "zp_ptr": "*fp16"}
 # (name, kernel, types, constexprs, least 16-byte loads per loop step): OLMoE/Qwen3 (SiLU, [S, out, in]),
-# gpt-oss (clamped SwiGLU, biases, transposed and interleaved), int8 with whole groups per step
+# gpt-oss (clamped SwiGLU, biases, transposed and interleaved), int8 and int4 with whole groups per step
+# (int4 with its default tiles, fused_moe.default_blocks)
 VARIANTS = [
     ("gate_up silu", "_gate_up_kernel", BF16, {"ACT": 0, "HAS_BIAS": False, "QUANT": False, "GROUP": 0,
                                                "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 256, "sw_k": 1}, 8),
@@ -74,10 +77,15 @@ VARIANTS = [
                                                   "INTERLEAVED": True, "BLOCK_N": 16, "BLOCK_K": 256, "sw_n": 1}, 8),
     ("down gpt-oss", "_down_kernel", BF16, {"HAS_BIAS": True, "QUANT": False, "GROUP": 0, "BLOCK_N": 16,
                                             "BLOCK_K": 512, "sw_n": 1}, 4),
-    ("gate_up int8", "_gate_up_kernel", INT8, {"ACT": 0, "HAS_BIAS": False, "QUANT": True, "GROUP": 64,
+    ("gate_up int8", "_gate_up_kernel", INT8, {"ACT": 0, "HAS_BIAS": False, "QUANT": 8, "GROUP": 64,
                                                "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 256, "sw_k": 1,
                                                "ss_g": 1}, 4),
-    ("down int8", "_down_kernel", INT8, {"HAS_BIAS": False, "QUANT": True, "GROUP": 64, "BLOCK_N": 8,
+    ("down int8", "_down_kernel", INT8, {"HAS_BIAS": False, "QUANT": 8, "GROUP": 64, "BLOCK_N": 8,
+                                         "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 4),
+    ("gate_up int4", "_gate_up_kernel", INT4, {"ACT": 0, "HAS_BIAS": False, "QUANT": 4, "GROUP": 64,
+                                               "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 512, "sw_k": 1,
+                                               "ss_g": 1}, 4),
+    ("down int4", "_down_kernel", INT4, {"HAS_BIAS": False, "QUANT": 4, "GROUP": 64, "BLOCK_N": 8,
                                          "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 4),
 ]
 
@@ -89,7 +97,10 @@ def test_kernel_compiles_for_sm90_with_wide_loads_and_no_spills(compiled_module,
     usage, sass = _sass(fm, bin_dir, getattr(fm, kernel), types, consts, tmp_path)
     assert "LOCAL:0" in usage and "STACK:0" in usage, usage  # no spills to local memory
     loads = _loads(sass)
-    # measured: 8-10 16-byte loads a step (SiLU, gpt-oss gate_up), 5-6 (gpt-oss down, int8); the scales of
-    # int8 are 4 (gate_up) or 1 (down) 2-byte loads a step, not one per weight (64)
+    # measured: 8-10 16-byte loads a step (SiLU, gpt-oss gate_up), 5-6 (gpt-oss down, int8), 4 (int4: half a
+    # byte a weight; its down's 4 are 2 of codes and 2 of h); the scales of int8 are 4 (gate_up) or 1 (down)
+    # 2-byte loads a step, int4's scales and zero points 4 (gate_up) or 2 (down), not one per weight (64)
     assert loads["LDG.E.128"] >= wide, loads
     assert loads["LDG.E.U16"] <= 4, loads
+    if "int4" in name:  # its codes are read 16 bytes at a time, never a byte at a time
+        assert not any(k.startswith("LDG.E.U8") or k.startswith("LDG.E.S8") for k in loads), loads

@@ -10,8 +10,8 @@ so a captured decode graph would always hold the fused kernel and an eager prefi
 
 Which modules it serves (:func:`unsupported` says why not, in one line): transformers' fused experts
 (``@use_experts_implementation``) with a gate whose activation is SiLU-gated (concatenated halves) or
-gpt-oss's clamped SwiGLU (interleaved, with biases), weights in a float dtype or swapmoe's int8 format
-(``[S, out, in]`` layout); not a post-expert norm, not int4 or other quantised formats.
+gpt-oss's clamped SwiGLU (interleaved, with biases), weights in a float dtype or swapmoe's int8 or int4
+format (:data:`KERNEL_FORMATS`, ``[S, out, in]`` layout); not a post-expert norm, not int3, int2 or MXFP4.
 
 ``moe_kernel`` (``swapmoe.load(moe_kernel=...)``, ``--moe-kernel``). On the H200 the kernel is 2 launches
 per layer where grouped_mm is 32, 42 against 103 us per OLMoE-sized layer; a decode step at 50% ran 1.3x
@@ -51,6 +51,9 @@ DEFAULT_MOE_KERNEL = "auto"  # measured on the H200: 1.3x faster decode at 50%, 
 MAX_TERMS = 64
 REGISTERED_NAME = "swapmoe_fused"
 ACT_SILU, ACT_GPT_OSS = 0, 1  # as swapmoe.kernels.fused_moe numbers them (that module needs Triton)
+#: swapmoe.quant formats the kernel dequantises in its loads, and the bits of their codes
+#: (``ExpertTensors.bits``); int4 is not yet measured on a GPU (docs/benchmarks.md)
+KERNEL_FORMATS = {"int8": 8, "int4": 4}
 
 
 class MoEKernelError(SwapMoEError):
@@ -137,10 +140,10 @@ def unsupported(module: nn.Module) -> str | None:
     if gate_spec(module) is None:
         return "a gated activation other than SiLU-gated or gpt-oss's clamped SwiGLU"
     if _is_quantised(fwd):
-        if fwd.layout.fmt != "int8":
-            return f"experts held as {fwd.layout.fmt} (the kernel reads float weights or int8)"
+        if fwd.layout.fmt not in KERNEL_FORMATS:
+            return f"experts held as {fwd.layout.fmt} (the kernel reads float weights, int8 or int4)"
         if module.is_transposed:
-            return "int8 experts in the transposed layout"
+            return f"{fwd.layout.fmt} experts in the transposed layout"
         return None
     if fwd is not None:
         return "its forward is already replaced by another wrapper"
@@ -171,6 +174,8 @@ def expert_tensors(module: nn.Module, spec: GateSpec, quantised: Any = None) -> 
             gate_up_scale=p["gate_up_proj.scale"], down_scale=p["down_proj.scale"],
             gate_up_bias=p["gate_up_proj_bias"] if bias else None, down_bias=p["down_proj_bias"] if bias else None,
             transposed=bool(module.is_transposed), interleaved=spec.interleaved,
+            gate_up_zero=p.get("gate_up_proj.zero"), down_zero=p.get("down_proj.zero"),  # int4 only
+            bits=KERNEL_FORMATS[quantised.layout.fmt],
         )
     return ExpertTensors(
         gate_up=module.gate_up_proj, down=module.down_proj,

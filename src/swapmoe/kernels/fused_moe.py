@@ -19,8 +19,13 @@ adds nothing. Accumulation is float32 whatever the weights' dtype.
 Weights are addressed through strides, so one kernel serves both layouts of transformers' fused experts:
 ``gate_up [S, 2I, H]`` / ``down [S, H, I]`` and the transposed ``[S, H, 2I]`` / ``[S, I, H]`` (gpt-oss),
 with gate and up halves concatenated (``gate = rows [0, I)``) or interleaved (``gate = even rows``).
-Quantised int8 weights (:mod:`swapmoe.quant`: ``q`` int8 and a float16 scale per group of ``G`` values
-along the stored last dim) are dequantised inside the loads.
+Quantised weights (:mod:`swapmoe.quant`) are dequantised inside the loads, in the ``[S, out, in]`` layout
+only: int8 (``q`` int8 and a float16 scale per group of ``G`` values along the stored last dim,
+``w = q * s``) and int4 (two codes a byte along the input dim, code ``2b`` in the low nibble of byte
+``b`` and ``2b + 1`` in the high one, and a float16 scale ``s`` and zero point ``z`` per group,
+``w = (code - z) * s``). An int4 loop step reads its bytes once, splits each into its two codes and
+takes the zero point once per (row, group) where it holds whole groups:
+``sum_k (c_k - z) s x_k = s (sum_k c_k x_k - z sum_k x_k)``.
 
 Activations (``ACT``): 0 = SiLU-gated, ``silu(gate) * up`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...);
 1 = gpt-oss's clamped SwiGLU, ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
@@ -30,7 +35,7 @@ Everything here is shape-static for a given ``T*K`` and never reads a device val
 launches can be captured in a CUDA graph (compile them with one eager call first).
 
     T = tokens, K = experts per token, J = T*K terms, S = slots, H = hidden size, I = intermediate size,
-    G = values per int8 scale
+    G = values per scale (and zero point)
 """
 
 from __future__ import annotations
@@ -43,35 +48,49 @@ import triton.language as tl
 
 ACT_SILU = 0
 ACT_GPT_OSS = 1
+#: bits per code of the quantised formats the kernels read (``ExpertTensors.bits``; the kernels' ``QUANT``,
+#: 0 for float weights)
+QUANT_BITS = (8, 4)
 
 
 @dataclass(frozen=True)
 class ExpertTensors:
     """One layer's per-slot tensors as the kernels read them (all ``[S, ...]`` on the same device).
 
-    ``gate_up``/``down`` are the weights (or their int8 codes ``q`` when ``*_scale`` is given);
-    ``transposed``: stored ``[S, in, out]`` rather than ``[S, out, in]``; ``interleaved``: gate and up
-    rows alternate (gpt-oss) rather than being the two halves.
+    ``gate_up``/``down`` are the weights, or their codes ``q`` when ``*_scale`` is given: int8 for
+    ``bits=8``; for ``bits=4`` uint8 bytes of two codes each, ``[S, out, in/2]``, with ``*_zero`` the
+    zero points (:mod:`swapmoe.quant`'s parts ``q``, ``scale``, ``zero``). ``transposed``: stored
+    ``[S, in, out]`` rather than ``[S, out, in]``; ``interleaved``: gate and up rows alternate (gpt-oss)
+    rather than being the two halves.
     """
 
     gate_up: torch.Tensor  # [S, 2I, H] (transposed: [S, H, 2I])
     down: torch.Tensor  # [S, H, I] (transposed: [S, I, H])
     gate_up_bias: torch.Tensor | None = None  # [S, 2I]
     down_bias: torch.Tensor | None = None  # [S, H]
-    gate_up_scale: torch.Tensor | None = None  # int8: [S, 2I, H/G]
-    down_scale: torch.Tensor | None = None  # int8: [S, H, I/G]
+    gate_up_scale: torch.Tensor | None = None  # int8, int4: [S, 2I, H/G]
+    down_scale: torch.Tensor | None = None  # int8, int4: [S, H, I/G]
     transposed: bool = False
     interleaved: bool = False
+    gate_up_zero: torch.Tensor | None = None  # int4: [S, 2I, H/G]
+    down_zero: torch.Tensor | None = None  # int4: [S, H, I/G]
+    bits: int = 8  # of the codes, when quantised (``*_scale`` given): 8 (int8) or 4 (int4)
 
     @property
     def num_slots(self) -> int:
         return self.gate_up.shape[0]
 
+    @property
+    def int4(self) -> bool:
+        """Are the gate/up weights int4 codes (two a byte along the stored last dim, with zero points)?"""
+        return self.gate_up_scale is not None and self.bits == 4
+
     def dims(self) -> tuple[int, int]:
         """(H, I) from the down projection's shape."""
         out_in = self.down.shape[1:]
         h, i = (out_in[1], out_in[0]) if self.transposed else (out_in[0], out_in[1])
-        return int(h), int(i)
+        packed = self.down_scale is not None and self.bits == 4  # int4: [S, H, I/2] bytes of two codes
+        return int(h), int(i) * (2 if packed else 1)
 
 
 # The kernels call language builtins only (tl.reduce, not tl.sum; tl.full, not tl.zeros): Triton's own
@@ -87,13 +106,58 @@ _SUM = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit
-def _row_dots(w_ptr, sc_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
+def _int4_row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_row_dots` on int4 codes: ``W[r, c] = (code - z) * s``, byte ``b`` of a row holding columns
+    ``2b`` (low nibble) and ``2b + 1`` (high nibble); ``sw_k`` is the stride of a byte. A step reads its
+    ``BK/2`` bytes a row once and ``x[k0:k0+BK]`` once, split into even and odd columns. With ``GROUP``
+    (a power of two dividing BK) the bytes are read as ``[BN, BK/G, G/2]``, and a group's scale and zero
+    point are loaded once a row and applied to its two partial sums, ``s (sum c x - z sum x)``;
+    otherwise (``GROUP = 0``; the group is even, so a byte's two columns share it) every byte reads its
+    own."""
+    if GROUP > 0:
+        offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)  # [BK/G] group index
+        offs_b = offs_g[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]  # [1, BK/G, G/2]
+        mask_b = offs_g[None, :, None] * GROUP < n_in  # whole groups (constant along a group's bytes: wide loads)
+        offs_x = k0 + tl.arange(0, BLOCK_K // GROUP)[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+        x3 = tl.load(x_ptr + offs_x, mask=offs_x < n_in, other=0.0).to(tl.float32)  # [1, BK/G, G]
+        x_lo, x_hi = tl.split(tl.reshape(x3, (1, BLOCK_K // GROUP, GROUP // 2, 2)))  # [1, BK/G, G/2] even, odd
+        b = tl.load(w_ptr + rows[:, None, None] * sw_n + offs_b * sw_k, mask=mask_n[:, None, None] & mask_b,
+                    other=0)  # [BN, BK/G, G/2] uint8
+        cx = tl.reduce((b & 15).to(tl.float32) * x_lo + (b >> 4).to(tl.float32) * x_hi, 2, _SUM)  # [BN, BK/G]
+        xs = tl.reduce(x3, 2, _SUM)  # [1, BK/G] sum of x over each group
+        gm = mask_n[:, None] & (offs_g[None, :] * GROUP < n_in)
+        sc = tl.load(sc_ptr + rows[:, None] * ss_n + offs_g[None, :] * ss_g, mask=gm, other=0.0).to(tl.float32)
+        zp = tl.load(zp_ptr + rows[:, None] * ss_n + offs_g[None, :] * ss_g, mask=gm, other=0.0).to(tl.float32)
+        return tl.reduce((cx - zp * xs) * sc, 1, _SUM)
+    else:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2] bytes: columns 2b, 2b + 1
+        mask_b = offs_b < n_in // 2
+        offs_x = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        x = tl.load(x_ptr + offs_x, mask=offs_x < n_in, other=0.0).to(tl.float32)
+        x_lo, x_hi = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))  # [BK/2] even, odd columns
+        m2 = mask_n[:, None] & mask_b[None, :]
+        b = tl.load(w_ptr + rows[:, None] * sw_n + offs_b[None, :] * sw_k, mask=m2, other=0)  # [BN, BK/2] uint8
+        g_off = rows[:, None] * ss_n + (offs_b[None, :] * 2 // group) * ss_g  # [BN, BK/2] each byte's group
+        sc = tl.load(sc_ptr + g_off, mask=m2, other=0.0).to(tl.float32)
+        zp = tl.load(zp_ptr + g_off, mask=m2, other=0.0).to(tl.float32)
+        lo = ((b & 15).to(tl.float32) - zp) * sc
+        hi = ((b >> 4).to(tl.float32) - zp) * sc
+        return tl.reduce(lo * x_lo[None, :] + hi * x_hi[None, :], 1, _SUM)
+
+
+@triton.jit
+def _row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
               QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One loop step of ``W[rows] @ x``: ``sum over k in [k0, k0 + BK) of W[rows, k] * x[k]``, float32
-    ``[BN]``; ``W = q * scale`` when ``QUANT``. With ``GROUP`` (a power of two dividing BK, each scale's
-    group) the tile is read as ``[BN, BK/G, G]`` and each scale multiplies its group's partial sum, one
-    load per (row, group); otherwise (``GROUP = 0``) every weight reads its own scale."""
-    if QUANT and GROUP > 0:
+    ``[BN]``. ``QUANT``: 0 float weights; 8 int8, ``W = q * scale``; 4 int4 (:func:`_int4_row_dots`).
+    With ``GROUP`` (a power of two dividing BK, each scale's group) the tile is read as ``[BN, BK/G, G]``
+    and each scale multiplies its group's partial sum, one load per (row, group); otherwise
+    (``GROUP = 0``) every weight reads its own scale."""
+    if QUANT == 4:
+        return _int4_row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
+                              GROUP, BLOCK_N, BLOCK_K)
+    elif QUANT and GROUP > 0:
         offs3 = k0 + tl.arange(0, BLOCK_K // GROUP)[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
         mask3 = offs3 < n_in  # [1, BK/G, G]
         x3 = tl.load(x_ptr + offs3, mask=mask3, other=0.0).to(tl.float32)
@@ -118,7 +182,7 @@ def _row_dots(w_ptr, sc_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, ids_ptr, w_ptr, sc_ptr, b_ptr, h_ptr,
+    x_ptr, ids_ptr, w_ptr, sc_ptr, zp_ptr, b_ptr, h_ptr,
     S, H, N_I, K, group,  # N_I: intermediate size (I)
     stride_x, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
     up_row, gate_step, alpha, limit,
@@ -136,13 +200,14 @@ def _gate_up_kernel(
         x_base = x_ptr + (j // K) * stride_x
         w_base = w_ptr + s * sw_s
         sc_base = sc_ptr + s * ss_s
+        zp_base = zp_ptr + s * ss_s  # zero points: laid out as the scales
         if INTERLEAVED:  # gate and up rows alternate: read both as one contiguous [2BN] block of rows
             rows2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # [2BN] gate0, up0, gate1, up1, ...
             mask2 = rows2 < 2 * N_I
             both = tl.full([2 * BLOCK_N], 0.0, tl.float32)
             for k0 in range(0, H, BLOCK_K):
-                both += _row_dots(w_base, sc_base, rows2, mask2, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
-                                  QUANT, GROUP, 2 * BLOCK_N, BLOCK_K)
+                both += _row_dots(w_base, sc_base, zp_base, rows2, mask2, x_base, k0, H, sw_n, sw_k, ss_n, ss_g,
+                                  group, QUANT, GROUP, 2 * BLOCK_N, BLOCK_K)
             if HAS_BIAS:
                 both += tl.load(b_ptr + s * sb_s + rows2, mask=mask2, other=0.0).to(tl.float32)
             gate, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))  # [BN], [BN]
@@ -150,10 +215,10 @@ def _gate_up_kernel(
             rows_g = offs_n * gate_step  # [BN] stored row of the gate half
             rows_u = up_row + offs_n * gate_step  # [BN] stored row of the up half
             for k0 in range(0, H, BLOCK_K):
-                gate += _row_dots(w_base, sc_base, rows_g, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
-                                  QUANT, GROUP, BLOCK_N, BLOCK_K)
-                up += _row_dots(w_base, sc_base, rows_u, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g, group,
-                                QUANT, GROUP, BLOCK_N, BLOCK_K)
+                gate += _row_dots(w_base, sc_base, zp_base, rows_g, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g,
+                                  group, QUANT, GROUP, BLOCK_N, BLOCK_K)
+                up += _row_dots(w_base, sc_base, zp_base, rows_u, mask_n, x_base, k0, H, sw_n, sw_k, ss_n, ss_g,
+                                group, QUANT, GROUP, BLOCK_N, BLOCK_K)
             if HAS_BIAS:
                 gate += tl.load(b_ptr + s * sb_s + rows_g, mask=mask_n, other=0.0).to(tl.float32)
                 up += tl.load(b_ptr + s * sb_s + rows_u, mask=mask_n, other=0.0).to(tl.float32)
@@ -168,7 +233,7 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, ids_ptr, tw_ptr, w_ptr, sc_ptr, b_ptr, out_ptr,
+    h_ptr, ids_ptr, tw_ptr, w_ptr, sc_ptr, zp_ptr, b_ptr, out_ptr,
     S, H, N_I, K, group,  # N_I: intermediate size (I)
     stride_o, sw_s, sw_n, sw_k, ss_s, ss_n, ss_g, sb_s,
     HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
@@ -185,10 +250,11 @@ def _down_kernel(
         if (s >= 0) & (s < S):  # a skipped term reads nothing and adds nothing
             w_base = w_ptr + s * sw_s
             sc_base = sc_ptr + s * ss_s
+            zp_base = zp_ptr + s * ss_s
             part = tl.full([BLOCK_N], 0.0, tl.float32)
             for i0 in range(0, N_I, BLOCK_K):
-                part += _row_dots(w_base, sc_base, offs_n, mask_n, h_ptr + j * N_I, i0, N_I, sw_n, sw_k, ss_n,
-                                  ss_g, group, QUANT, GROUP, BLOCK_N, BLOCK_K)
+                part += _row_dots(w_base, sc_base, zp_base, offs_n, mask_n, h_ptr + j * N_I, i0, N_I, sw_n, sw_k,
+                                  ss_n, ss_g, group, QUANT, GROUP, BLOCK_N, BLOCK_K)
             if HAS_BIAS:
                 part += tl.load(b_ptr + s * sb_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc += tl.load(tw_ptr + j).to(tl.float32) * part
@@ -208,7 +274,7 @@ class Blocks:
     down_warps: int = 4
 
 
-def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False) -> Blocks:
+def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False, int4: bool = False) -> Blocks:
     """Tiles for a decode call. Batch-1 decode reads each chosen expert once and does two flops per
     weight, so both kernels are bound by memory, and by Little's law the bytes in flight must cover
     bandwidth x latency (3.8 TB/s x ~0.7 us ~ 2.7 MB on an H200). Small output blocks spread a step's
@@ -218,8 +284,13 @@ def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = F
     ``down_n * down_k`` each, ``T * H * down_k * 2`` bytes in all (4 MB at H=2048), hence the long step.
     In the transposed layout (gpt-oss) the output dim is the contiguous one: the down kernel takes 16
     rows a program so that its loads are 16 bytes wide (8 rows gave 8-byte loads; checked in the SASS of
-    an sm_90 build). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py."""
+    an sm_90 build). int4 (``int4``) holds half a byte a weight: its gate/up step takes 512 columns, the
+    bytes a row that int8 reads in 256 (no spills, 16-byte loads in an sm_90 build); its down step keeps
+    1024 columns, a whole row of I <= 1024. Chosen by reasoning, to be replaced by the sweep of
+    benchmarks/fused_moe.py (int4: not yet run on a GPU)."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
+    if int4:
+        return Blocks(gate_up_k=512)
     return Blocks(down_n=16, down_k=512) if transposed else Blocks()
 
 
@@ -228,12 +299,15 @@ def _strides(w: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
     return (w.stride(0), w.stride(2), w.stride(1)) if transposed else (w.stride(0), w.stride(1), w.stride(2))
 
 
-def _scale_args(q: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, int, int, int, int]:
-    """(pointer, values per scale along the stored last dim, slot/row/group strides); a dummy pointer
-    and zeros when unquantised."""
+def _scale_args(q: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
+                cols: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int]:
+    """(scale pointer, zero-point pointer, values per scale along the input dim of ``cols`` values,
+    slot/row/group strides of both, which :func:`check_quantised` made sure are one set); dummy pointers
+    and zeros when unquantised (no zero point: the scale's pointer, never read)."""
     if scale is None:
-        return q, 1, 0, 0, 0
-    return scale, q.shape[-1] // scale.shape[-1], scale.stride(0), scale.stride(1), scale.stride(2)
+        return q, q, 1, 0, 0, 0
+    return (scale, scale if zero is None else zero, cols // scale.shape[-1],
+            scale.stride(0), scale.stride(1), scale.stride(2))
 
 
 def _group_tiles(scale: torch.Tensor | None, group: int, block_k: int) -> int:
@@ -244,24 +318,50 @@ def _group_tiles(scale: torch.Tensor | None, group: int, block_k: int) -> int:
     return group
 
 
+def _quant(scale: torch.Tensor | None, bits: int) -> int:
+    """The kernels' ``QUANT``: 0 for float weights, else the bits of a code."""
+    return 0 if scale is None else bits
+
+
+def check_quantised(ex: ExpertTensors) -> None:
+    """Raise ValueError where a projection's quantised parts are not ones the kernels read (see
+    :class:`ExpertTensors`; swapmoe.fused refuses such modules before any call)."""
+    if ex.transposed and (ex.gate_up_scale is not None or ex.down_scale is not None):
+        raise ValueError("quantised weights are read in the [S, out, in] layout only")
+    if ex.bits not in QUANT_BITS:
+        raise ValueError(f"codes of {ex.bits} bits: the kernels read int8 (bits=8) or int4 (bits=4)")
+    for name, q, sc, zp in (("gate_up", ex.gate_up, ex.gate_up_scale, ex.gate_up_zero),
+                            ("down", ex.down, ex.down_scale, ex.down_zero)):
+        if sc is None or ex.bits == 8:
+            if zp is not None:
+                raise ValueError(f"{name} has zero points: only int4 (bits=4, with scales) has them")
+            continue
+        if zp is None or zp.shape != sc.shape or zp.stride() != sc.stride():
+            raise ValueError(f"int4 {name} needs zero points laid out as its scales (swapmoe.quant's parts)")
+        if q.dtype != torch.uint8 or (2 * q.shape[-1] // sc.shape[-1]) % 2:
+            raise ValueError(f"int4 {name}: want uint8 bytes of two codes each and an even group size "
+                             f"(swapmoe.quant's int4 parts), got {q.dtype} with {2 * q.shape[-1]} columns in "
+                             f"{sc.shape[-1]} groups")
+
+
 def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act: int = ACT_SILU,
                 alpha: float = 1.702, limit: float = 7.0, blocks: Blocks | None = None) -> torch.Tensor:
     """The first kernel: ``h [J, I]`` float32, ``h[j] = act(gate_up[s_j] @ x_t (+ b))`` (0 for a skipped term)."""
     T, K = ids.shape
     H, N_I = ex.dims()
-    b = blocks or default_blocks(T * K, H, N_I, ex.transposed)
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed, ex.int4)
     x = hidden.contiguous()
     h = torch.empty((T * K, N_I), dtype=torch.float32, device=hidden.device)  # [J, I]
     up_row, step = (1, 2) if ex.interleaved else (N_I, 1)
-    sc, group, *sc_s = _scale_args(ex.gate_up, ex.gate_up_scale)
+    sc, zp, group, *sc_s = _scale_args(ex.gate_up, ex.gate_up_scale, ex.gate_up_zero, H)
     bias = ex.gate_up_bias if ex.gate_up_bias is not None else ex.gate_up  # a dummy pointer when unused
     _gate_up_kernel[(T * K, triton.cdiv(N_I, b.gate_up_n))](
-        x, ids.reshape(-1).contiguous(), ex.gate_up, sc, bias, h,
+        x, ids.reshape(-1).contiguous(), ex.gate_up, sc, zp, bias, h,
         ex.num_slots, H, N_I, K, group,
         x.stride(0), *_strides(ex.gate_up, ex.transposed), *sc_s,
         bias.stride(0) if ex.gate_up_bias is not None else 0,
         up_row, step, float(alpha), float(limit),
-        ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=ex.gate_up_scale is not None,
+        ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=_quant(ex.gate_up_scale, ex.bits),
         GROUP=_group_tiles(ex.gate_up_scale, group, b.gate_up_k), INTERLEAVED=ex.interleaved, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
     )
     return h
@@ -272,16 +372,16 @@ def down_sum(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: Expe
     """The second kernel: ``out [T, H]`` in ``dtype``, ``out[t] = sum_k w_tk * (down[s_tk] @ h[tk] (+ b))``."""
     T, K = ids.shape
     H, N_I = ex.dims()
-    b = blocks or default_blocks(T * K, H, N_I, ex.transposed)
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed, ex.int4)
     out = torch.empty((T, H), dtype=dtype, device=h.device)  # [T, H]
-    sc, group, *sc_s = _scale_args(ex.down, ex.down_scale)
+    sc, zp, group, *sc_s = _scale_args(ex.down, ex.down_scale, ex.down_zero, N_I)
     bias = ex.down_bias if ex.down_bias is not None else ex.down
     _down_kernel[(T, triton.cdiv(H, b.down_n))](
-        h, ids.reshape(-1).contiguous(), weights.reshape(-1).contiguous(), ex.down, sc, bias, out,
+        h, ids.reshape(-1).contiguous(), weights.reshape(-1).contiguous(), ex.down, sc, zp, bias, out,
         ex.num_slots, H, N_I, K, group,
         out.stride(0), *_strides(ex.down, ex.transposed), *sc_s,
         bias.stride(0) if ex.down_bias is not None else 0,
-        HAS_BIAS=ex.down_bias is not None, QUANT=ex.down_scale is not None,
+        HAS_BIAS=ex.down_bias is not None, QUANT=_quant(ex.down_scale, ex.bits),
         GROUP=_group_tiles(ex.down_scale, group, b.down_k), BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.down_warps,
     )
     return out
@@ -296,7 +396,6 @@ def fused_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ``weights [T, K]``. Returns ``[T, H]`` in ``hidden``'s dtype. ``alpha``/``limit``: gpt-oss's
     activation constants (``act=ACT_GPT_OSS``).
     """
-    if ex.transposed and ex.gate_up_scale is not None:
-        raise ValueError("quantised weights are read in the [S, out, in] layout only")
+    check_quantised(ex)
     h = gate_up_act(hidden, ids, ex, act, alpha, limit, blocks)  # [J, I]
     return down_sum(h, ids, weights, ex, hidden.dtype, blocks)  # [T, H]

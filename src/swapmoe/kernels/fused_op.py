@@ -26,15 +26,18 @@ def fused_experts(
     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
     gate_up_scale: torch.Tensor | None, down_scale: torch.Tensor | None,
     transposed: bool, interleaved: bool, act: int, alpha: float, limit: float,
+    gate_up_zero: torch.Tensor | None = None, down_zero: torch.Tensor | None = None, bits: int = 8,
 ) -> torch.Tensor:
     """:func:`swapmoe.kernels.fused_moe.fused_experts` on the tensors of an ``ExpertTensors``:
-    ``hidden [T, H]``, ``ids [T, K]`` slot ids (``>= S``: skipped), ``weights [T, K]`` -> ``[T, H]``."""
+    ``hidden [T, H]``, ``ids [T, K]`` slot ids (``>= S``: skipped), ``weights [T, K]`` -> ``[T, H]``.
+    ``bits``: of the quantised codes (8: int8; 4: int4, with the zero points ``*_zero``)."""
     from swapmoe.kernels.fused_moe import ExpertTensors
     from swapmoe.kernels.fused_moe import fused_experts as kernel
 
     ex = ExpertTensors(gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias,
                        gate_up_scale=gate_up_scale, down_scale=down_scale,
-                       transposed=transposed, interleaved=interleaved)
+                       transposed=transposed, interleaved=interleaved,
+                       gate_up_zero=gate_up_zero, down_zero=down_zero, bits=bits)
     return kernel(hidden, ids, weights, ex, act, alpha, limit)
 
 
@@ -49,4 +52,5 @@ def call(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: obj
     return torch.ops.swapmoe.fused_experts(
         hidden, ids, weights, ex.gate_up, ex.down, ex.gate_up_bias, ex.down_bias,  # type: ignore[attr-defined]
         ex.gate_up_scale, ex.down_scale, ex.transposed, ex.interleaved, act, float(alpha), float(limit),  # type: ignore[attr-defined]
+        ex.gate_up_zero, ex.down_zero, int(ex.bits),  # type: ignore[attr-defined]
     )

@@ -11,9 +11,19 @@ import torch
 from swapmoe.quant import dequantise
 
 
-def dequantised(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """int8 codes and their group scales -> weights (as :mod:`swapmoe.quant` decodes them), or ``q``."""
-    return q.to(dtype) if scale is None else dequantise({"q": q, "scale": scale}, "int8", torch.float64).to(dtype)
+def dequantised(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, zero: torch.Tensor | None = None,
+                bits: int = 8) -> torch.Tensor:
+    """Codes and their group scales (and int4's zero points) -> weights, as :mod:`swapmoe.quant` decodes
+    them (``bits`` 8: int8, 4: int4); ``q`` itself when unquantised."""
+    if scale is None:
+        return q.to(dtype)
+    if bits == 4:
+        return dequantise({"q": q, "scale": scale, "zero": zero}, "int4", torch.float64).to(dtype)
+    return dequantise({"q": q, "scale": scale}, "int8", torch.float64).to(dtype)
+
+
+def _at(t: torch.Tensor | None, s: int) -> torch.Tensor | None:
+    return None if t is None else t[s]
 
 
 def reference_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: object, act: int = 0,
@@ -29,8 +39,8 @@ def reference_experts(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Te
             s = int(ids[t, k])
             if not 0 <= s < S:
                 continue
-            gu = dequantised(ex.gate_up[s], None if ex.gate_up_scale is None else ex.gate_up_scale[s], dtype)
-            dn = dequantised(ex.down[s], None if ex.down_scale is None else ex.down_scale[s], dtype)
+            gu = dequantised(ex.gate_up[s], _at(ex.gate_up_scale, s), dtype, _at(ex.gate_up_zero, s), ex.bits)
+            dn = dequantised(ex.down[s], _at(ex.down_scale, s), dtype, _at(ex.down_zero, s), ex.bits)
             if ex.transposed:
                 gu, dn = gu.T, dn.T  # -> [2I, H], [H, I]
             y = gu @ hidden[t].to(dtype)  # [2I]
