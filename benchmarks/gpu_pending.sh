@@ -47,7 +47,7 @@ case $stage in
       | grep -v "Loading\|Writing" | tail -30 ;;
   int4-decode)
     timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
-      --moe-kernel transformers,auto --settings "swapmoe 50%, graph;swapmoe int8, slots of 50%, graph;swapmoe int4, slots of 50%, graph" \
+      --moe-kernel transformers,triton --settings "swapmoe 50%, graph;swapmoe int8, slots of 50%, graph;swapmoe int4, slots of 50%, graph" \
       --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

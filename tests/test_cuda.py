@@ -460,8 +460,8 @@ def test_quantised_experts_per_term_scratch_captures_in_a_cuda_graph(tmp_path, f
     dequantise, renumber) has fixed shapes and no host sync, so it captures in a CUDA graph; replays with
     new hidden states, slot ids (one term skipped) and weights equal eager calls of the same module."""
     path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
-    # the per-term path itself: with the default moe_kernel="auto" an int8 or int4 layer's decode calls take
-    # the fused kernel on CUDA (tests/test_fused_moe_cuda.py captures that one)
+    # the per-term path itself: with the default moe_kernel="auto" an int8 layer's decode calls take the
+    # fused kernel on CUDA (tests/test_fused_moe_cuda.py captures that one)
     model = swapmoe.load(path, budget, device="cuda", dtype=torch.bfloat16, expert_dtype=fmt,
                          moe_kernel="transformers")
     experts = model.swapmoe.layers[0].layer.experts
