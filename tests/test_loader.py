@@ -451,3 +451,17 @@ def test_dense_model_is_unsupported_and_the_error_lists_the_families(tmp_path):
     assert set(FAMILIES) | set(ADAPTED) | {"llama4"} == {f for f in supported_families() if available(f)}
     with pytest.raises(UnsupportedModelError):
         describe(path)
+
+
+def test_a_load_says_where_its_time_went(checkpoint):
+    """``model.swapmoe.load_seconds``: reading the checkpoint, the experts' host side, the device; their sum
+    is the load's own time (what a benchmark reports when loads eat a GPU session)."""
+    import time
+
+    t0 = time.perf_counter()
+    model = swapmoe.load(checkpoint("olmoe"), "50%", device="cpu")
+    wall = time.perf_counter() - t0
+    phases = model.swapmoe.load_seconds
+    assert list(phases) == ["read", "experts", "device"]
+    assert all(v >= 0 for v in phases.values()) and 0 < sum(phases.values()) <= wall
+    assert phases["read"] > 0  # transformers read the files

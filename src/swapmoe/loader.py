@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -404,9 +405,11 @@ def load(
         streamer = _expert_streamer(ckpt, host, budget, slots, load_dtype, trust_remote_code, where, expert_dtype,
                                     files)
         mx = streamer.mxfp4
+    t_read = time.perf_counter()
     with streamer if streamer is not None else contextlib.nullcontext():
         model = _load_on_host(ckpt.path, load_dtype, ckpt.use_safetensors, trust_remote_code, experts_implementation,
                               mxfp4)
+    t_experts = time.perf_counter()
     layers = require_moe_layers(model)
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     fmts = _formats(expert_dtype, layers, compute_dtype, mx)  # one format per MoE layer
@@ -444,6 +447,7 @@ def load(
             staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name], layout)))
         else:
             staged.append((la, *_virtualise(la, s, initial, rng, pin, None if keep else where, layout)))
+    t_device = time.perf_counter()
     model.to(dev)  # non-expert weights (and experts of full layers) only
 
     states = []
@@ -470,6 +474,13 @@ def load(
             )
         )
     model.swapmoe = VirtualExperts(states, config, dev, budget_bytes, total)
+    # where a load's time goes (seconds): reading and converting the checkpoint (transformers), the
+    # experts' norms, host stores and quantisation, then the device (weights and slots)
+    done = time.perf_counter()
+    model.swapmoe.load_seconds = {"read": t_experts - t_read, "experts": t_device - t_experts,
+                                  "device": done - t_device}
+    log.info("loaded in %.1f s: read %.1f s, experts %.1f s, device %.1f s", done - t_read,
+             *model.swapmoe.load_seconds.values())
     ours = [(st.layer.experts, st.pool is not None or lay is not None) for st, lay in zip(states, layouts, strict=True)]
     for line in use_fused_kernel(ours, moe_kernel, dev):
         log.info("transformers' experts kernel kept in %s", line)
