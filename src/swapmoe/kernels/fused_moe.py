@@ -50,7 +50,10 @@ ACT_SILU = 0
 ACT_GPT_OSS = 1
 #: bits per code of the quantised formats the kernels read (``ExpertTensors.bits``; the kernels' ``QUANT``,
 #: 0 for float weights)
-QUANT_BITS = (8, 4)
+QUANT_BITS = (8, 4, 3, 2)
+#: (codes, bytes) of a packed unit per bits of a code (:data:`swapmoe.quant._UNIT`): int4 and int2 a byte, int3
+#: eight codes in three bytes
+UNITS = {4: (2, 1), 3: (8, 3), 2: (4, 1)}
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,8 @@ class ExpertTensors:
     """One layer's per-slot tensors as the kernels read them (all ``[S, ...]`` on the same device).
 
     ``gate_up``/``down`` are the weights, or their codes ``q`` when ``*_scale`` is given: int8 for
-    ``bits=8``; for ``bits=4`` uint8 bytes of two codes each, ``[S, out, in/2]``, with ``*_zero`` the
-    zero points (:mod:`swapmoe.quant`'s parts ``q``, ``scale``, ``zero``). ``transposed``: stored
+    ``bits=8``; for ``bits`` 4, 3 or 2 uint8 bytes of packed codes (:data:`UNITS`), ``[S, out, in * bits/8]``,
+    with ``*_zero`` the zero points (:mod:`swapmoe.quant`'s parts ``q``, ``scale``, ``zero``). ``transposed``: stored
     ``[S, in, out]`` rather than ``[S, out, in]``; ``interleaved``: gate and up rows alternate (gpt-oss)
     rather than being the two halves.
     """
@@ -68,13 +71,13 @@ class ExpertTensors:
     down: torch.Tensor  # [S, H, I] (transposed: [S, I, H])
     gate_up_bias: torch.Tensor | None = None  # [S, 2I]
     down_bias: torch.Tensor | None = None  # [S, H]
-    gate_up_scale: torch.Tensor | None = None  # int8, int4: [S, 2I, H/G]
-    down_scale: torch.Tensor | None = None  # int8, int4: [S, H, I/G]
+    gate_up_scale: torch.Tensor | None = None  # int8, int4, int3, int2: [S, 2I, H/G]
+    down_scale: torch.Tensor | None = None  # int8, int4, int3, int2: [S, H, I/G]
     transposed: bool = False
     interleaved: bool = False
-    gate_up_zero: torch.Tensor | None = None  # int4: [S, 2I, H/G]
-    down_zero: torch.Tensor | None = None  # int4: [S, H, I/G]
-    bits: int = 8  # of the codes, when quantised (``*_scale`` given): 8 (int8) or 4 (int4)
+    gate_up_zero: torch.Tensor | None = None  # int4, int3, int2: [S, 2I, H/G]
+    down_zero: torch.Tensor | None = None  # int4, int3, int2: [S, H, I/G]
+    bits: int = 8  # of the codes, when quantised (``*_scale`` given): 8 (int8), 4 (int4), 3 (int3) or 2 (int2)
 
     @property
     def num_slots(self) -> int:
@@ -85,12 +88,19 @@ class ExpertTensors:
         """Are the gate/up weights int4 codes (two a byte along the stored last dim, with zero points)?"""
         return self.gate_up_scale is not None and self.bits == 4
 
+    @property
+    def packed_bits(self) -> int:
+        """Bits of the gate/up codes when packed (int4, int3, int2: 4, 3, 2), else 0."""
+        return self.bits if self.gate_up_scale is not None and self.bits in UNITS else 0
+
     def dims(self) -> tuple[int, int]:
         """(H, I) from the down projection's shape."""
         out_in = self.down.shape[1:]
         h, i = (out_in[1], out_in[0]) if self.transposed else (out_in[0], out_in[1])
-        packed = self.down_scale is not None and self.bits == 4  # int4: [S, H, I/2] bytes of two codes
-        return int(h), int(i) * (2 if packed else 1)
+        if self.down_scale is not None and self.bits in UNITS:  # [S, H, I * bits/8] bytes of packed codes
+            codes, nbytes = UNITS[self.bits]
+            return int(h), int(i) * codes // nbytes
+        return int(h), int(i)
 
 
 # The kernels call language builtins only (tl.reduce, not tl.sum; tl.full, not tl.zeros): Triton's own
@@ -106,57 +116,154 @@ _SUM = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit
-def _int4_row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`_row_dots` on int4 codes: ``W[r, c] = (code - z) * s``, byte ``b`` of a row holding columns
-    ``2b`` (low nibble) and ``2b + 1`` (high nibble); ``sw_k`` is the stride of a byte. A step reads its
-    ``BK/2`` bytes a row once and ``x[k0:k0+BK]`` once, split into even and odd columns. With ``GROUP``
-    (a power of two dividing BK) the bytes are read as ``[BN, BK/G, G/2]``, and a group's scale and zero
-    point are loaded once a row and applied to its two partial sums, ``s (sum c x - z sum x)``;
-    otherwise (``GROUP = 0``; the group is even, so a byte's two columns share it) every byte reads its
-    own."""
+def _code(u, j: tl.constexpr, BITS: tl.constexpr, zp, sc, PER_UNIT: tl.constexpr):
+    """Code ``j`` of each unit ``u`` (bits ``[BITS*j, BITS*(j+1))``) as float32; with ``PER_UNIT`` the
+    weight it stands for, ``(code - z) * s`` (``zp``, ``sc``: each unit's zero point and scale)."""
+    c = ((u >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32)
+    if PER_UNIT:
+        c = (c - zp) * sc
+    return c
+
+
+@triton.jit
+def _codes_dot(u, xr, zp, sc, BITS: tl.constexpr, PER_UNIT: tl.constexpr):
+    """``sum_j code_j(u) * x_j`` over the codes of each unit, float32 ``[..., U]`` (see :func:`_code`). ``u``
+    ``[..., U]``: a byte of 2 (int4) or 4 (int2) codes, or int3's 24-bit word of 8; ``xr`` the x of each
+    unit's codes as ``[..., U, 2]``, ``[..., U, 2, 2]`` or ``[..., U, 2, 2, 2]`` (row-major: code ``j`` at
+    trailing index ``(j // 4, j // 2 % 2, j % 2)``), taken apart by ``tl.split``, which splits the last dim."""
+    if BITS == 4:
+        x0, x1 = tl.split(xr)
+        return _code(u, 0, 4, zp, sc, PER_UNIT) * x0 + _code(u, 1, 4, zp, sc, PER_UNIT) * x1
+    elif BITS == 2:
+        x_even, x_odd = tl.split(xr)  # [..., U, 2]: codes 0, 2 and 1, 3
+        x0, x2 = tl.split(x_even)
+        x1, x3 = tl.split(x_odd)
+        return ((_code(u, 0, 2, zp, sc, PER_UNIT) * x0 + _code(u, 1, 2, zp, sc, PER_UNIT) * x1)
+                + (_code(u, 2, 2, zp, sc, PER_UNIT) * x2 + _code(u, 3, 2, zp, sc, PER_UNIT) * x3))
+    else:
+        x_even, x_odd = tl.split(xr)  # [..., U, 2, 2]: codes 0, 2, 4, 6 and 1, 3, 5, 7
+        x04, x26 = tl.split(x_even)  # [..., U, 2]
+        x15, x37 = tl.split(x_odd)
+        x0, x4 = tl.split(x04)
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
+        return (((_code(u, 0, 3, zp, sc, PER_UNIT) * x0 + _code(u, 1, 3, zp, sc, PER_UNIT) * x1)
+                 + (_code(u, 2, 3, zp, sc, PER_UNIT) * x2 + _code(u, 3, 3, zp, sc, PER_UNIT) * x3))
+                + ((_code(u, 4, 3, zp, sc, PER_UNIT) * x4 + _code(u, 5, 3, zp, sc, PER_UNIT) * x5)
+                   + (_code(u, 6, 3, zp, sc, PER_UNIT) * x6 + _code(u, 7, 3, zp, sc, PER_UNIT) * x7)))
+
+
+@triton.jit
+def _code_x(x, A: tl.constexpr, U: tl.constexpr, BITS: tl.constexpr):
+    """``x`` (``A * U * C`` values, ``C`` codes a unit) as :func:`_codes_dot` takes it:
+    ``[1, A, U, 2, ...]``, or ``[1, U, 2, ...]`` for ``A = 0``."""
+    if A == 0:
+        if BITS == 4:
+            return tl.reshape(x, (1, U, 2))
+        elif BITS == 2:
+            return tl.reshape(x, (1, U, 2, 2))
+        else:
+            return tl.reshape(x, (1, U, 2, 2, 2))
+    else:
+        if BITS == 4:
+            return tl.reshape(x, (1, A, U, 2))
+        elif BITS == 2:
+            return tl.reshape(x, (1, A, U, 2, 2))
+        else:
+            return tl.reshape(x, (1, A, U, 2, 2, 2))
+
+
+@triton.jit
+def _int3_units_of_bytes(w_ptr, offs_u, mask, sw_k):
+    """int3's 24-bit units (uint32) from their three bytes each (``offs_u``: unit indices; ``sw_k`` the
+    stride of a byte): the fallback read, a byte at a time."""
+    b0 = tl.load(w_ptr + (3 * offs_u) * sw_k, mask=mask, other=0).to(tl.uint32)
+    b1 = tl.load(w_ptr + (3 * offs_u + 1) * sw_k, mask=mask, other=0).to(tl.uint32)
+    b2 = tl.load(w_ptr + (3 * offs_u + 2) * sw_k, mask=mask, other=0).to(tl.uint32)
+    return b0 | (b1 << 8) | (b2 << 16)
+
+
+@triton.jit
+def _int3_units_of_words(w_ptr, offs_m, mask):
+    """int3's 24-bit units from 32-bit words: ``offs_m [..., M]`` indexes runs of four units (12 bytes,
+    three little-endian words ``w0 w1 w2`` whose 96 bits hold units ``u0..u3`` at bits ``24i``), read a
+    word at a time (``w_ptr`` 4-byte aligned, bytes contiguous: :func:`_group_tiles` checks both) ->
+    ``[..., 4M]`` units in order."""
+    p = w_ptr.to(tl.pointer_type(tl.uint32)) + 3 * offs_m
+    w0 = tl.load(p, mask=mask, other=0)
+    w1 = tl.load(p + 1, mask=mask, other=0)
+    w2 = tl.load(p + 2, mask=mask, other=0)
+    u0 = w0 & 0xFFFFFF
+    u1 = (w0 >> 24) | ((w1 & 0xFFFF) << 8)
+    u2 = (w1 >> 16) | ((w2 & 0xFF) << 16)
+    u3 = w2 >> 8
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [..., M, 2, 2]: u[..., m, a, b] = unit 4m + 2a + b
+    return tl.reshape(u, (u.shape[0], u.shape[1], 4 * u.shape[2]))
+
+
+@triton.jit
+def _packed_row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_row_dots` on packed codes (int4, int3, int2: ``BITS``): ``W[r, c] = (code - z) * s``. A row
+    is a little-endian bit stream of ``BITS``-bit codes in *units* of ``C`` codes: a byte of 2 (int4,
+    code ``2b`` in the low nibble of byte ``b``) or 4 (int2), or three bytes of 8 (int3); ``sw_k`` is the
+    stride of a byte. A step reads its ``BK/C`` units a row once and ``x[k0:k0+BK]`` once, split by
+    code position. With ``GROUP`` (a power of two dividing BK, and a multiple of 32 for int3) the units
+    are read as ``[BN, BK/G, G/C]``, and a group's scale and zero point are loaded once a row and applied
+    to its two partial sums, ``s (sum c x - z sum x)``; int3 reads them as 32-bit words there (four
+    units in three words). Otherwise (``GROUP = 0``; a group holds whole units) every unit reads its own
+    scale and zero point, and int3 its three bytes one by one."""
+    C: tl.constexpr = 8 if BITS == 3 else 8 // BITS  # codes a unit
     if GROUP > 0:
         offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)  # [BK/G] group index
-        offs_b = offs_g[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]  # [1, BK/G, G/2]
         mask_b = offs_g[None, :, None] * GROUP < n_in  # whole groups (constant along a group's bytes: wide loads)
         offs_x = k0 + tl.arange(0, BLOCK_K // GROUP)[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
         x3 = tl.load(x_ptr + offs_x, mask=offs_x < n_in, other=0.0).to(tl.float32)  # [1, BK/G, G]
-        x_lo, x_hi = tl.split(tl.reshape(x3, (1, BLOCK_K // GROUP, GROUP // 2, 2)))  # [1, BK/G, G/2] even, odd
-        b = tl.load(w_ptr + rows[:, None, None] * sw_n + offs_b * sw_k, mask=mask_n[:, None, None] & mask_b,
-                    other=0)  # [BN, BK/G, G/2] uint8
-        cx = tl.reduce((b & 15).to(tl.float32) * x_lo + (b >> 4).to(tl.float32) * x_hi, 2, _SUM)  # [BN, BK/G]
+        row_ptr = w_ptr + rows[:, None, None] * sw_n  # [BN, 1, 1]
+        m3 = mask_n[:, None, None] & mask_b
+        if BITS == 3:
+            offs_m = offs_g[None, :, None] * (GROUP // 32) + tl.arange(0, GROUP // 32)[None, None, :]  # [1, BK/G, G/32]
+            u = _int3_units_of_words(row_ptr, offs_m, m3)  # [BN, BK/G, G/8] uint32
+        else:
+            offs_b = offs_g[None, :, None] * (GROUP // C) + tl.arange(0, GROUP // C)[None, None, :]  # [1, BK/G, G/C]
+            u = tl.load(row_ptr + offs_b * sw_k, mask=m3, other=0)  # [BN, BK/G, G/C] uint8
+        cx = tl.reduce(_codes_dot(u, _code_x(x3, BLOCK_K // GROUP, GROUP // C, BITS), 0.0, 0.0, BITS, False), 2, _SUM)  # [BN, BK/G]
         xs = tl.reduce(x3, 2, _SUM)  # [1, BK/G] sum of x over each group
         gm = mask_n[:, None] & (offs_g[None, :] * GROUP < n_in)
         sc = tl.load(sc_ptr + rows[:, None] * ss_n + offs_g[None, :] * ss_g, mask=gm, other=0.0).to(tl.float32)
         zp = tl.load(zp_ptr + rows[:, None] * ss_n + offs_g[None, :] * ss_g, mask=gm, other=0.0).to(tl.float32)
         return tl.reduce((cx - zp * xs) * sc, 1, _SUM)
     else:
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2] bytes: columns 2b, 2b + 1
-        mask_b = offs_b < n_in // 2
+        offs_u = k0 // C + tl.arange(0, BLOCK_K // C)  # [BK/C] units: columns C*u .. C*u + C - 1
+        mask_u = offs_u < n_in // C
         offs_x = k0 + tl.arange(0, BLOCK_K)  # [BK]
         x = tl.load(x_ptr + offs_x, mask=offs_x < n_in, other=0.0).to(tl.float32)
-        x_lo, x_hi = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))  # [BK/2] even, odd columns
-        m2 = mask_n[:, None] & mask_b[None, :]
-        b = tl.load(w_ptr + rows[:, None] * sw_n + offs_b[None, :] * sw_k, mask=m2, other=0)  # [BN, BK/2] uint8
-        g_off = rows[:, None] * ss_n + (offs_b[None, :] * 2 // group) * ss_g  # [BN, BK/2] each byte's group
+        m2 = mask_n[:, None] & mask_u[None, :]
+        row_ptr = w_ptr + rows[:, None] * sw_n  # [BN, 1]
+        if BITS == 3:
+            u = _int3_units_of_bytes(row_ptr, offs_u[None, :], m2, sw_k)  # [BN, BK/8] uint32
+        else:
+            u = tl.load(row_ptr + offs_u[None, :] * sw_k, mask=m2, other=0)  # [BN, BK/C] uint8
+        g_off = rows[:, None] * ss_n + (offs_u[None, :] * C // group) * ss_g  # [BN, BK/C] each unit's group
         sc = tl.load(sc_ptr + g_off, mask=m2, other=0.0).to(tl.float32)
         zp = tl.load(zp_ptr + g_off, mask=m2, other=0.0).to(tl.float32)
-        lo = ((b & 15).to(tl.float32) - zp) * sc
-        hi = ((b >> 4).to(tl.float32) - zp) * sc
-        return tl.reduce(lo * x_lo[None, :] + hi * x_hi[None, :], 1, _SUM)
+        xr = _code_x(x, 0, BLOCK_K // C, BITS)  # [1, BK/C, 2, ...]
+        return tl.reduce(_codes_dot(u, xr, zp, sc, BITS, True), 1, _SUM)
 
 
 @triton.jit
 def _row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
               QUANT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One loop step of ``W[rows] @ x``: ``sum over k in [k0, k0 + BK) of W[rows, k] * x[k]``, float32
-    ``[BN]``. ``QUANT``: 0 float weights; 8 int8, ``W = q * scale``; 4 int4 (:func:`_int4_row_dots`).
+    ``[BN]``. ``QUANT``: 0 float weights; 8 int8, ``W = q * scale``; 4, 3, 2 int4, int3, int2
+    (:func:`_packed_row_dots`).
     With ``GROUP`` (a power of two dividing BK, each scale's group) the tile is read as ``[BN, BK/G, G]``
     and each scale multiplies its group's partial sum, one load per (row, group); otherwise
     (``GROUP = 0``) every weight reads its own scale."""
-    if QUANT == 4:
-        return _int4_row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
-                              GROUP, BLOCK_N, BLOCK_K)
+    if QUANT == 4 or QUANT == 3 or QUANT == 2:
+        return _packed_row_dots(w_ptr, sc_ptr, zp_ptr, rows, mask_n, x_ptr, k0, n_in, sw_n, sw_k, ss_n, ss_g, group,
+                                QUANT, GROUP, BLOCK_N, BLOCK_K)
     elif QUANT and GROUP > 0:
         offs3 = k0 + tl.arange(0, BLOCK_K // GROUP)[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
         mask3 = offs3 < n_in  # [1, BK/G, G]
@@ -274,7 +381,8 @@ class Blocks:
     down_warps: int = 4
 
 
-def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False, int4: bool = False) -> Blocks:
+def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False, int4: bool = False,
+                   bits: int = 0) -> Blocks:
     """Tiles for a decode call. Batch-1 decode reads each chosen expert once and does two flops per
     weight, so both kernels are bound by memory, and by Little's law the bytes in flight must cover
     bandwidth x latency (3.8 TB/s x ~0.7 us ~ 2.7 MB on an H200). Small output blocks spread a step's
@@ -286,10 +394,12 @@ def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = F
     rows a program so that its loads are 16 bytes wide (8 rows gave 8-byte loads; checked in the SASS of
     an sm_90 build). int4 (``int4``) holds half a byte a weight: its gate/up step takes 512 columns, the
     bytes a row that int8 reads in 256 (no spills, 16-byte loads in an sm_90 build); its down step keeps
-    1024 columns, a whole row of I <= 1024. Chosen by reasoning, to be replaced by the sweep of
-    benchmarks/fused_moe.py (int4: not yet run on a GPU)."""
+    1024 columns, a whole row of I <= 1024. int3 and int2 (``bits`` 3, 2; ``int4`` is ``bits=4``) keep
+    int4's tiles: int2's 512 columns are 128 bytes a row, int3's 192 (1024 columns spilled registers in
+    an sm_90 build of int2). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py
+    (int4, int3, int2: not yet run on a GPU)."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
-    if int4:
+    if int4 or bits in UNITS:
         return Blocks(gate_up_k=512)
     return Blocks(down_n=16, down_k=512) if transposed else Blocks()
 
@@ -310,10 +420,16 @@ def _scale_args(q: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor 
             scale.stride(0), scale.stride(1), scale.stride(2))
 
 
-def _group_tiles(scale: torch.Tensor | None, group: int, block_k: int) -> int:
+def _group_tiles(scale: torch.Tensor | None, group: int, block_k: int, q: torch.Tensor | None = None,
+                 bits: int = 8) -> int:
     """The kernels' ``GROUP``: the scale group when a loop step holds whole groups of a power-of-two
-    size (one scale load per row and group), else 0 (a scale load per weight)."""
+    size (one scale load per row and group), else 0 (a scale load per weight). int3 (``bits=3``, codes
+    ``q``) reads its groups as 32-bit words: only where a group is whole words (a multiple of 32 codes)
+    and the bytes are contiguous and every row starts 4-byte aligned (swapmoe's slots at G=64 are)."""
     if scale is None or group & (group - 1) or block_k % group:
+        return 0
+    if bits == 3 and (q is None or group % 32 or q.stride(-1) != 1 or q.data_ptr() % 4
+                      or any(st % 4 for st in q.stride()[:-1])):
         return 0
     return group
 
@@ -329,19 +445,23 @@ def check_quantised(ex: ExpertTensors) -> None:
     if ex.transposed and (ex.gate_up_scale is not None or ex.down_scale is not None):
         raise ValueError("quantised weights are read in the [S, out, in] layout only")
     if ex.bits not in QUANT_BITS:
-        raise ValueError(f"codes of {ex.bits} bits: the kernels read int8 (bits=8) or int4 (bits=4)")
+        raise ValueError(f"codes of {ex.bits} bits: the kernels read int8, int4, int3 or int2 (bits=8, 4, 3, 2)")
     for name, q, sc, zp in (("gate_up", ex.gate_up, ex.gate_up_scale, ex.gate_up_zero),
                             ("down", ex.down, ex.down_scale, ex.down_zero)):
         if sc is None or ex.bits == 8:
             if zp is not None:
-                raise ValueError(f"{name} has zero points: only int4 (bits=4, with scales) has them")
+                raise ValueError(f"{name} has zero points: only int4, int3 and int2 (bits 4, 3, 2, with scales) "
+                                 "have them")
             continue
+        fmt = f"int{ex.bits}"
         if zp is None or zp.shape != sc.shape or zp.stride() != sc.stride():
-            raise ValueError(f"int4 {name} needs zero points laid out as its scales (swapmoe.quant's parts)")
-        if q.dtype != torch.uint8 or (2 * q.shape[-1] // sc.shape[-1]) % 2:
-            raise ValueError(f"int4 {name}: want uint8 bytes of two codes each and an even group size "
-                             f"(swapmoe.quant's int4 parts), got {q.dtype} with {2 * q.shape[-1]} columns in "
-                             f"{sc.shape[-1]} groups")
+            raise ValueError(f"{fmt} {name} needs zero points laid out as its scales (swapmoe.quant's parts)")
+        codes, nbytes = UNITS[ex.bits]
+        cols = q.shape[-1] * codes // nbytes
+        if q.dtype != torch.uint8 or q.shape[-1] % nbytes or cols % sc.shape[-1] or (cols // sc.shape[-1]) % codes:
+            raise ValueError(f"{fmt} {name}: want uint8 bytes of {codes} codes in {nbytes} and groups of whole "
+                             f"bytes (swapmoe.quant's {fmt} parts), got {q.dtype} with {q.shape[-1]} bytes a row "
+                             f"in {sc.shape[-1]} groups")
 
 
 def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act: int = ACT_SILU,
@@ -349,7 +469,7 @@ def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act:
     """The first kernel: ``h [J, I]`` float32, ``h[j] = act(gate_up[s_j] @ x_t (+ b))`` (0 for a skipped term)."""
     T, K = ids.shape
     H, N_I = ex.dims()
-    b = blocks or default_blocks(T * K, H, N_I, ex.transposed, ex.int4)
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed, bits=ex.packed_bits)
     x = hidden.contiguous()
     h = torch.empty((T * K, N_I), dtype=torch.float32, device=hidden.device)  # [J, I]
     up_row, step = (1, 2) if ex.interleaved else (N_I, 1)
@@ -362,7 +482,7 @@ def gate_up_act(hidden: torch.Tensor, ids: torch.Tensor, ex: ExpertTensors, act:
         bias.stride(0) if ex.gate_up_bias is not None else 0,
         up_row, step, float(alpha), float(limit),
         ACT=act, HAS_BIAS=ex.gate_up_bias is not None, QUANT=_quant(ex.gate_up_scale, ex.bits),
-        GROUP=_group_tiles(ex.gate_up_scale, group, b.gate_up_k), INTERLEAVED=ex.interleaved, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
+        GROUP=_group_tiles(ex.gate_up_scale, group, b.gate_up_k, ex.gate_up, ex.bits), INTERLEAVED=ex.interleaved, BLOCK_N=b.gate_up_n, BLOCK_K=b.gate_up_k, num_warps=b.gate_up_warps,
     )
     return h
 
@@ -372,7 +492,7 @@ def down_sum(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: Expe
     """The second kernel: ``out [T, H]`` in ``dtype``, ``out[t] = sum_k w_tk * (down[s_tk] @ h[tk] (+ b))``."""
     T, K = ids.shape
     H, N_I = ex.dims()
-    b = blocks or default_blocks(T * K, H, N_I, ex.transposed, ex.int4)
+    b = blocks or default_blocks(T * K, H, N_I, ex.transposed, bits=ex.packed_bits)
     out = torch.empty((T, H), dtype=dtype, device=h.device)  # [T, H]
     sc, zp, group, *sc_s = _scale_args(ex.down, ex.down_scale, ex.down_zero, N_I)
     bias = ex.down_bias if ex.down_bias is not None else ex.down
@@ -382,7 +502,7 @@ def down_sum(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: Expe
         out.stride(0), *_strides(ex.down, ex.transposed), *sc_s,
         bias.stride(0) if ex.down_bias is not None else 0,
         HAS_BIAS=ex.down_bias is not None, QUANT=_quant(ex.down_scale, ex.bits),
-        GROUP=_group_tiles(ex.down_scale, group, b.down_k), BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.down_warps,
+        GROUP=_group_tiles(ex.down_scale, group, b.down_k, ex.down, ex.bits), BLOCK_N=b.down_n, BLOCK_K=b.down_k, num_warps=b.down_warps,
     )
     return out
 

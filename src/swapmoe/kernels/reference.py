@@ -13,13 +13,14 @@ from swapmoe.quant import dequantise
 
 def dequantised(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, zero: torch.Tensor | None = None,
                 bits: int = 8) -> torch.Tensor:
-    """Codes and their group scales (and int4's zero points) -> weights, as :mod:`swapmoe.quant` decodes
-    them (``bits`` 8: int8, 4: int4); ``q`` itself when unquantised."""
+    """Codes and their group scales (and the zero points of int4, int3, int2) -> weights, as
+    :mod:`swapmoe.quant` decodes them (``bits`` 8: int8, 4: int4, 3: int3, 2: int2); ``q`` itself when
+    unquantised."""
     if scale is None:
         return q.to(dtype)
-    if bits == 4:
-        return dequantise({"q": q, "scale": scale, "zero": zero}, "int4", torch.float64).to(dtype)
-    return dequantise({"q": q, "scale": scale}, "int8", torch.float64).to(dtype)
+    if bits == 8:
+        return dequantise({"q": q, "scale": scale}, "int8", torch.float64).to(dtype)
+    return dequantise({"q": q, "scale": scale, "zero": zero}, f"int{bits}", torch.float64).to(dtype)
 
 
 def _at(t: torch.Tensor | None, s: int) -> torch.Tensor | None:
