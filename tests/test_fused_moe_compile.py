@@ -66,8 +66,8 @@ BF16 = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*bf16", "sc_ptr": "*bf16"
 INT8 = {**BF16, "w_ptr": "*i8", "sc_ptr": "*fp16", "zp_ptr": "*fp16"}
 INT4 = {**BF16, "w_ptr": "*u8", "sc_ptr": "*fp16", "zp_ptr": "*fp16"}
 # (name, kernel, types, constexprs, least 16-byte loads per loop step): OLMoE/Qwen3 (SiLU, [S, out, in]),
-# gpt-oss (clamped SwiGLU, biases, transposed and interleaved), int8 and int4 with whole groups per step
-# (int4 with its default tiles, fused_moe.default_blocks)
+# gpt-oss (clamped SwiGLU, biases, transposed and interleaved), int8, int4, int2 and int3 with whole groups per
+# step (the packed formats with their default tiles, fused_moe.default_blocks)
 VARIANTS = [
     ("gate_up silu", "_gate_up_kernel", BF16, {"ACT": 0, "HAS_BIAS": False, "QUANT": False, "GROUP": 0,
                                                "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 256, "sw_k": 1}, 8),
@@ -87,6 +87,16 @@ VARIANTS = [
                                                "ss_g": 1}, 4),
     ("down int4", "_down_kernel", INT4, {"HAS_BIAS": False, "QUANT": 4, "GROUP": 64, "BLOCK_N": 8,
                                          "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 4),
+    ("gate_up int2", "_gate_up_kernel", INT4, {"ACT": 0, "HAS_BIAS": False, "QUANT": 2, "GROUP": 64,
+                                               "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 512, "sw_k": 1,
+                                               "ss_g": 1}, 2),
+    ("down int2", "_down_kernel", INT4, {"HAS_BIAS": False, "QUANT": 2, "GROUP": 64, "BLOCK_N": 8,
+                                         "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 3),
+    ("gate_up int3", "_gate_up_kernel", INT4, {"ACT": 0, "HAS_BIAS": False, "QUANT": 3, "GROUP": 64,
+                                               "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 512, "sw_k": 1,
+                                               "ss_g": 1}, 0),
+    ("down int3", "_down_kernel", INT4, {"HAS_BIAS": False, "QUANT": 3, "GROUP": 64, "BLOCK_N": 8,
+                                         "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 0),
 ]
 
 
@@ -98,9 +108,13 @@ def test_kernel_compiles_for_sm90_with_wide_loads_and_no_spills(compiled_module,
     assert "LOCAL:0" in usage and "STACK:0" in usage, usage  # no spills to local memory
     loads = _loads(sass)
     # measured: 8-10 16-byte loads a step (SiLU, gpt-oss gate_up), 5-6 (gpt-oss down, int8), 4 (int4: half a
-    # byte a weight; its down's 4 are 2 of codes and 2 of h); the scales of int8 are 4 (gate_up) or 1 (down)
-    # 2-byte loads a step, int4's scales and zero points 4 (gate_up) or 2 (down), not one per weight (64)
+    # byte a weight; its down's 4 are 2 of codes and 2 of h), 2 and 3 (int2: a quarter byte a weight, one 16-byte
+    # load of codes a thread per projection); the scales of int8 are 4 (gate_up) or 1 (down) 2-byte loads a
+    # step, the scales and zero points of int4/int3/int2 4 (gate_up) or 2 (down), not one per weight (64)
     assert loads["LDG.E.128"] >= wide, loads
     assert loads["LDG.E.U16"] <= 4, loads
-    if "int4" in name:  # its codes are read 16 bytes at a time, never a byte at a time
+    if any(f in name for f in ("int4", "int3", "int2")):  # codes read 16 (int3: 4) bytes at a time, never one
         assert not any(k.startswith("LDG.E.U8") or k.startswith("LDG.E.S8") for k in loads), loads
+    if "int3" in name:  # three 32-bit words per four units (12 bytes): 24 bytes a row of a group
+        # measured: 12 (gate_up: 16 rows x 192 bytes, gate and up, over 128 threads) and 7 (down: 8 x 384, 6 of codes)
+        assert loads["LDG.E"] >= (12 if "gate_up" in name else 6), loads
