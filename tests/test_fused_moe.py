@@ -29,7 +29,7 @@ from swapmoe.fused import (
     use_fused_kernel,
 )
 from swapmoe.kernels.reference import reference_experts
-from swapmoe.quant import dequantise, quantise
+from swapmoe.quant import dequantise, pack, quantise
 
 pytest.importorskip("triton")
 
@@ -62,6 +62,13 @@ def _int4_experts(kernels, fp, group):
     gu, dn = quantise(fp.gate_up, "int4", group=group), quantise(fp.down, "int4", group=group)
     return kernels.ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
                                  gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=4)
+
+
+def _packed_experts(kernels, fp, fmt, group):
+    """``fp``'s weights as swapmoe.quant's parts in ``fmt`` (int4, int3, int2), in the kernels' ``ExpertTensors``."""
+    gu, dn = quantise(fp.gate_up, fmt, group=group), quantise(fp.down, fmt, group=group)
+    return kernels.ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
+                                 gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=int(fmt[-1]))
 
 
 def _inputs(T, K, H, ids, dtype=torch.float32, seed=1):
@@ -225,6 +232,81 @@ def test_int4_weights_are_dequantised_inside_the_kernel(kernels, S, H, N, group,
     assert 0.02 < far < 0.5  # measured 0.08-0.21 (4-bit codes of unit-variance rows)
 
 
+# (format, S, H, N, group, loop step, the kernels' GROUP for gate_up): whole groups per loop step (int3 as
+# 32-bit words where its groups are whole words: 32 codes and more), whole groups of 16 (int3: a byte at a time,
+# a scale and zero point per row and group), a scale and zero point per unit (step < group), swapmoe's G=64
+# with the default tiles (a step past the row's end), and one group a row of 40 and 24 values (G=64 on rows
+# that are no multiple of it)
+LOW_BIT_CASES = [(fmt, *case) for fmt in ("int3", "int2") for case in
+                 [(5, 128, 64, 32, 64), (5, 64, 32, 16, 32), (5, 64, 32, 16, 8), (5, 128, 64, 64, None),
+                  (5, 40, 24, 64, None)]]
+
+
+@pytest.mark.parametrize(("fmt", "S", "H", "N", "group", "step"), LOW_BIT_CASES)
+def test_int3_and_int2_weights_are_dequantised_inside_the_kernel(kernels, fmt, S, H, N, group, step):
+    """int3 and int2 slots (eight codes in three bytes, four codes a byte; a scale and zero point per group)
+    against the float64 reference on the weights as swapmoe.quant decodes them; the slots at both ends
+    hold NaN scales, zero points and codes' neighbours, reachable only by skipped terms (ids S, S + 2, -1)."""
+    fp = _experts(kernels, S, H, N)
+    ex = _packed_experts(kernels, fp, fmt, group)
+    codes, nbytes = {"int3": (8, 3), "int2": (4, 1)}[fmt]
+    assert ex.dims() == (H, N) and ex.gate_up.dtype == torch.uint8 and ex.gate_up.shape[-1] == H * nbytes // codes
+    for t in (ex.gate_up_scale, ex.down_scale, ex.gate_up_zero, ex.down_zero):
+        t[0] = float("nan")
+        t[S - 1] = float("nan")
+    x, idx, w = _inputs(2, 3, H, [1, S, 2, S + 2, 3, -1])
+    blocks = None if step is None else kernels.Blocks(gate_up_k=step, down_k=step)  # several loop steps
+    g = group if H % group == 0 else H
+    k = step or kernels.default_blocks(6, H, N, bits=ex.bits).gate_up_k
+    whole = k % g == 0 and g & (g - 1) == 0 and (fmt == "int2" or g % 32 == 0)
+    assert kernels._group_tiles(ex.gate_up_scale, g, k, ex.gate_up, ex.bits) == (g if whole else 0)
+    out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
+    assert torch.isfinite(out).all()
+    ref = reference_experts(x, idx, w, ex)  # dequantised by swapmoe.quant.dequantise
+    # float32 sums of O(1) values over H <= 128 (measured max error 1.2e-7 to 6.1e-7)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the codes, scales and zero points were applied: the float weights give a different answer
+    far = (reference_experts(x, idx, w, fp) - ref).abs().max() / ref.abs().max()
+    assert 0.1 < far < 1.0  # measured 0.16-0.37 (int3), 0.46-0.67 (int2) of the largest output
+
+
+def _stream_codes(row: bytes, bits: int, n: int) -> list[int]:
+    """Code ``i`` of a packed row, by the definition: bits ``[bits*i, bits*(i+1))`` of the row read as one
+    little-endian integer (what swapmoe.quant's units amount to)."""
+    v = int.from_bytes(row, "little")
+    return [(v >> (bits * i)) & ((1 << bits) - 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["int3", "int2"])
+@pytest.mark.parametrize("step", [None, 8])  # int3 as 32-bit words (whole groups of 64); a unit at a time
+def test_int3_and_int2_codes_are_read_in_quant_s_bit_order(kernels, fmt, step):
+    """The down kernel on one-hot activations returns the weights themselves: with scale 1 and zero point 0,
+    the codes. Literal bytes first (int2: byte 0xC9 = codes 1, 2, 0, 3; int3: bytes D1 58 1F = codes
+    1..7, 0), as swapmoe.quant.pack writes them; then random bytes against the bit-stream definition."""
+    bits = int(fmt[-1])
+    H, I = 3, 64  # noqa: E741
+    literal = {"int2": ([0xC9, 0x93], [1, 2, 0, 3, 3, 0, 1, 2]), "int3": ([0xD1, 0x58, 0x1F], [1, 2, 3, 4, 5, 6, 7, 0])}
+    lit_bytes, lit_codes = literal[fmt]
+    assert pack(torch.tensor([lit_codes]), fmt).tolist() == [lit_bytes]
+    q = torch.randint(0, 256, (2, H, I * bits // 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    q[0, 0, :len(lit_bytes)] = torch.tensor(lit_bytes, dtype=torch.uint8)
+    ones = torch.ones(2, H, 1, dtype=torch.float16)  # one group a row
+    ex = kernels.ExpertTensors(q, q, gate_up_scale=ones, down_scale=ones, gate_up_zero=ones * 0,
+                               down_zero=ones * 0, bits=bits)
+    assert ex.dims() == (H, I)
+    blocks = kernels.Blocks(down_k=step or 1024)
+    assert kernels._group_tiles(ones, I, blocks.down_k, q, bits) == (I if step is None else 0)
+    h = torch.eye(I)  # [J=I, I]: term t is column t
+    for s in (0, 1):
+        ids = torch.full((I, 1), s)
+        out = kernels.down_sum(h, ids, torch.ones(I, 1), ex, torch.float32, blocks)  # [T=I, H]: out[t, r] = W[r, t]
+        for r in range(H):
+            assert out[:, r].tolist() == _stream_codes(bytes(q[s, r].tolist()), bits, I)
+    assert out.shape == (I, H)
+    first = kernels.down_sum(h, torch.zeros(I, 1, dtype=torch.long), torch.ones(I, 1), ex, torch.float32, blocks)
+    assert first[:len(lit_codes), 0].tolist() == lit_codes
+
+
 def test_int4_nibble_order_is_quant_s():
     """The reference decodes int4 with swapmoe.quant itself: byte b holds column 2b in its low nibble
     (the order the kernel's unpacking assumes), on literal codes."""
@@ -242,7 +324,9 @@ def test_quantised_parts_the_kernel_cannot_read_are_refused(kernels):
     with pytest.raises(ValueError, match="zero points laid out as its scales"):
         kernels.fused_experts(x, idx, w, kernels.ExpertTensors(ex.gate_up, ex.down, gate_up_scale=ex.gate_up_scale,
                                                                down_scale=ex.down_scale, bits=4))
-    with pytest.raises(ValueError, match="3 bits"):
+    with pytest.raises(ValueError, match="5 bits"):
+        kernels.fused_experts(x, idx, w, kernels.ExpertTensors(**{**ex.__dict__, "bits": 5}))
+    with pytest.raises(ValueError, match="int3 gate_up: want uint8 bytes of 8 codes in 3"):  # int4 bytes as int3
         kernels.fused_experts(x, idx, w, kernels.ExpertTensors(**{**ex.__dict__, "bits": 3}))
     with pytest.raises(ValueError, match="only int4"):
         kernels.fused_experts(x, idx, w, kernels.ExpertTensors(**{**ex.__dict__, "bits": 8}))
@@ -320,7 +404,14 @@ def _fused(model):
     return [st.layer.experts.__dict__.get("forward") for st in model.swapmoe.layers]
 
 
-def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    from tests.mxfp4_models import make_mxfp4_checkpoint
+
+    return make_mxfp4_checkpoint(tmp_path_factory.mktemp("mxfp4") / "gpt-oss")
+
+
+def test_moe_kernel_choices(olmoe_checkpoint, mxfp4_checkpoint, monkeypatch):
     import inspect
 
     import swapmoe
@@ -343,10 +434,10 @@ def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
     with pytest.raises(MoEKernelError, match="unknown MoE kernel"):
         swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="cuda")
     assert use_fused_kernel([], "transformers", torch.device("cuda")) == []
-    int3 = swapmoe.load(olmoe_checkpoint, "50%", expert_dtype="int3")  # a format the kernel does not read
-    why = use_fused_kernel([(st.layer.experts, True) for st in int3.swapmoe.layers], "triton", torch.device("cpu"))
-    assert len(why) == len(int3.swapmoe.layers) and all("int3" in line for line in why)
-    assert not any(isinstance(f, FusedForward) for f in _fused(int3))
+    mxfp4 = swapmoe.load(mxfp4_checkpoint, "50%")  # a format the kernel does not read: refused even by name
+    why = use_fused_kernel([(st.layer.experts, True) for st in mxfp4.swapmoe.layers], "triton", torch.device("cpu"))
+    assert len(why) == len(mxfp4.swapmoe.layers) and all("experts held as mxfp4" in line for line in why), why
+    assert not any(isinstance(f, FusedForward) for f in _fused(mxfp4))
     int4 = swapmoe.load(olmoe_checkpoint, "12.5%", expert_dtype="int4")  # read by the kernel, as int8 is,
     layers = [(st.layer.experts, True) for st in int4.swapmoe.layers]  # but not yet run on a GPU:
     why = use_fused_kernel(layers, "auto", torch.device("cuda"))  # the default leaves it out
@@ -355,6 +446,15 @@ def test_moe_kernel_choices(olmoe_checkpoint, monkeypatch):
     assert not any(isinstance(f, FusedForward) for f in _fused(int4))
     assert use_fused_kernel(layers, "triton", torch.device("cuda")) == []  # asked for by name
     assert all(isinstance(f, FusedForward) and f.quantised is not None for f in _fused(int4))
+    for fmt in ("int3", "int2"):  # likewise (the planner's low-budget layers)
+        low = swapmoe.load(olmoe_checkpoint, "12.5%", expert_dtype=fmt)
+        layers = [(st.layer.experts, True) for st in low.swapmoe.layers]
+        why = use_fused_kernel(layers, "auto", torch.device("cuda"))
+        assert len(why) == len(layers) and all(f"{fmt} experts take the fused kernel with --moe-kernel triton only"
+                                               in w for w in why), why
+        assert not any(isinstance(f, FusedForward) for f in _fused(low))
+        assert use_fused_kernel(layers, "triton", torch.device("cuda")) == []
+        assert all(isinstance(f, FusedForward) and f.quantised.layout.fmt == fmt for f in _fused(low))
     int8 = swapmoe.load(olmoe_checkpoint, "25%", expert_dtype="int8")  # verified on the H200: auto takes it
     assert use_fused_kernel([(st.layer.experts, True) for st in int8.swapmoe.layers], "auto",
                             torch.device("cuda")) == []
@@ -383,7 +483,9 @@ def gpt_oss_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize(("family", "expert_dtype", "budget"),
                          [("olmoe", None, "50%"), ("olmoe", "int8", "25%"), ("olmoe", "int4", "12.5%"),
-                          ("gpt_oss", None, "50%")])  # slots of 8: int8 at 25% all and 7, int4 at 12.5% 7 and 6
+                          ("olmoe", "int3", "8%"), ("olmoe", "int2", "6.25%"), ("gpt_oss", None, "50%")])
+# slots of 8: int8 at 25% all and 7, int4 at 12.5% 7 and 6, int3 at 8% 5 and 5, int2 at 6.25% 6 and 5. int3 on the
+# tiny OLMoE (H=32, I=48: one group a row) reads gate_up as 32-bit words and down a byte at a time
 def test_decode_with_the_fused_kernel_follows_the_unfused_path(kernels, request, family, expert_dtype, budget):
     """Half the experts resident, skip strategy (skipped terms reach the kernel), static decode with updates every
     token: the same tokens' logits with and without the fused kernel."""

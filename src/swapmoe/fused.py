@@ -10,8 +10,8 @@ so a captured decode graph would always hold the fused kernel and an eager prefi
 
 Which modules it serves (:func:`unsupported` says why not, in one line): transformers' fused experts
 (``@use_experts_implementation``) with a gate whose activation is SiLU-gated (concatenated halves) or
-gpt-oss's clamped SwiGLU (interleaved, with biases), weights in a float dtype or swapmoe's int8 or int4
-format (:data:`KERNEL_FORMATS`, ``[S, out, in]`` layout); not a post-expert norm, not int3, int2 or MXFP4.
+gpt-oss's clamped SwiGLU (interleaved, with biases), weights in a float dtype or swapmoe's int8, int4,
+int3 or int2 format (:data:`KERNEL_FORMATS`, ``[S, out, in]`` layout); not a post-expert norm, not MXFP4.
 
 ``moe_kernel`` (``swapmoe.load(moe_kernel=...)``, ``--moe-kernel``). On the H200 the kernel is 2 launches
 per layer where grouped_mm is 32, 42 against 103 us per OLMoE-sized layer; a decode step at 50% ran 1.3x
@@ -52,10 +52,10 @@ MAX_TERMS = 64
 REGISTERED_NAME = "swapmoe_fused"
 ACT_SILU, ACT_GPT_OSS = 0, 1  # as swapmoe.kernels.fused_moe numbers them (that module needs Triton)
 #: swapmoe.quant formats the kernel dequantises in its loads, and the bits of their codes
-#: (``ExpertTensors.bits``); int4 is not yet measured on a GPU (docs/benchmarks.md)
-KERNEL_FORMATS = {"int8": 8, "int4": 4}
-#: the quantised formats ``auto`` (the default) sends to the kernel: those verified on a GPU. int4 is
-#: tested under Triton's interpreter and compiled for sm_90, not yet run on one: ``triton`` only.
+#: (``ExpertTensors.bits``); int4, int3 and int2 are not yet measured on a GPU (docs/benchmarks.md)
+KERNEL_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+#: the quantised formats ``auto`` (the default) sends to the kernel: those verified on a GPU. int4, int3
+#: and int2 are tested under Triton's interpreter and compiled for sm_90, not yet run on one: ``triton`` only.
 AUTO_FORMATS = ("int8",)
 
 
@@ -144,7 +144,8 @@ def unsupported(module: nn.Module) -> str | None:
         return "a gated activation other than SiLU-gated or gpt-oss's clamped SwiGLU"
     if _is_quantised(fwd):
         if fwd.layout.fmt not in KERNEL_FORMATS:
-            return f"experts held as {fwd.layout.fmt} (the kernel reads float weights, int8 or int4)"
+            return (f"experts held as {fwd.layout.fmt} (the kernel reads float weights, "
+                    f"{', '.join(KERNEL_FORMATS)})")
         if module.is_transposed:
             return f"{fwd.layout.fmt} experts in the transposed layout"
         return None
@@ -177,7 +178,7 @@ def expert_tensors(module: nn.Module, spec: GateSpec, quantised: Any = None) -> 
             gate_up_scale=p["gate_up_proj.scale"], down_scale=p["down_proj.scale"],
             gate_up_bias=p["gate_up_proj_bias"] if bias else None, down_bias=p["down_proj_bias"] if bias else None,
             transposed=bool(module.is_transposed), interleaved=spec.interleaved,
-            gate_up_zero=p.get("gate_up_proj.zero"), down_zero=p.get("down_proj.zero"),  # int4 only
+            gate_up_zero=p.get("gate_up_proj.zero"), down_zero=p.get("down_proj.zero"),  # int4, int3, int2
             bits=KERNEL_FORMATS[quantised.layout.fmt],
         )
     return ExpertTensors(

@@ -21,11 +21,13 @@ Weights are addressed through strides, so one kernel serves both layouts of tran
 with gate and up halves concatenated (``gate = rows [0, I)``) or interleaved (``gate = even rows``).
 Quantised weights (:mod:`swapmoe.quant`) are dequantised inside the loads, in the ``[S, out, in]`` layout
 only: int8 (``q`` int8 and a float16 scale per group of ``G`` values along the stored last dim,
-``w = q * s``) and int4 (two codes a byte along the input dim, code ``2b`` in the low nibble of byte
-``b`` and ``2b + 1`` in the high one, and a float16 scale ``s`` and zero point ``z`` per group,
-``w = (code - z) * s``). An int4 loop step reads its bytes once, splits each into its two codes and
-takes the zero point once per (row, group) where it holds whole groups:
-``sum_k (c_k - z) s x_k = s (sum_k c_k x_k - z sum_k x_k)``.
+``w = q * s``) and the packed formats int4, int3 and int2 (codes of 4, 3 or 2 bits along the input dim,
+and a float16 scale ``s`` and zero point ``z`` per group, ``w = (code - z) * s``). A packed row is a
+little-endian bit stream, code ``c`` in bits ``[bits*c, bits*(c+1))``, read in units: a byte of two
+codes (int4: code ``2b`` in the low nibble of byte ``b``) or four (int2), or three bytes of eight
+(int3). A loop step reads its units once (int3, where a step holds whole groups of a multiple of 32
+codes: four units as three 32-bit words), splits each into its codes and takes the zero point once
+per (row, group) where it holds whole groups: ``sum_k (c_k - z) s x_k = s (sum_k c_k x_k - z sum_k x_k)``.
 
 Activations (``ACT``): 0 = SiLU-gated, ``silu(gate) * up`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...);
 1 = gpt-oss's clamped SwiGLU, ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
