@@ -70,6 +70,34 @@ def test_int4_kernel_on_cuda_matches_the_float64_reference(group):
     assert ((out.double() - ref).abs() <= ref.abs() * ulp + 1e-5 * ref.abs().max()).all()
 
 
+@pytest.mark.parametrize("group", [64, 48])  # whole groups per loop step (int3: as 32-bit words); a unit at a time
+@pytest.mark.parametrize("fmt", ["int3", "int2"])
+def test_int3_and_int2_kernel_on_cuda_matches_the_float64_reference(fmt, group):
+    """int3 and int2 slots compiled for the GPU (int3's 24-bit units from 32-bit words or from their bytes, int2's
+    four codes a byte, the zero points), against the float64 reference on swapmoe.quant's decoding of the same
+    parts, with skipped terms next to NaN scales."""
+    from swapmoe.kernels.fused_moe import ExpertTensors, _group_tiles, fused_experts
+    from swapmoe.quant import quantise
+
+    S, H, N, T, K = 8, 384, 192, 2, 4
+    g = torch.Generator().manual_seed(0)
+    gu = quantise((torch.randn(S, 2 * N, H, generator=g) / H**0.5).cuda(), fmt, group=group)  # [S, 2N, H*bits/8]
+    dn = quantise((torch.randn(S, H, N, generator=g) / N**0.5).cuda(), fmt, group=group)  # [S, H, N*bits/8]
+    ex = ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
+                       gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=int(fmt[-1]))
+    assert _group_tiles(ex.gate_up_scale, group, 512, ex.gate_up, ex.bits) == (64 if group == 64 else 0)
+    for t in (ex.gate_up_scale, ex.down_scale, ex.gate_up_zero, ex.down_zero):
+        t[S - 1] = float("nan")  # reached only by the skipped terms (id S), if they read at all
+    x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
+    ids = torch.tensor([[0, 3, S, 5], [2, S, 2, 6]], device="cuda")
+    w = torch.rand(T, K, generator=g).cuda()
+    out = fused_experts(x, ids, w, ex)
+    ref = reference_experts(x, ids, w, ex)
+    assert torch.isfinite(out).all()
+    ulp = 2.0**-8  # float32 accumulation, then one rounding to bfloat16 (round to nearest: half an ulp)
+    assert ((out.double() - ref).abs() <= ref.abs() * ulp + 1e-5 * ref.abs().max()).all()
+
+
 def _checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, OlmoeConfig
 
@@ -83,21 +111,23 @@ def _checkpoint(tmp_path):
 
 
 
-@pytest.mark.parametrize(("expert_dtype", "budget"), [(None, "50%"), ("int8", "50%"), ("int4", "12.5%")])
+@pytest.mark.parametrize(("expert_dtype", "budget"), [(None, "50%"), ("int8", "50%"), ("int4", "12.5%"),
+                                                      ("int3", "12.5%"), ("int2", "12.5%")])
 def test_graph_decode_captures_the_fused_kernel(tmp_path, expert_dtype, budget):
-    """At 50% (int4: 12.5%, under half of the experts) on CUDA with ``moe_kernel="auto"`` (int4:
-    ``"triton"``, as auto leaves int4 out until this has run on a GPU) the fused kernel serves every
-    virtualised layer, the decode step is captured with it, and a replay gives what the same kernels give
-    in eager forwards, bit for bit."""
+    """At 50% (int4, int3, int2: 12.5%, under all of the experts) on CUDA with ``moe_kernel="auto"`` (int4,
+    int3, int2: ``"triton"``, as auto leaves them out until this has run on a GPU) the fused kernel serves
+    every virtualised layer, the decode step is captured with it, and a replay gives what the same kernels
+    give in eager forwards, bit for bit."""
     from swapmoe.engine.decoder import Decoder
 
     path = _checkpoint(tmp_path)
     model = swapmoe.load(path, budget, device="cuda", dtype=torch.bfloat16, swaps_per_update=0,
-                         expert_dtype=expert_dtype, moe_kernel="triton" if expert_dtype == "int4" else "auto")
+                         expert_dtype=expert_dtype,
+                         moe_kernel="triton" if expert_dtype in ("int4", "int3", "int2") else "auto")
     fused = [st.layer.experts.__dict__.get("forward") for st in model.swapmoe.layers]
     assert all(isinstance(f, FusedForward) for f in fused)
     assert all((f.quantised is not None) == (expert_dtype is not None) for f in fused)
-    if expert_dtype == "int4":
+    if expert_dtype in ("int4", "int3", "int2"):
         assert all(st.pool is not None and st.pool.num_slots < 16 for st in model.swapmoe.layers)
     graph = Decoder(model, "graph")
     prompt = list(range(3, 40))
