@@ -5,18 +5,19 @@ swapmoe layer holds them) and each token count:
 
 * correctness: the fused kernel and grouped_mm in the model dtype against a float64 reference computed
   on the device (swapmoe.kernels.reference), with skipped terms (ids >= S) in the call, and the kernel's
-  captured-graph output against its eager output (bit for bit); int8 and int4 (swapmoe.quant,
-  dequantised inside the kernel) against the reference on the dequantised weights;
+  captured-graph output against its eager output (bit for bit); int8, int4, int3 and int2
+  (swapmoe.quant, dequantised inside the kernel) against the reference on the dequantised weights;
 * speed: per-layer time inside one CUDA graph of ``--layers`` layers (each its own weights, so the
   weights come from HBM as in a model), the bytes of the chosen experts over that time (GB/s), and
   from the profiler over eager calls: kernels per layer call and GPU-busy time per layer call;
-  int8 and int4 fused against swapmoe's per-term gather path (qexperts.QuantisedForward + grouped_mm);
+  int8, int4, int3 and int2 fused against swapmoe's per-term gather path (qexperts.QuantisedForward +
+  grouped_mm);
 * a small sweep of the fused kernel's tile sizes at T=1 (the best is reported; the default is
   swapmoe.kernels.fused_moe.default_blocks).
 
 A table on stdout and a JSON with provenance (torch, transformers, triton, GPU, commit) under --out.
-Run on the H200 before the int4 columns existed (docs/results/fused_moe/); the int4 columns are
-smoke-tested on CPU under Triton's interpreter only.
+Run on the H200 before the int4, int3 and int2 columns existed (docs/results/fused_moe/); those columns
+are smoke-tested on CPU under Triton's interpreter only.
 
     python benchmarks/fused_moe.py --out runs/fused_moe                              # on the GPU machine
     python benchmarks/fused_moe.py --device cpu --shapes tiny,tiny-gpt-oss --layers 2 --out runs/fm-smoke  # interpreter
@@ -50,6 +51,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # Tile sweep, each kernel on its own (their tiles are independent): (rows per program, columns per
 # loop step, warps)
+#: the swapmoe.quant formats measured in the kernel and the gather path (each has a --no-<fmt> switch)
+QUANT_FORMATS = ("int8", "int4", "int3", "int2")
 SWEEP_GATE_UP = [(n, k, w) for n in (8, 16, 32) for k in (128, 256, 512) for w in (4, 8)]
 SWEEP_DOWN = [(n, k, w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
 
@@ -193,7 +196,7 @@ def run_shape(name: str, shape: dict[str, Any], args: argparse.Namespace, device
     for T in args.tokens:
         with torch.no_grad():
             row = run_case(name, shape, T, S, layers, tensors, spec, args, device, dtype)
-            for fmt in ("int8", "int4"):
+            for fmt in QUANT_FORMATS:
                 if shape["model_type"] != "gpt_oss" and getattr(args, fmt):
                     row.update(run_quantised(fmt, shape, T, S, layers, spec, args, device, dtype))
         rows.append(row)
@@ -289,7 +292,7 @@ def sweep_tiles(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, tensors: li
 
 def run_quantised(fmt: str, shape: dict[str, Any], T: int, S: int, layers: list[torch.nn.Module], spec: Any,
                   args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Slots in ``fmt`` (int8 or int4): the fused kernel (dequantising in its loads) against swapmoe's
+    """Slots in ``fmt`` (int8, int4, int3 or int2): the fused kernel (dequantising in its loads) against swapmoe's
     per-term gather path (qexperts.QuantisedForward + grouped_mm), both captured in a graph of all
     layers; keys ``{fmt}_...``."""
     from swapmoe.fused import expert_tensors, install
@@ -336,8 +339,10 @@ def show(rows: list[dict[str, Any]], console: Console) -> None:
             ("busy us gmm", "grouped_mm_busy_us", ".1f"), ("best gate_up us", "best_gate_up_us", ".1f"),
             ("best down us", "best_down_us", ".1f"),
             ("int8 fused us", "int8_fused_graph_us", ".1f"), ("int8 gather us", "int8_gather_graph_us", ".1f"),
-            ("int4 err fused", "int4_err_fused_skip", ".1e"),
-            ("int4 fused us", "int4_fused_graph_us", ".1f"), ("int4 gather us", "int4_gather_graph_us", ".1f")]
+            *[c for fmt in ("int4", "int3", "int2") for c in
+              ((f"{fmt} err fused", f"{fmt}_err_fused_skip", ".1e"),
+               (f"{fmt} fused us", f"{fmt}_fused_graph_us", ".1f"),
+               (f"{fmt} gather us", f"{fmt}_gather_graph_us", ".1f"))]]
     for head, _, _ in cols:
         t.add_column(head)
     for r in rows:
@@ -353,7 +358,8 @@ def markdown(result: dict[str, Any]) -> str:
     """The docs' table (docs/benchmarks.md) from a result file: one row per shape and token count."""
     lines = ["| shape | T | slots | rel. error fused | rel. error grouped_mm | us/layer fused | us/layer grouped_mm "
              "| GB/s fused | kernels/layer fused | kernels/layer grouped_mm | us/layer int8 fused | "
-             "us/layer int8 gather | us/layer int4 fused | us/layer int4 gather |", "|" + "---|" * 14]
+             "us/layer int8 gather | us/layer int4 fused | us/layer int4 gather | us/layer int3 fused | "
+             "us/layer int3 gather | us/layer int2 fused | us/layer int2 gather |", "|" + "---|" * 18]
     for r in result["rows"]:
         lines.append(
             f"| {r['shape']} | {r['T']} | {r['S']} | {_f(r['err_fused_skip'], '.1e')} | "
@@ -361,7 +367,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_f(r.get('grouped_mm_graph_us'), '.1f')} | {_f(r.get('fused_gb_s'), '.0f')} | "
             f"{_f(r['fused_kernels'], '.0f')} | {_f(r['grouped_mm_kernels'], '.0f')} | "
             f"{_f(r.get('int8_fused_graph_us'), '.1f')} | {_f(r.get('int8_gather_graph_us'), '.1f')} | "
-            f"{_f(r.get('int4_fused_graph_us'), '.1f')} | {_f(r.get('int4_gather_graph_us'), '.1f')} |")
+            f"{_f(r.get('int4_fused_graph_us'), '.1f')} | {_f(r.get('int4_gather_graph_us'), '.1f')} | "
+            f"{_f(r.get('int3_fused_graph_us'), '.1f')} | {_f(r.get('int3_gather_graph_us'), '.1f')} | "
+            f"{_f(r.get('int2_fused_graph_us'), '.1f')} | {_f(r.get('int2_gather_graph_us'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -376,8 +384,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tile-size sweep")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 columns")
-    p.add_argument("--no-int4", dest="int4", action="store_false", help="skip the int4 columns")
+    for fmt in QUANT_FORMATS:
+        p.add_argument(f"--no-{fmt}", dest=fmt, action="store_false", help=f"skip the {fmt} columns")
     p.add_argument("--out", type=Path, default=Path("runs/fused_moe"))
     args = p.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
