@@ -57,6 +57,8 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
         # issue 14: quantised experts in the graph, at the same slot count as bf16 50% and at the same bytes
         ("swapmoe int8, slots of 50%, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int8"}, "graph"),
         ("swapmoe int4, slots of 50%, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int4"}, "graph"),
+        ("swapmoe int3, slots of 50%, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int3"}, "graph"),
+        ("swapmoe int2, slots of 50%, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int2"}, "graph"),
         ("swapmoe 50% int8, graph", "swapmoe", {"memory_budget": "50%", "expert_dtype": "int8"}, "graph"),
         ("swapmoe 25% int4, graph", "swapmoe", {"memory_budget": "25%", "expert_dtype": "int4"}, "graph"),
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
