@@ -8,14 +8,15 @@
 #   bash benchmarks/gpu_pending.sh kernels    # fused Triton MoE kernel vs grouped_mm per layer (benchmarks/fused_moe.py)
 #   bash benchmarks/gpu_pending.sh olmoe      # decode: every baseline and the compiled step with the fused kernel, in one run
 #   bash benchmarks/gpu_pending.sh qwen3      # decode on the Qwen3-30B-A3B shape (12 layers) with the fused kernel and compiled step
-#   bash benchmarks/gpu_pending.sh int4       # int4, int3, int2 in the fused kernel: their CUDA tests, then per layer against
-#                                             # the gather path
-#   bash benchmarks/gpu_pending.sh int4-decode  # decode with int4, int3, int2 slots, fused kernel vs per-term path, beside bf16
-#                                               # and int8
+#   bash benchmarks/gpu_pending.sh int4       # int4, int3, int2 in the fused kernel: their CUDA tests, then int4 per layer
+#                                             # against the gather path
+#   bash benchmarks/gpu_pending.sh int4-decode  # decode with int4 slots, fused kernel vs per-term path, beside bf16 and int8
+#   bash benchmarks/gpu_pending.sh lowbit     # int3 and int2 in the fused kernel per layer against the gather path
+#   bash benchmarks/gpu_pending.sh lowbit-decode  # decode with int3 and int2 slots, fused kernel vs per-term path
 #
 # Each stage writes a log and, for the benchmarks, a JSON with provenance under $OUT/<stage>/.
 set -uo pipefail
-stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode"}
+stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode | lowbit | lowbit-decode"}
 out=${OUT:-runs/gpu}/$stage
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
@@ -46,11 +47,18 @@ case $stage in
     timeout 240 python3 -m pytest -q -rA -p no:cacheprovider -p no:logging "${cuda_tests[@]}" -k "int4 or int3 or int2" \
       >"$out/pytest.txt" 2>&1
     grep -E "passed|failed|^FAILED|^ERROR|XPASS|^E  " "$out/pytest.txt" | tail -40
-    timeout 330 python3 benchmarks/fused_moe.py --no-sweep --shapes olmoe-1b-7b,qwen3-30b-a3b --out "$out" 2>&1 \
-      | grep -v "Loading\|Writing" | tail -30 ;;
+    timeout 330 python3 benchmarks/fused_moe.py --no-sweep --no-int3 --no-int2 --shapes olmoe-1b-7b,qwen3-30b-a3b \
+      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -30 ;;
   int4-decode)
     timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
-      --moe-kernel transformers,triton --settings "swapmoe 50%, graph;swapmoe int8, slots of 50%, graph;swapmoe int4, slots of 50%, graph;swapmoe int3, slots of 50%, graph;swapmoe int2, slots of 50%, graph" \
+      --moe-kernel transformers,triton --settings "swapmoe 50%, graph;swapmoe int8, slots of 50%, graph;swapmoe int4, slots of 50%, graph" \
+      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+  lowbit)
+    timeout 560 python3 benchmarks/fused_moe.py --no-sweep --no-int8 --no-int4 --shapes olmoe-1b-7b,qwen3-30b-a3b \
+      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -30 ;;
+  lowbit-decode)
+    timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
+      --moe-kernel transformers,triton --settings "swapmoe int3, slots of 50%, graph;swapmoe int2, slots of 50%, graph" \
       --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
