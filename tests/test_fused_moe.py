@@ -57,13 +57,6 @@ def _experts(kernels, S, H, N, *, transposed=False, interleaved=False, bias=Fals
     return kernels.ExpertTensors(gu, dn, gb, db, transposed=transposed, interleaved=interleaved)
 
 
-def _int4_experts(kernels, fp, group):
-    """``fp``'s weights as swapmoe.quant's int4 parts, in the kernels' ``ExpertTensors``."""
-    gu, dn = quantise(fp.gate_up, "int4", group=group), quantise(fp.down, "int4", group=group)
-    return kernels.ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
-                                 gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=4)
-
-
 def _packed_experts(kernels, fp, fmt, group):
     """``fp``'s weights as swapmoe.quant's parts in ``fmt`` (int4, int3, int2), in the kernels' ``ExpertTensors``."""
     gu, dn = quantise(fp.gate_up, fmt, group=group), quantise(fp.down, fmt, group=group)
@@ -120,7 +113,7 @@ def test_a_compiled_step_calls_the_kernel_as_one_opaque_operator(kernels, layout
     gpt = layout == "gpt_oss"
     ex = _experts(kernels, S, H, N, transposed=gpt, interleaved=gpt, bias=gpt)
     if layout == "int4":
-        ex = _int4_experts(kernels, ex, 64)
+        ex = _packed_experts(kernels, ex, "int4", 64)
     x, idx, w = _inputs(1, 4, H, [3, 0, 6, 1])  # slot 6 >= S: a skipped term
     act = ACT_GPT_OSS if gpt else ACT_SILU
 
@@ -199,57 +192,28 @@ def test_int8_weights_are_dequantised_inside_the_kernel(kernels, step):
     assert 1e-5 < far < 0.05
 
 
-# (S, H, N, group, loop step): whole groups per loop step (a scale and zero point per row and group), a
-# scale and zero point per byte (step < group), and dims that are no multiple of the tiles with one group
-# a row (swapmoe's G=64 on rows of 40 and 24 values; the default tiles)
-INT4_CASES = [(5, 64, 32, 16, 32), (5, 64, 32, 16, 8), (5, 40, 24, 64, None)]
+# (format, S, H, N, group, loop step). int4: whole groups per loop step (a scale and zero point per row and
+# group), a scale and zero point per byte (step < group), and dims that are no multiple of the tiles with one
+# group a row (swapmoe's G=64 on rows of 40 and 24 values; the default tiles). int3 and int2 besides: whole
+# groups of 32 (int3 as 32-bit words: its groups of 32 codes and more are whole words) and of 16 (int3: a byte
+# at a time) per step, and swapmoe's G=64 with the default tiles (a step past the row's end)
+PACKED_CASES = ([("int4", 5, 64, 32, 16, 32), ("int4", 5, 64, 32, 16, 8), ("int4", 5, 40, 24, 64, None)]
+                + [(fmt, *case) for fmt in ("int3", "int2") for case in
+                   [(5, 128, 64, 32, 64), (5, 64, 32, 16, 32), (5, 64, 32, 16, 8), (5, 128, 64, 64, None),
+                    (5, 40, 24, 64, None)]])
+# how far the float weights' output is from the dequantised one, relative to the largest output: measured
+# 0.08-0.21 (int4), 0.16-0.37 (int3), 0.46-0.67 (int2) on unit-variance rows
+FAR = {"int4": (0.02, 0.5), "int3": (0.1, 1.0), "int2": (0.1, 1.0)}
 
 
-@pytest.mark.parametrize(("S", "H", "N", "group", "step"), INT4_CASES)
-def test_int4_weights_are_dequantised_inside_the_kernel(kernels, S, H, N, group, step):
-    """int4 slots (two codes a byte, a scale and zero point per group) against the float64 reference on
-    the weights as swapmoe.quant decodes them; the slots at both ends hold NaN scales and zero points,
-    reachable only by skipped terms (ids S, S + 2, -1)."""
-    fp = _experts(kernels, S, H, N)
-    ex = _int4_experts(kernels, fp, group)
-    assert ex.dims() == (H, N) and ex.gate_up.dtype == torch.uint8 and ex.gate_up.shape[-1] == H // 2
-    for t in (ex.gate_up_scale, ex.down_scale, ex.gate_up_zero, ex.down_zero):
-        t[0] = float("nan")
-        t[S - 1] = float("nan")
-    x, idx, w = _inputs(2, 3, H, [1, S, 2, S + 2, 3, -1])
-    blocks = None if step is None else kernels.Blocks(gate_up_k=step, down_k=step)  # several loop steps
-    g = group if H % group == 0 else H
-    expect = g if step is not None and step % g == 0 else 0
-    assert kernels._group_tiles(ex.gate_up_scale, g, step or kernels.default_blocks(6, H, N, int4=True).gate_up_k) \
-        == expect
-    out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
-    assert torch.isfinite(out).all()
-    ref = reference_experts(x, idx, w, ex)  # dequantised by swapmoe.quant.dequantise
-    # float32 sums of O(1) values over H <= 64 (measured max error 1.3e-7 to 5.3e-7)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    # the codes, scales and zero points were applied: the float weights give a different answer
-    far = (reference_experts(x, idx, w, fp) - ref).abs().max() / ref.abs().max()
-    assert 0.02 < far < 0.5  # measured 0.08-0.21 (4-bit codes of unit-variance rows)
-
-
-# (format, S, H, N, group, loop step, the kernels' GROUP for gate_up): whole groups per loop step (int3 as
-# 32-bit words where its groups are whole words: 32 codes and more), whole groups of 16 (int3: a byte at a time,
-# a scale and zero point per row and group), a scale and zero point per unit (step < group), swapmoe's G=64
-# with the default tiles (a step past the row's end), and one group a row of 40 and 24 values (G=64 on rows
-# that are no multiple of it)
-LOW_BIT_CASES = [(fmt, *case) for fmt in ("int3", "int2") for case in
-                 [(5, 128, 64, 32, 64), (5, 64, 32, 16, 32), (5, 64, 32, 16, 8), (5, 128, 64, 64, None),
-                  (5, 40, 24, 64, None)]]
-
-
-@pytest.mark.parametrize(("fmt", "S", "H", "N", "group", "step"), LOW_BIT_CASES)
-def test_int3_and_int2_weights_are_dequantised_inside_the_kernel(kernels, fmt, S, H, N, group, step):
-    """int3 and int2 slots (eight codes in three bytes, four codes a byte; a scale and zero point per group)
-    against the float64 reference on the weights as swapmoe.quant decodes them; the slots at both ends
-    hold NaN scales, zero points and codes' neighbours, reachable only by skipped terms (ids S, S + 2, -1)."""
+@pytest.mark.parametrize(("fmt", "S", "H", "N", "group", "step"), PACKED_CASES)
+def test_packed_weights_are_dequantised_inside_the_kernel(kernels, fmt, S, H, N, group, step):
+    """int4, int3 and int2 slots (two codes a byte, eight in three bytes, four a byte; a scale and zero point
+    per group) against the float64 reference on the weights as swapmoe.quant decodes them; the slots at both
+    ends hold NaN scales and zero points, reachable only by skipped terms (ids S, S + 2, -1)."""
     fp = _experts(kernels, S, H, N)
     ex = _packed_experts(kernels, fp, fmt, group)
-    codes, nbytes = {"int3": (8, 3), "int2": (4, 1)}[fmt]
+    codes, nbytes = kernels.UNITS[ex.bits]
     assert ex.dims() == (H, N) and ex.gate_up.dtype == torch.uint8 and ex.gate_up.shape[-1] == H * nbytes // codes
     for t in (ex.gate_up_scale, ex.down_scale, ex.gate_up_zero, ex.down_zero):
         t[0] = float("nan")
@@ -258,16 +222,16 @@ def test_int3_and_int2_weights_are_dequantised_inside_the_kernel(kernels, fmt, S
     blocks = None if step is None else kernels.Blocks(gate_up_k=step, down_k=step)  # several loop steps
     g = group if H % group == 0 else H
     k = step or kernels.default_blocks(6, H, N, bits=ex.bits).gate_up_k
-    whole = k % g == 0 and g & (g - 1) == 0 and (fmt == "int2" or g % 32 == 0)
+    whole = k % g == 0 and g & (g - 1) == 0 and (fmt != "int3" or g % 32 == 0)
     assert kernels._group_tiles(ex.gate_up_scale, g, k, ex.gate_up, ex.bits) == (g if whole else 0)
     out = kernels.fused_experts(x, idx, w, ex, blocks=blocks)
     assert torch.isfinite(out).all()
     ref = reference_experts(x, idx, w, ex)  # dequantised by swapmoe.quant.dequantise
-    # float32 sums of O(1) values over H <= 128 (measured max error 1.2e-7 to 6.1e-7)
+    # float32 sums of O(1) values over H <= 128 (measured max error 1.0e-7 to 6.1e-7)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     # the codes, scales and zero points were applied: the float weights give a different answer
     far = (reference_experts(x, idx, w, fp) - ref).abs().max() / ref.abs().max()
-    assert 0.1 < far < 1.0  # measured 0.16-0.37 (int3), 0.46-0.67 (int2) of the largest output
+    assert FAR[fmt][0] < far < FAR[fmt][1]
 
 
 def _stream_codes(row: bytes, bits: int, n: int) -> list[int]:
@@ -319,7 +283,7 @@ def test_int4_nibble_order_is_quant_s():
 def test_quantised_parts_the_kernel_cannot_read_are_refused(kernels):
     S, H, N = 2, 64, 32
     fp = _experts(kernels, S, H, N)
-    ex = _int4_experts(kernels, fp, 16)
+    ex = _packed_experts(kernels, fp, "int4", 16)
     x, idx, w = _inputs(1, 2, H, [0, 1])
     with pytest.raises(ValueError, match="zero points laid out as its scales"):
         kernels.fused_experts(x, idx, w, kernels.ExpertTensors(ex.gate_up, ex.down, gate_up_scale=ex.gate_up_scale,

@@ -45,37 +45,12 @@ def test_kernel_on_cuda_matches_the_float64_reference(dtype, layout):
     assert ((out.double() - ref).abs() <= ref.abs() * ulp + 1e-5 * ref.abs().max()).all()
 
 
-@pytest.mark.parametrize("group", [64, 48])  # whole groups per loop step; a scale and zero point per byte
-def test_int4_kernel_on_cuda_matches_the_float64_reference(group):
-    """int4 slots compiled for the GPU (the unpacking of the nibbles and the zero points), against the float64
-    reference on swapmoe.quant's decoding of the same parts, with skipped terms next to NaN scales."""
-    from swapmoe.kernels.fused_moe import ExpertTensors, fused_experts
-    from swapmoe.quant import quantise
-
-    S, H, N, T, K = 8, 384, 192, 2, 4
-    g = torch.Generator().manual_seed(0)
-    gu = quantise((torch.randn(S, 2 * N, H, generator=g) / H**0.5).cuda(), "int4", group=group)  # [S, 2N, H/2]
-    dn = quantise((torch.randn(S, H, N, generator=g) / N**0.5).cuda(), "int4", group=group)  # [S, H, N/2]
-    ex = ExpertTensors(gu["q"], dn["q"], gate_up_scale=gu["scale"], down_scale=dn["scale"],
-                       gate_up_zero=gu["zero"], down_zero=dn["zero"], bits=4)
-    for t in (ex.gate_up_scale, ex.down_scale, ex.gate_up_zero, ex.down_zero):
-        t[S - 1] = float("nan")  # reached only by the skipped terms (id S), if they read at all
-    x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
-    ids = torch.tensor([[0, 3, S, 5], [2, S, 2, 6]], device="cuda")
-    w = torch.rand(T, K, generator=g).cuda()
-    out = fused_experts(x, ids, w, ex)
-    ref = reference_experts(x, ids, w, ex)
-    assert torch.isfinite(out).all()
-    ulp = 2.0**-8  # float32 accumulation, then one rounding to bfloat16 (round to nearest: half an ulp)
-    assert ((out.double() - ref).abs() <= ref.abs() * ulp + 1e-5 * ref.abs().max()).all()
-
-
 @pytest.mark.parametrize("group", [64, 48])  # whole groups per loop step (int3: as 32-bit words); a unit at a time
-@pytest.mark.parametrize("fmt", ["int3", "int2"])
-def test_int3_and_int2_kernel_on_cuda_matches_the_float64_reference(fmt, group):
-    """int3 and int2 slots compiled for the GPU (int3's 24-bit units from 32-bit words or from their bytes, int2's
-    four codes a byte, the zero points), against the float64 reference on swapmoe.quant's decoding of the same
-    parts, with skipped terms next to NaN scales."""
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int2"])
+def test_packed_kernel_on_cuda_matches_the_float64_reference(fmt, group):
+    """int4, int3 and int2 slots compiled for the GPU (the unpacking: int4's nibbles, int2's four codes a byte,
+    int3's 24-bit units from 32-bit words or from their bytes; the zero points), against the float64 reference
+    on swapmoe.quant's decoding of the same parts, with skipped terms next to NaN scales."""
     from swapmoe.kernels.fused_moe import ExpertTensors, _group_tiles, fused_experts
     from swapmoe.quant import quantise
 

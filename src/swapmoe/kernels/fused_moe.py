@@ -397,8 +397,8 @@ def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = F
     an sm_90 build). int4 (``int4``) holds half a byte a weight: its gate/up step takes 512 columns, the
     bytes a row that int8 reads in 256 (no spills, 16-byte loads in an sm_90 build); its down step keeps
     1024 columns, a whole row of I <= 1024. int3 and int2 (``bits`` 3, 2; ``int4`` is ``bits=4``) keep
-    int4's tiles: int2's 512 columns are 128 bytes a row, int3's 192 (1024 columns spilled registers in
-    an sm_90 build of int2). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py
+    int4's tiles: int2's 512 columns are 128 bytes a row, int3's 192 (in sm_90 builds 126 and 96 registers a
+    thread at 512 columns, 128 and 126 at 1024, no spills either way: the sweep decides). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py
     (int4, int3, int2: not yet run on a GPU)."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
     if int4 or bits in UNITS:
