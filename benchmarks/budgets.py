@@ -51,8 +51,17 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_checkpoint(arch: str, path: Path, dtype: torch.dtype, device: torch.device, console: Console) -> float:
-    """Random weights of ``arch`` saved at ``path`` (skipped when already there); returns seconds."""
+def build_checkpoint(arch: str, path: Path, dtype: torch.dtype, device: torch.device, console: Console,
+                     layout: str = "published") -> float:
+    """Random weights of ``arch`` saved at ``path`` (skipped when already there); returns seconds.
+
+    ``layout``: "published" saves with ``save_pretrained`` (per-expert tensor names, as the Hub's MoE
+    checkpoints are: transformers fuses them at every load, seconds per layer on a CPU); "fused" saves
+    transformers' own fused ``[E, ...]`` expert tensors, which load without that conversion (what a
+    decode benchmark wants: its loads, not its checkpoint's layout, eat a GPU session's minutes).
+    """
+    if layout not in ("published", "fused"):
+        raise ValueError(f"layout must be 'published' or 'fused', got {layout!r}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
@@ -64,7 +73,13 @@ def build_checkpoint(arch: str, path: Path, dtype: torch.dtype, device: torch.de
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: minutes faster than on the host
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(path, max_shard_size="4GB")
+    if layout == "published":
+        model.save_pretrained(path, max_shard_size="4GB")
+    else:
+        from huggingface_hub import save_torch_state_dict
+
+        model.config.save_pretrained(path)
+        save_torch_state_dict(model.state_dict(), path, max_shard_size="4GB")  # shards + index, safetensors
     del model
     gc.collect()
     if device.type == "cuda":

@@ -169,6 +169,10 @@ def main() -> None:
                    help="comma-separated swapmoe.load(moe_kernel=...) choices (transformers, auto, triton): every "
                         "swapmoe setting runs once per choice, named '<setting>, moe <choice>' (e.g. "
                         "transformers,auto: without and with the fused Triton kernel in one process)")
+    p.add_argument("--checkpoint-layout", choices=("fused", "published"), default="fused",
+                   help="how the random-weight checkpoint stores its experts: transformers' fused [E, ...] tensors "
+                        "(the default: loads without transformers' per-load conversion) or per expert, as "
+                        "published on the Hub (budgets.build_checkpoint); decode speed does not depend on it")
     p.add_argument("--out", type=Path, default=Path("runs/decode"))
     args = p.parse_args()
     console = Console()
@@ -176,8 +180,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if args.layers:
         ARCHS[args.arch] = {**ARCHS[args.arch], "num_hidden_layers": args.layers}
-    path = Path(args.model_dir or f"/tmp/swapmoe-bench-{args.arch}-{args.layers or 'all'}")
-    built = build_checkpoint(args.arch, path, dtype, device, console)
+    path = Path(args.model_dir or f"/tmp/swapmoe-bench-{args.arch}-{args.layers or 'all'}-{args.checkpoint_layout}")
+    built = build_checkpoint(args.arch, path, dtype, device, console, layout=args.checkpoint_layout)
     bandwidth = copy_bandwidth(device)
     rng = torch.Generator().manual_seed(0)
     vocab = ARCHS[args.arch]["vocab_size"]
@@ -217,7 +221,8 @@ def main() -> None:
     console.print(f"built {built:.0f}s, loaded {len(loaded)} models in {time.perf_counter() - t_load:.0f}s")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"decode-{args.arch}{'-' + str(args.layers) + 'l' if args.layers else ''}.json"
-    common = {"arch": args.arch, "layers": args.layers, "spec": ARCHS[args.arch], "tokens": args.tokens,
+    common = {"arch": args.arch, "layers": args.layers, "checkpoint_layout": args.checkpoint_layout,
+              "spec": ARCHS[args.arch], "tokens": args.tokens,
               "rounds": args.rounds, "bandwidth_bytes_per_s": bandwidth, **provenance(device)}
 
     def write(result: dict[str, Any]) -> None:
