@@ -16,7 +16,12 @@ the one that runs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # the kernel module imports Triton: only when a call needs it
+    from swapmoe.kernels.fused_moe import ExpertTensors
 
 
 @torch.library.custom_op("swapmoe::fused_experts", mutates_args=())
@@ -30,7 +35,7 @@ def fused_experts(
 ) -> torch.Tensor:
     """:func:`swapmoe.kernels.fused_moe.fused_experts` on the tensors of an ``ExpertTensors``:
     ``hidden [T, H]``, ``ids [T, K]`` slot ids (``>= S``: skipped), ``weights [T, K]`` -> ``[T, H]``.
-    ``bits``: of the quantised codes (8: int8; 4: int4, with the zero points ``*_zero``)."""
+    ``bits``: of the quantised codes (8: int8; 4, 3, 2: int4, int3, int2, with the zero points ``*_zero``)."""
     from swapmoe.kernels.fused_moe import ExpertTensors
     from swapmoe.kernels.fused_moe import fused_experts as kernel
 
@@ -46,11 +51,11 @@ def _(hidden: torch.Tensor, ids: torch.Tensor, *args: object) -> torch.Tensor:
     return hidden.new_empty((ids.shape[0], hidden.shape[-1]))  # [T, H] in hidden's dtype
 
 
-def call(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: object, act: int, alpha: float,
+def call(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ex: ExpertTensors, act: int, alpha: float,
          limit: float) -> torch.Tensor:
     """The operator on an ``ExpertTensors`` ``ex``."""
     return torch.ops.swapmoe.fused_experts(
-        hidden, ids, weights, ex.gate_up, ex.down, ex.gate_up_bias, ex.down_bias,  # type: ignore[attr-defined]
-        ex.gate_up_scale, ex.down_scale, ex.transposed, ex.interleaved, act, float(alpha), float(limit),  # type: ignore[attr-defined]
-        ex.gate_up_zero, ex.down_zero, int(ex.bits),  # type: ignore[attr-defined]
+        hidden, ids, weights, ex.gate_up, ex.down, ex.gate_up_bias, ex.down_bias,
+        ex.gate_up_scale, ex.down_scale, ex.transposed, ex.interleaved, act, float(alpha), float(limit),
+        ex.gate_up_zero, ex.down_zero, int(ex.bits),
     )
