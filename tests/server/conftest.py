@@ -68,7 +68,7 @@ def running_server(path: Path, config: ServerConfig, *, tokenizer: Any = None, *
     server = make_server(app, log_level="warning")  # what `swapmoe serve` runs: read deadlines, drain
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # start-up may compile a decode step (prime_compiled_step)
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")

@@ -366,3 +366,35 @@ def decoder_for(model: Any, mode: str | None = None) -> Decoder:
         dec = Decoder(model, resolved, compile_step=compile_step)
         model.__dict__["_swapmoe_decoder"] = dec
     return dec
+
+
+#: largest cache a primed compiled decoder holds for every request (tokens): the context length up to this
+PRIME_MAX_CAPACITY = 8192
+
+
+def prime_compiled_step(model: Any, max_capacity: int = PRIME_MAX_CAPACITY) -> Decoder | None:
+    """Compile (and on CUDA capture) a ``compile_step`` model's decode step now, at the one cache capacity
+    every later request will use, and leave the runtime as it was. None when the step is not compiled.
+
+    A compiled step is compiled per cache capacity (its shapes are static), and the engine sizes a cache
+    from each request (256, 512, ... tokens): a server would otherwise stall a request for a compile
+    (about 50 s at OLMoE size on the H200) at its first request and again at each larger one. So the
+    decoder's smallest cache becomes the context length (at most ``max_capacity``); a static cache's
+    attention over the longer cache costs little next to the expert reads. The priming decode's effect
+    on the resident sets, importance and counters is undone (``VirtualExperts.restore``).
+    """
+    dec = decoder_for(model)
+    if dec.compiled is None:
+        return None
+    capacity = min(dec.limit, max_capacity) if dec.limit is not None else max_capacity
+    dec.min_capacity = max(dec.min_capacity, capacity)
+    runtime = dec.runtime
+    snap = runtime.snapshot() if runtime is not None else None
+    logits = dec.prefill([0, 1], max_new_tokens=dec.min_capacity - 2)  # a (new) cache of min_capacity tokens
+    for _ in range(2):  # the first step compiles (and captures on CUDA), the second runs what requests will
+        logits = dec.step(int(dec.read_logits(logits).argmax()))
+    if runtime is not None:
+        runtime.restore(snap)
+        runtime.reset_stats()
+    log.info("decode step compiled for a %d-token cache before serving", dec.capacity)
+    return dec

@@ -36,6 +36,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
+from swapmoe.engine.decoder import prime_compiled_step
 from swapmoe.engine.generate import FINISH_CANCELLED, context_length, stop_token_ids
 from swapmoe.engine.sampling import SamplingParams
 from swapmoe.engine.worker import EngineWorker, QueueFullError, WorkerClosedError
@@ -505,7 +506,9 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.worker.start()
         try:
-            # the warm-up (if any) runs on the engine thread before the first request is accepted
+            # a compiled decode step is compiled before the first request, at the one cache size every
+            # request will use; then the warm-up (if any); both on the engine thread
+            await asyncio.wrap_future(server.worker.submit(lambda _ctx: prime_compiled_step(server.model)).future)
             await asyncio.wrap_future(server.worker.submit(server.resident.start).future)
             yield
         finally:
