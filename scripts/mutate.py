@@ -177,6 +177,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("router-compile-failure-propagates", "src/swapmoe/runtime/__init__.py",
              "            except torch._dynamo.exc.TorchDynamoException as e:",
              "            except ZeroDivisionError as e:", DECODER_TESTS),
+    Mutation("compiled-server-not-primed", "src/swapmoe/server/app.py",
+             "lambda _ctx: prime_compiled_step(server.model)", "lambda _ctx: None",
+             ("tests/server/test_compiled_step.py",)),
     Mutation("group-mask-after-selection", "src/swapmoe/routing.py",
              "    choice = choice.masked_fill(~mask, NEG_INF)\n    if p.num_group > 1:\n"
              "        idx = _topk_in_groups(choice, _group_select(choice, p, \"top2sum\"), p.top_k)",

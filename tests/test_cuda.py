@@ -230,6 +230,24 @@ def test_compiled_graph_decode_at_full_budget_equals_the_uncompiled_graph_for_64
                         f"reference top-2 margin there {float(top2[0] - top2[1]):.4f})")
 
 
+def test_priming_compiles_and_captures_once_at_the_context_length_and_restores_the_runtime(tmp_path):
+    """What a compile_step server does at start-up (prime_compiled_step), on CUDA: one compile and one
+    capture, for a cache of the context length; resident sets and counters as before; later requests of
+    any length reuse that graph."""
+    from swapmoe.engine.decoder import decoder_for, prime_compiled_step
+
+    path = _graph_checkpoint(tmp_path, dtype=torch.bfloat16)
+    model = swapmoe.load(path, "50%", device="cuda", dtype=torch.bfloat16, compile_step=True)
+    before = model.swapmoe.resident_sets()
+    dec = prime_compiled_step(model)
+    assert dec is decoder_for(model) and dec.mode == "graph"
+    assert dec.compiled.compiles == 1 and dec.graphs_captured == 1 and dec.capacity == min(dec.limit, 8192)
+    assert model.swapmoe.resident_sets() == before and model.swapmoe.stats()["total"]["lookups"] == 0
+    for new in (4, 40):
+        _greedy(dec, [5, 9, 11], new)
+    assert dec.compiled.compiles == 1 and dec.graphs_captured == 1
+
+
 def test_compiled_graph_replays_equal_the_compiled_static_steps_at_half_budget(tmp_path):
     """At 50% (swaps frozen: the same resident sets in both runs) a replay of the captured compiled step
     gives bit-identical logits to running the compiled step itself: capture adds nothing."""
