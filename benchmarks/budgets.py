@@ -164,7 +164,8 @@ def bytes_per_token(model: Any, other_bytes: int) -> int:
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
     read = other_bytes - (0 if tied else emb.numel() * emb.element_size())
     for st in model.swapmoe.layers:  # a pooled layer's store holds the format its slots hold (quantised or not)
-        per_expert = st.pool.store.expert_bytes() if st.pool is not None else st.layer.expert_bytes()
+        # a whole layer: its stored bytes per expert (a quantised one's parameters are empty placeholders)
+        per_expert = st.pool.store.expert_bytes() if st.pool is not None else st.full_bytes // st.layer.num_experts
         read += st.layer.top_k * per_expert
     return read
 

@@ -61,6 +61,9 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
         ("swapmoe int2, slots of 50%, graph", "swapmoe", {"slots_fraction": 0.5, "expert_dtype": "int2"}, "graph"),
         ("swapmoe 50% int8, graph", "swapmoe", {"memory_budget": "50%", "expert_dtype": "int8"}, "graph"),
         ("swapmoe 25% int4, graph", "swapmoe", {"memory_budget": "25%", "expert_dtype": "int4"}, "graph"),
+        # issue 14's baseline: every expert in the least lossy format that fits, all resident, no swapping
+        ("quantized-all 25%, graph", "quantized-all", {"memory_budget": "25%"}, "graph"),
+        ("quantized-all 50%, graph", "quantized-all", {"memory_budget": "50%"}, "graph"),
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
         ("accelerate offload 50%", "accelerate-offload", {"memory_budget": "50%"}, "dynamic"),
     ]

@@ -13,10 +13,11 @@
 #   bash benchmarks/gpu_pending.sh int4-decode  # decode with int4 slots, fused kernel vs per-term path, beside bf16 and int8
 #   bash benchmarks/gpu_pending.sh lowbit     # int3 and int2 in the fused kernel per layer against the gather path
 #   bash benchmarks/gpu_pending.sh lowbit-decode  # decode with int3 and int2 slots, fused kernel vs per-term path
+#   bash benchmarks/gpu_pending.sh quantized  # decode: quantized-all at 25% and 50% beside swapmoe at the same bytes
 #
 # Each stage writes a log and, for the benchmarks, a JSON with provenance under $OUT/<stage>/.
 set -uo pipefail
-stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode | lowbit | lowbit-decode"}
+stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode | lowbit | lowbit-decode | quantized"}
 out=${OUT:-runs/gpu}/$stage
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
@@ -59,6 +60,12 @@ case $stage in
   lowbit-decode)
     timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
       --moe-kernel transformers,triton --settings "swapmoe int3, slots of 50%, graph;swapmoe int2, slots of 50%, graph" \
+      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+  quantized)
+    # issue 14: quantized-all (every expert resident in the least lossy format that fits) beside swapmoe at the
+    # same bytes, with the defaults (int4/int3 on the per-term path until the kernel is verified for them)
+    timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
+      --settings "swapmoe 25%, graph;swapmoe 25% int4, graph;quantized-all 25%, graph;quantized-all 50%, graph" \
       --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
