@@ -54,9 +54,9 @@ GROUP_SIZE = 64
 _SCALE_DTYPE = torch.float16
 _QMAX = {"int8": 127, "int4": 15, "int3": 7, "int2": 3}
 #: bits per code of the asymmetric (scale and zero point) formats
-_BITS = {"int4": 4, "int3": 3, "int2": 2}
+PACKED_BITS = {"int4": 4, "int3": 3, "int2": 2}
 #: codes per packed unit, and bytes per unit: int4 and int2 fill one byte, int3 eight codes fill three
-_UNIT = {"int4": (2, 1), "int3": (8, 3), "int2": (4, 1)}
+PACKED_UNITS = {"int4": (2, 1), "int3": (8, 3), "int2": (4, 1)}
 #: formats whose zero point is refined (HQQ); int4 keeps the plain min-max zero point (its test figures)
 _REFINED = ("int3", "int2")
 #: HQQ's defaults (hqq.core.optimize: lp_norm 0.7, beta 10, kappa 1.01, 20 iterations)
@@ -126,8 +126,8 @@ def part_specs(shape: tuple[int, ...], fmt: str, group: int = GROUP_SIZE) -> dic
     g = n // group_size(n, group)
     if fmt == "int8":
         return {"q": (tuple(shape), torch.int8), "scale": ((*lead, g), _SCALE_DTYPE)}
-    if fmt in _BITS:
-        codes, nbytes = _UNIT[fmt]
+    if fmt in PACKED_BITS:
+        codes, nbytes = PACKED_UNITS[fmt]
         if n % codes:
             raise SwapMoEError(f"{fmt} packs {codes} values into {nbytes} byte{'s' if nbytes > 1 else ''} and needs a "
                                f"last dim that is a multiple of {codes}, got {n}; use --expert-dtype int8")
@@ -138,8 +138,8 @@ def part_specs(shape: tuple[int, ...], fmt: str, group: int = GROUP_SIZE) -> dic
 
 def pack(q: torch.Tensor, fmt: str) -> torch.Tensor:
     """Codes ``[..., N]`` (integers in ``[0, 2**bits)``) -> bytes ``[..., N * bits / 8]`` uint8."""
-    bits = _BITS[fmt]
-    codes, nbytes = _UNIT[fmt]
+    bits = PACKED_BITS[fmt]
+    codes, nbytes = PACKED_UNITS[fmt]
     if nbytes == 1:  # int4, int2: code i of a byte in bits [bits*i, bits*(i+1))
         q = q.to(torch.uint8)
         out = q[..., 0::codes]
@@ -156,8 +156,8 @@ def pack(q: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def unpack(b: torch.Tensor, fmt: str) -> torch.Tensor:
     """Bytes from :func:`pack` -> codes ``[..., N]`` as float32."""
-    bits = _BITS[fmt]
-    codes, nbytes = _UNIT[fmt]
+    bits = PACKED_BITS[fmt]
+    codes, nbytes = PACKED_UNITS[fmt]
     mask = (1 << bits) - 1
     if nbytes == 1:
         x = torch.empty((*b.shape, codes), dtype=torch.float32, device=b.device)  # [..., N/codes, codes]
@@ -195,7 +195,7 @@ def quantise(w: torch.Tensor, fmt: str, group: int = GROUP_SIZE, refine: bool | 
         s = _stored_scale(x.abs().amax(-1) / _QMAX[fmt])  # [..., N/G]
         q = torch.round(x / s.float().unsqueeze(-1)).clamp(-_QMAX[fmt], _QMAX[fmt])
         return {"q": q.to(torch.int8).reshape(w.shape), "scale": s}
-    if fmt in _BITS:
+    if fmt in PACKED_BITS:
         part_specs(tuple(w.shape), fmt, group)  # a last dim the packing cannot take: a one-line error
         lo, hi = x.amin(-1), x.amax(-1)
         s = _stored_scale((hi - lo) / _QMAX[fmt])
@@ -240,13 +240,13 @@ def dequantise(parts: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype) 
     s = parts["scale"].float().unsqueeze(-1)  # [..., N/G, 1]
     if fmt == "int8":
         x = q.float()
-    elif fmt in _BITS:
+    elif fmt in PACKED_BITS:
         x = unpack(q, fmt)  # [..., N] codes, a tensor of our own
     else:
         raise ValueError(f"unknown format {fmt!r}")
     n = x.shape[-1]
     x = x.reshape(*q.shape[:-1], s.shape[-2], n // s.shape[-2])  # [..., N/G, G]
-    if fmt in _BITS:
+    if fmt in PACKED_BITS:
         x = x.sub_(parts["zero"].float().unsqueeze(-1))
     return x.mul_(s).reshape(*q.shape[:-1], n).to(dtype)
 

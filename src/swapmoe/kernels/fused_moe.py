@@ -48,14 +48,16 @@ import torch
 import triton
 import triton.language as tl
 
+from swapmoe.quant import PACKED_BITS, PACKED_UNITS
+
 ACT_SILU = 0
 ACT_GPT_OSS = 1
 #: bits per code of the quantised formats the kernels read (``ExpertTensors.bits``; the kernels' ``QUANT``,
 #: 0 for float weights)
 QUANT_BITS = (8, 4, 3, 2)
-#: (codes, bytes) of a packed unit per bits of a code (:data:`swapmoe.quant._UNIT`): int4 and int2 a byte, int3
+#: (codes, bytes) of a packed unit per bits of a code (swapmoe.quant's formats): int4 and int2 a byte, int3
 #: eight codes in three bytes
-UNITS = {4: (2, 1), 3: (8, 3), 2: (4, 1)}
+UNITS = {PACKED_BITS[fmt]: unit for fmt, unit in PACKED_UNITS.items()}
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,6 @@ class ExpertTensors:
     @property
     def num_slots(self) -> int:
         return self.gate_up.shape[0]
-
-    @property
-    def int4(self) -> bool:
-        """Are the gate/up weights int4 codes (two a byte along the stored last dim, with zero points)?"""
-        return self.gate_up_scale is not None and self.bits == 4
 
     @property
     def packed_bits(self) -> int:
@@ -383,8 +380,7 @@ class Blocks:
     down_warps: int = 4
 
 
-def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False, int4: bool = False,
-                   bits: int = 0) -> Blocks:
+def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = False, bits: int = 0) -> Blocks:
     """Tiles for a decode call. Batch-1 decode reads each chosen expert once and does two flops per
     weight, so both kernels are bound by memory, and by Little's law the bytes in flight must cover
     bandwidth x latency (3.8 TB/s x ~0.7 us ~ 2.7 MB on an H200). Small output blocks spread a step's
@@ -394,14 +390,14 @@ def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = F
     ``down_n * down_k`` each, ``T * H * down_k * 2`` bytes in all (4 MB at H=2048), hence the long step.
     In the transposed layout (gpt-oss) the output dim is the contiguous one: the down kernel takes 16
     rows a program so that its loads are 16 bytes wide (8 rows gave 8-byte loads; checked in the SASS of
-    an sm_90 build). int4 (``int4``) holds half a byte a weight: its gate/up step takes 512 columns, the
+    an sm_90 build). int4 (``bits=4``) holds half a byte a weight: its gate/up step takes 512 columns, the
     bytes a row that int8 reads in 256 (no spills, 16-byte loads in an sm_90 build); its down step keeps
-    1024 columns, a whole row of I <= 1024. int3 and int2 (``bits`` 3, 2; ``int4`` is ``bits=4``) keep
+    1024 columns, a whole row of I <= 1024. int3 and int2 (``bits`` 3, 2) keep
     int4's tiles: int2's 512 columns are 128 bytes a row, int3's 192 (in sm_90 builds 126 and 96 registers a
     thread at 512 columns, 128 and 126 at 1024, no spills either way: the sweep decides). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py
     (int4, int3, int2: not yet run on a GPU)."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
-    if int4 or bits in UNITS:
+    if bits in UNITS:
         return Blocks(gate_up_k=512)
     return Blocks(down_n=16, down_k=512) if transposed else Blocks()
 
