@@ -37,7 +37,7 @@ from torch import nn
 from swapmoe.errors import CheckpointError
 from swapmoe.families import MoELayer
 from swapmoe.mmap_store import CheckpointStore, SafetensorsFiles
-from swapmoe.quant import ExpertLayout, one_expert_bytes
+from swapmoe.quant import ExpertLayout, StoredLayout
 
 FORMAT = "mxfp4"
 #: values per e8m0 scale (OCP MX block size; gpt-oss)
@@ -123,11 +123,11 @@ def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------- the format
 @dataclass(frozen=True)
-class Mxfp4Layout:
+class Mxfp4Layout(StoredLayout):
     """How one MoE layer's experts are stored in the ``mxfp4`` format: the checkpoint's own parts.
 
-    Same interface as :class:`swapmoe.quant.ExpertLayout` (what the stores, the slots and
-    :mod:`swapmoe.qexperts` use): ``shapes``/``dtypes`` are the module's per-expert tensors
+    A :class:`swapmoe.quant.StoredLayout`, as :class:`swapmoe.quant.ExpertLayout` is (what the stores,
+    the slots and :mod:`swapmoe.qexperts` use): ``shapes``/``dtypes`` are the module's per-expert tensors
     (``[E, ...]`` and the dtype it computes in); ``gate_up_proj``/``down_proj`` are stored as
     ``name.blocks`` ``[E, out, in/32, 16]`` and ``name.scales`` ``[E, out, in/32]`` (the module holds
     ``[E, in, out]``), any other tensor (the biases) as it is.
@@ -139,11 +139,7 @@ class Mxfp4Layout:
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor]) -> Mxfp4Layout:
-        return cls({n: tuple(t.shape) for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()})
-
-    @property
-    def num_experts(self) -> int:
-        return next(iter(self.shapes.values()))[0]
+        return cls(*cls.shapes_and_dtypes(tensors))
 
     def parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every stored tensor: ``part name -> ([E, ...] shape, dtype)``."""
@@ -159,10 +155,6 @@ class Mxfp4Layout:
             out[f"{name}.blocks"] = ((e, n_out, n_in // BLOCK, _BYTES_PER_BLOCK), torch.uint8)
             out[f"{name}.scales"] = ((e, n_out, n_in // BLOCK), torch.uint8)
         return out
-
-    def expert_bytes(self) -> int:
-        """Bytes of one expert as stored: FP4 codes, e8m0 scales and biases."""
-        return one_expert_bytes(self.parts())
 
     def decode(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parts (with any leading dims) -> ``name -> tensor`` as the module holds it ([..., in, out])."""

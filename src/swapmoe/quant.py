@@ -251,8 +251,33 @@ def dequantise(parts: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype) 
     return x.mul_(s).reshape(*q.shape[:-1], n).to(dtype)
 
 
+class StoredLayout:
+    """What every stored layout of a layer's experts shares (:class:`ExpertLayout`, swapmoe.mxfp4's
+    ``Mxfp4Layout``): ``shapes``, the model's per-expert tensors (``name -> [E, ...]``), and
+    :meth:`parts`, the tensors stored for them; the stores, the slots and swapmoe.qexperts use these."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    @staticmethod
+    def shapes_and_dtypes(tensors: Mapping[str, torch.Tensor]
+                          ) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+        return {n: tuple(t.shape) for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()}
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.shapes.values()))[0]
+
+    def parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every stored tensor: ``part name -> ([E, ...] shape, dtype)``."""
+        raise NotImplementedError
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert as stored: every part (weights or codes, scales, zero points, biases)."""
+        return one_expert_bytes(self.parts())
+
+
 @dataclass(frozen=True)
-class ExpertLayout:
+class ExpertLayout(StoredLayout):
     """How one MoE layer's per-expert tensors are stored in a format.
 
     ``shapes`` and ``dtypes`` are the model's per-expert tensors (``name -> [E, ...]`` shape, and the
@@ -268,12 +293,7 @@ class ExpertLayout:
 
     @classmethod
     def of(cls, tensors: Mapping[str, torch.Tensor], fmt: str, group: int = GROUP_SIZE) -> ExpertLayout:
-        return cls(fmt, {n: tuple(t.shape) for n, t in tensors.items()},
-                   {n: t.dtype for n, t in tensors.items()}, group)
-
-    @property
-    def num_experts(self) -> int:
-        return next(iter(self.shapes.values()))[0]
+        return cls(fmt, *cls.shapes_and_dtypes(tensors), group)
 
     def parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every stored tensor: ``part name -> ([E, ...] shape, dtype)``."""
@@ -285,10 +305,6 @@ class ExpertLayout:
             for part, spec in part_specs(shape, self.fmt, self.group).items():
                 out[f"{name}.{part}"] = spec
         return out
-
-    def expert_bytes(self) -> int:
-        """Bytes of one expert as stored: weights, scales and zero points."""
-        return one_expert_bytes(self.parts())
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``name -> [..., *expert shape]`` tensors (all experts, one, or a gathered few) -> their parts."""
