@@ -26,3 +26,10 @@ class BudgetError(SwapMoEError):
 
 class PlanError(SwapMoEError):
     """A plan file is malformed or does not fit the model."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line for a one-line log message (its type when it has no message: an empty
+    message has no first line to index)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

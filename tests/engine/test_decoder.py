@@ -214,3 +214,13 @@ def test_a_router_step_that_fails_to_compile_is_routed_uncompiled_once_and_for_a
     assert t1 == t0 and s1 == s0
     for a, b in zip(r1 + i1, r0 + i0, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_failure_message_is_reduced_to_its_first_line_or_its_type():
+    """What the compile and capture fallbacks log: a compile error without a message must not raise
+    inside the handler (an empty message has no first line)."""
+    from swapmoe.errors import first_line
+
+    assert first_line(RuntimeError("  Failed to import x.py\nSyntaxError: ...")) == "Failed to import x.py"
+    assert first_line(torch._dynamo.exc.TorchDynamoException()) == "TorchDynamoException"
+    assert first_line(ValueError("\n")) == "ValueError"

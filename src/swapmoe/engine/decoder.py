@@ -40,6 +40,7 @@ import torch
 
 from swapmoe.compat import cache_argument
 from swapmoe.engine.compiled_step import CompiledStep
+from swapmoe.errors import first_line
 from swapmoe.runtime.step import compiled_route
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class Decoder:
                 except torch._dynamo.exc.TorchDynamoException as e:
                     # dynamo fails before the compiled step runs anything (fullgraph): nothing half-done
                     log.warning("could not compile the decode step (%s); decoding with the uncompiled step",
-                                str(e).strip().splitlines()[0])
+                                first_line(e))
                     self.compiled = None
             out = forward(input_ids=ids, **{self.cache_kw: self.cache}, use_cache=True,
                              logits_to_keep=0 if all_logits else 1)
@@ -316,8 +317,7 @@ class Decoder:
             with hooks, torch.cuda.graph(graph):
                 self._output = self._forward(self._input, all_logits=False, step=True)[-1]  # [V]
         except RuntimeError as e:  # a kernel that reads device values on the host cannot be captured
-            log.warning("could not capture the decode step (%s); decoding with eager forwards",
-                        str(e).splitlines()[0])
+            log.warning("could not capture the decode step (%s); decoding with eager forwards", first_line(e))
             self.mode = "static"
             torch.cuda.synchronize(self.device)
             return

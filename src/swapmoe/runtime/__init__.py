@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from swapmoe.errors import first_line
 from swapmoe.pool import Swapper
 from swapmoe.runtime.scheduler import before_tokens
 from swapmoe.runtime.state import IMPORTANCE_KINDS, STRATEGIES, LayerState, RuntimeConfig
@@ -93,7 +94,7 @@ class VirtualExperts:
                 # the compile failed before the compiled code ran (importance and hits are untouched):
                 # route this call, and every later one, through the uncompiled step
                 log.warning("could not compile the router step (%s); routing with the uncompiled step",
-                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                            first_line(e))
                 self.fused = None
         return route(st, self.config, hidden, output, self.observe, None)
 
