@@ -125,7 +125,7 @@ def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype:
 def load_seconds(model: Any) -> dict[str, float] | None:
     """Where a swapmoe load's time went (``VirtualExperts.load_seconds``); None for plain transformers."""
     runtime = getattr(model, "swapmoe", None)
-    return dict(runtime.load_seconds) if runtime is not None and hasattr(runtime, "load_seconds") else None
+    return dict(runtime.load_seconds) if runtime is not None else None
 
 
 def profile_counts(dec: Decoder, prompt: list[int], feed: list[int], tokens: int) -> dict[str, float]:
@@ -202,10 +202,9 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     t_load = time.perf_counter()
     for name, kind, kw, mode in chosen:
-        t_model = time.perf_counter()
-        fresh = len(loaded)
+        t_model, models_before = time.perf_counter(), len(loaded)
         model = load(kind, path, kw, device, dtype, loaded)
-        fresh = len(loaded) > fresh  # not a model an earlier setting loaded
+        fresh = len(loaded) > models_before  # not a model an earlier setting loaded
         # on a CPU (a smoke test) the graph settings run the graph path without the capture
         fuse, compiled = mode != "graph-unfused", mode == "graph-compiled"
         mode = "graph" if mode in ("graph-unfused", "graph-compiled") else mode

@@ -65,6 +65,7 @@ class VirtualExperts:
         self.in_graph = False  # True while a decode step is being captured (see capturing())
         self.host_driven = False  # True while a baseline decides copies inside the forward (ondemand)
         self.fused: Any = None  # compiled route_tensors for single-token steps (set by a graph decoder)
+        self.load_seconds: dict[str, float] = {}  # where the load's time went (set by swapmoe.load)
         for st in layers:
             st.handle = st.layer.router.register_forward_hook(self._make_hook(st))
 
