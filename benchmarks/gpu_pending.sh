@@ -22,50 +22,50 @@ out=${OUT:-runs/gpu}/$stage
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
 cuda_tests=(tests/test_cuda.py tests/test_fused_moe_cuda.py tests/test_mxfp4_cuda.py)
+# pytest with a time limit: the log under $out, its outcome lines on stdout
+cuda_pytest() {
+  local limit=$1; shift
+  timeout "$limit" python3 -m pytest -q -rA -p no:cacheprovider -p no:logging "$@" >"$out/pytest.txt" 2>&1
+  grep -E "passed|failed|^FAILED|^ERROR|XPASS|^E  " "$out/pytest.txt" | tail -40
+}
+# a benchmark script with a time limit, its JSON under $out
+bench() {
+  local limit=$1 script=$2; shift 2
+  timeout "$limit" python3 "benchmarks/$script" "$@" --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60
+}
+olmoe=(--arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8)
 case $stage in
   tests)
-    timeout 540 python3 -m pytest -q -rA -p no:cacheprovider -p no:logging "${cuda_tests[@]}" >"$out/pytest.txt" 2>&1
-    grep -E "passed|failed|^FAILED|^ERROR|XPASS|^E  " "$out/pytest.txt" | tail -40 ;;
+    cuda_pytest 540 "${cuda_tests[@]}" ;;
   tf524)
     wheel=$(ls .gpu-wheels/transformers-5.2[1-9]*.whl 2>/dev/null | head -1)
     [ -n "$wheel" ] || { echo "carry a transformers >= 5.21 wheel in .gpu-wheels/"; exit 2; }
     python3 -m pip install -q --no-deps --target /tmp/tf-new "$wheel"
-    PYTHONPATH=/tmp/tf-new:$PYTHONPATH timeout 540 python3 -m pytest -q -rA -p no:cacheprovider -p no:logging \
-      "${cuda_tests[@]}" -k "sliding_window or mxfp4 or gpt_oss or full_budget" >"$out/pytest.txt" 2>&1
-    grep -E "passed|failed|^FAILED|^ERROR|XPASS|^E  " "$out/pytest.txt" | tail -40 ;;
+    PYTHONPATH=/tmp/tf-new:$PYTHONPATH cuda_pytest 540 "${cuda_tests[@]}" -k "sliding_window or mxfp4 or gpt_oss or full_budget" ;;
   kernels)
-    timeout 540 python3 benchmarks/fused_moe.py --no-sweep --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+    bench 540 fused_moe.py --no-sweep ;;
   olmoe)
     # the whole comparison in one run with the defaults (fused kernel) and the compiled step (checks one compile)
-    timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 --compile-step \
-      --settings "plain transformers, eager;plain transformers, graph;plain transformers, graph+compiled;swapmoe 100%, graph+compiled;swapmoe 50%, graph;swapmoe 50%, graph+compiled;ondemand 50%" \
-      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+    bench 560 decode.py "${olmoe[@]}" --compile-step \
+      --settings "plain transformers, eager;plain transformers, graph;plain transformers, graph+compiled;swapmoe 100%, graph+compiled;swapmoe 50%, graph;swapmoe 50%, graph+compiled;ondemand 50%" ;;
   qwen3)
-    timeout 560 python3 benchmarks/decode.py --arch qwen3-30b-a3b --layers 12 --tokens 16 --rounds 3 --profile-tokens 6 --compile-step \
-      --settings "plain transformers, eager;plain transformers, graph;swapmoe 100%, graph;swapmoe 50%, graph;swapmoe 50%, graph+compiled;swapmoe int8, slots of 50%, graph;ondemand 50%" \
-      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+    bench 560 decode.py --arch qwen3-30b-a3b --layers 12 --tokens 16 --rounds 3 --profile-tokens 6 --compile-step \
+      --settings "plain transformers, eager;plain transformers, graph;swapmoe 100%, graph;swapmoe 50%, graph;swapmoe 50%, graph+compiled;swapmoe int8, slots of 50%, graph;ondemand 50%" ;;
   int4)
-    timeout 240 python3 -m pytest -q -rA -p no:cacheprovider -p no:logging "${cuda_tests[@]}" -k "int4 or int3 or int2" \
-      >"$out/pytest.txt" 2>&1
-    grep -E "passed|failed|^FAILED|^ERROR|XPASS|^E  " "$out/pytest.txt" | tail -40
-    timeout 330 python3 benchmarks/fused_moe.py --no-sweep --no-int3 --no-int2 --shapes olmoe-1b-7b,qwen3-30b-a3b \
-      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -30 ;;
+    cuda_pytest 240 "${cuda_tests[@]}" -k "int4 or int3 or int2"
+    bench 330 fused_moe.py --no-sweep --no-int3 --no-int2 --shapes olmoe-1b-7b,qwen3-30b-a3b ;;
   int4-decode)
-    timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
-      --moe-kernel transformers,triton --settings "swapmoe 50%, graph;swapmoe int8, slots of 50%, graph;swapmoe int4, slots of 50%, graph" \
-      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+    bench 560 decode.py "${olmoe[@]}" --moe-kernel transformers,triton \
+      --settings "swapmoe 50%, graph;swapmoe int8, slots of 50%, graph;swapmoe int4, slots of 50%, graph" ;;
   lowbit)
-    timeout 560 python3 benchmarks/fused_moe.py --no-sweep --no-int8 --no-int4 --shapes olmoe-1b-7b,qwen3-30b-a3b \
-      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -30 ;;
+    bench 560 fused_moe.py --no-sweep --no-int8 --no-int4 --shapes olmoe-1b-7b,qwen3-30b-a3b ;;
   lowbit-decode)
-    timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
-      --moe-kernel transformers,triton --settings "swapmoe int3, slots of 50%, graph;swapmoe int2, slots of 50%, graph" \
-      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+    bench 560 decode.py "${olmoe[@]}" --moe-kernel transformers,triton \
+      --settings "swapmoe int3, slots of 50%, graph;swapmoe int2, slots of 50%, graph" ;;
   quantized)
     # issue 14: quantized-all (every expert resident in the least lossy format that fits) beside swapmoe at the
     # same bytes, with the defaults (int4/int3 on the per-term path until the kernel is verified for them)
-    timeout 560 python3 benchmarks/decode.py --arch olmoe-1b-7b --tokens 24 --rounds 4 --profile-tokens 8 \
-      --settings "swapmoe 25%, graph;swapmoe 25% int4, graph;quantized-all 25%, graph;quantized-all 50%, graph" \
-      --out "$out" 2>&1 | grep -v "Loading\|Writing" | tail -60 ;;
+    bench 560 decode.py "${olmoe[@]}" \
+      --settings "swapmoe 25%, graph;swapmoe 25% int4, graph;quantized-all 25%, graph;quantized-all 50%, graph" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
