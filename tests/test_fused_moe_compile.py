@@ -64,7 +64,7 @@ def _loads(sass: str) -> Counter:
 BF16 = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*bf16", "sc_ptr": "*bf16", "zp_ptr": "*bf16", "b_ptr": "*bf16",
         "h_ptr": "*fp32", "tw_ptr": "*fp32", "out_ptr": "*bf16", "alpha": "fp32", "limit": "fp32"}
 INT8 = {**BF16, "w_ptr": "*i8", "sc_ptr": "*fp16", "zp_ptr": "*fp16"}
-INT4 = {**BF16, "w_ptr": "*u8", "sc_ptr": "*fp16", "zp_ptr": "*fp16"}
+PACKED = {**BF16, "w_ptr": "*u8", "sc_ptr": "*fp16", "zp_ptr": "*fp16"}  # int4, int3, int2: bytes of codes
 # (name, kernel, types, constexprs, least 16-byte loads per loop step): OLMoE/Qwen3 (SiLU, [S, out, in]),
 # gpt-oss (clamped SwiGLU, biases, transposed and interleaved), int8, int4, int2 and int3 with whole groups per
 # step (the packed formats with their default tiles, fused_moe.default_blocks)
@@ -82,22 +82,19 @@ VARIANTS = [
                                                "ss_g": 1}, 4),
     ("down int8", "_down_kernel", INT8, {"HAS_BIAS": False, "QUANT": 8, "GROUP": 64, "BLOCK_N": 8,
                                          "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 4),
-    ("gate_up int4", "_gate_up_kernel", INT4, {"ACT": 0, "HAS_BIAS": False, "QUANT": 4, "GROUP": 64,
-                                               "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 512, "sw_k": 1,
-                                               "ss_g": 1}, 4),
-    ("down int4", "_down_kernel", INT4, {"HAS_BIAS": False, "QUANT": 4, "GROUP": 64, "BLOCK_N": 8,
-                                         "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 4),
-    ("gate_up int2", "_gate_up_kernel", INT4, {"ACT": 0, "HAS_BIAS": False, "QUANT": 2, "GROUP": 64,
-                                               "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 512, "sw_k": 1,
-                                               "ss_g": 1}, 2),
-    ("down int2", "_down_kernel", INT4, {"HAS_BIAS": False, "QUANT": 2, "GROUP": 64, "BLOCK_N": 8,
-                                         "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 3),
-    ("gate_up int3", "_gate_up_kernel", INT4, {"ACT": 0, "HAS_BIAS": False, "QUANT": 3, "GROUP": 64,
-                                               "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 512, "sw_k": 1,
-                                               "ss_g": 1}, 0),
-    ("down int3", "_down_kernel", INT4, {"HAS_BIAS": False, "QUANT": 3, "GROUP": 64, "BLOCK_N": 8,
-                                         "BLOCK_K": 1024, "sw_k": 1, "ss_g": 1}, 0),
 ]
+
+
+def _packed(bits: int, wide_gate_up: int, wide_down: int) -> list[tuple]:
+    """The packed format of ``bits`` (int4, int3, int2: uint8 codes, fp16 scales and zero points) with its
+    default tiles (fused_moe.default_blocks), gate/up and down, and each one's least 16-byte loads a step."""
+    q = {"HAS_BIAS": False, "QUANT": bits, "GROUP": 64, "sw_k": 1, "ss_g": 1}
+    return [(f"gate_up int{bits}", "_gate_up_kernel", PACKED,
+             {"ACT": 0, **q, "INTERLEAVED": False, "BLOCK_N": 16, "BLOCK_K": 512}, wide_gate_up),
+            (f"down int{bits}", "_down_kernel", PACKED, {**q, "BLOCK_N": 8, "BLOCK_K": 1024}, wide_down)]
+
+
+VARIANTS += _packed(4, 4, 4) + _packed(2, 2, 3) + _packed(3, 0, 0)
 
 
 @pytest.mark.parametrize(("name", "kernel", "types", "consts", "wide"), VARIANTS, ids=[v[0] for v in VARIANTS])
