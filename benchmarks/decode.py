@@ -42,6 +42,10 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
                "aten::_local_scalar_dense", "cudaMemcpy")
 
 
+#: the planner's per-layer formats for the reference model at a 50% budget (docs/results/quant/mixed-sweep)
+MIXED_50 = ("int8", "int8", "int4", "int8", "int8", "int8", "int8", "int8")
+
+
 def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any], str]]:
     """(name, loader, load kwargs, decode mode); ``compile_step`` adds the graph settings whose captured
     step is compiled by inductor first (Decoder(compile_step=True))."""
@@ -64,6 +68,10 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
         # issue 14's baseline: every expert in the least lossy format that fits, all resident, no swapping
         ("quantized-all 25%, graph", "quantized-all", {"memory_budget": "25%"}, "graph"),
         ("quantized-all 50%, graph", "quantized-all", {"memory_budget": "50%"}, "graph"),
+        # a mixed-precision plan's decode speed: the formats the planner chose for the reference model at
+        # 50% (docs/quantization.md, "The planner's mixed plans": int8 x7, int4 x1 over its 8 layers, every
+        # expert resident), each reference layer's format given to consecutive layers of this model
+        ("swapmoe mixed int8/int4 (planned 50%), graph", "swapmoe", {"layer_formats": MIXED_50}, "graph"),
         ("ondemand 50%", "ondemand", {"memory_budget": "50%"}, "dynamic"),
         ("accelerate offload 50%", "accelerate-offload", {"memory_budget": "50%"}, "dynamic"),
     ]
@@ -72,7 +80,8 @@ def settings(compile_step: bool = False) -> list[tuple[str, str, dict[str, Any],
     out = []
     for name, kind, kw, mode in rows:  # each compiled setting right after its uncompiled twin
         out.append((name, kind, kw, mode))
-        if name in ("plain transformers, graph", "swapmoe 100%, graph", "swapmoe 50%, graph"):
+        if name in ("plain transformers, graph", "swapmoe 100%, graph", "swapmoe 50%, graph",
+                    "swapmoe int8, slots of 50%, graph", "swapmoe int4, slots of 50%, graph"):
             out.append((name + "+compiled", kind, kw, "graph-compiled"))
     return out
 
@@ -83,7 +92,7 @@ def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels
     with the fused Triton kernel, in one process, named '<setting>, moe <choice>'); one choice keeps the names."""
     out = []
     for name, kind, kw, mode in chosen:
-        if kind != "swapmoe":
+        if kind not in ("swapmoe", "quantized-all"):
             out.append((name, kind, kw, mode))
         elif len(kernels) == 1:  # one choice: the names stay as they are, the choice is passed all the same
             out.append((name, kind, {**kw, "moe_kernel": kernels[0]}, mode))
@@ -113,11 +122,21 @@ def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype:
             cfg = AutoConfig.from_pretrained(path)
             n = round(kw["slots_fraction"] * (getattr(cfg, "num_experts", None) or cfg.num_local_experts))
             kw = {**{k: v for k, v in kw.items() if k != "slots_fraction"}, "slots": [n] * cfg.num_hidden_layers}
+        if "layer_formats" in kw:  # every expert resident, layer l in the format of reference layer l*R//L
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(path)
+            n = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+            layers, ref = cfg.num_hidden_layers, kw["layer_formats"]
+            fmts = [ref[i * len(ref) // layers] for i in range(layers)]
+            kw = {**{k: v for k, v in kw.items() if k != "layer_formats"}, "slots": [n] * layers,
+                  "expert_dtype": fmts}
         model = swapmoe.load(path, device=device, dtype=dtype, **kw)
     else:
         from swapmoe.baselines import load_policy
 
-        model = load_policy(kind, path, kw["memory_budget"], device=device, dtype=dtype)
+        extra = {k: v for k, v in kw.items() if k != "memory_budget"}  # moe_kernel (quantized-all)
+        model = load_policy(kind, path, kw["memory_budget"], device=device, dtype=dtype, **extra)
     cache[key] = model
     return model
 
