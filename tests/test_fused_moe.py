@@ -402,27 +402,13 @@ def test_moe_kernel_choices(olmoe_checkpoint, mxfp4_checkpoint, monkeypatch):
     why = use_fused_kernel([(st.layer.experts, True) for st in mxfp4.swapmoe.layers], "triton", torch.device("cpu"))
     assert len(why) == len(mxfp4.swapmoe.layers) and all("experts held as mxfp4" in line for line in why), why
     assert not any(isinstance(f, FusedForward) for f in _fused(mxfp4))
-    int4 = swapmoe.load(olmoe_checkpoint, "12.5%", expert_dtype="int4")  # read by the kernel, as int8 is,
-    layers = [(st.layer.experts, True) for st in int4.swapmoe.layers]  # but not yet run on a GPU:
-    why = use_fused_kernel(layers, "auto", torch.device("cuda"))  # the default leaves it out
-    assert len(why) == len(layers) and all("int4 experts take the fused kernel with --moe-kernel triton" in w
-                                           for w in why)
-    assert not any(isinstance(f, FusedForward) for f in _fused(int4))
-    assert use_fused_kernel(layers, "triton", torch.device("cuda")) == []  # asked for by name
-    assert all(isinstance(f, FusedForward) and f.quantised is not None for f in _fused(int4))
-    for fmt in ("int3", "int2"):  # likewise (the planner's low-budget layers)
+    for fmt in ("int8", "int4", "int3", "int2"):  # verified on the H200: the default takes every kernel format
         low = swapmoe.load(olmoe_checkpoint, "12.5%", expert_dtype=fmt)
         layers = [(st.layer.experts, True) for st in low.swapmoe.layers]
-        why = use_fused_kernel(layers, "auto", torch.device("cuda"))
-        assert len(why) == len(layers) and all(f"{fmt} experts take the fused kernel with --moe-kernel triton only"
-                                               in w for w in why), why
+        assert use_fused_kernel(layers, "auto", torch.device("cpu")) == []  # off CUDA: nothing changes
         assert not any(isinstance(f, FusedForward) for f in _fused(low))
-        assert use_fused_kernel(layers, "triton", torch.device("cuda")) == []
+        assert use_fused_kernel(layers, "auto", torch.device("cuda")) == []
         assert all(isinstance(f, FusedForward) and f.quantised.layout.fmt == fmt for f in _fused(low))
-    int8 = swapmoe.load(olmoe_checkpoint, "25%", expert_dtype="int8")  # verified on the H200: auto takes it
-    assert use_fused_kernel([(st.layer.experts, True) for st in int8.swapmoe.layers], "auto",
-                            torch.device("cuda")) == []
-    assert all(isinstance(f, FusedForward) for f in _fused(int8))
     monkeypatch.setattr(swapmoe.fused, "triton_available", lambda: False)
     with pytest.raises(MoEKernelError, match="needs Triton"):
         swapmoe.load(olmoe_checkpoint, "50%", moe_kernel="triton")

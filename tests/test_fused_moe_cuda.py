@@ -89,16 +89,14 @@ def _checkpoint(tmp_path):
 @pytest.mark.parametrize(("expert_dtype", "budget"), [(None, "50%"), ("int8", "50%"), ("int4", "12.5%"),
                                                       ("int3", "12.5%"), ("int2", "12.5%")])
 def test_graph_decode_captures_the_fused_kernel(tmp_path, expert_dtype, budget):
-    """At 50% (int4, int3, int2: 12.5%, under all of the experts) on CUDA with ``moe_kernel="auto"`` (int4,
-    int3, int2: ``"triton"``, as auto leaves them out until this has run on a GPU) the fused kernel serves
-    every virtualised layer, the decode step is captured with it, and a replay gives what the same kernels
-    give in eager forwards, bit for bit."""
+    """At 50% (int4, int3, int2: 12.5%, under all of the experts) on CUDA with the default ``moe_kernel``
+    the fused kernel serves every virtualised layer, the decode step is captured with it, and a replay
+    gives what the same kernels give in eager forwards, bit for bit."""
     from swapmoe.engine.decoder import Decoder
 
     path = _checkpoint(tmp_path)
     model = swapmoe.load(path, budget, device="cuda", dtype=torch.bfloat16, swaps_per_update=0,
-                         expert_dtype=expert_dtype,
-                         moe_kernel="triton" if expert_dtype in ("int4", "int3", "int2") else "auto")
+                         expert_dtype=expert_dtype)
     fused = [st.layer.experts.__dict__.get("forward") for st in model.swapmoe.layers]
     assert all(isinstance(f, FusedForward) for f in fused)
     assert all((f.quantised is not None) == (expert_dtype is not None) for f in fused)

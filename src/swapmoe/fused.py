@@ -52,11 +52,9 @@ MAX_TERMS = 64
 REGISTERED_NAME = "swapmoe_fused"
 ACT_SILU, ACT_GPT_OSS = 0, 1  # as swapmoe.kernels.fused_moe numbers them (that module needs Triton)
 #: swapmoe.quant formats the kernel dequantises in its loads, and the bits of their codes
-#: (``ExpertTensors.bits``); int4, int3 and int2 are not yet measured on a GPU (docs/benchmarks.md)
+#: (``ExpertTensors.bits``). Each is verified on the H200 against a float64 reference and inside a captured
+#: decode (tests/test_fused_moe_cuda.py), so ``auto`` takes all of them (docs/benchmarks.md has the speeds)
 KERNEL_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
-#: the quantised formats ``auto`` (the default) sends to the kernel: those verified on a GPU. int4, int3
-#: and int2 are tested under Triton's interpreter and compiled for sm_90, not yet run on one: ``triton`` only.
-AUTO_FORMATS = ("int8",)
 
 
 class MoEKernelError(SwapMoEError):
@@ -274,10 +272,6 @@ def use_fused_kernel(layers: Iterable[tuple[nn.Module, bool]], choice: str, devi
         if choice == "auto" and not ours:
             continue
         why = unsupported(module)
-        fwd = module.__dict__.get("forward")
-        if why is None and choice == "auto" and _is_quantised(fwd) and fwd.layout.fmt not in AUTO_FORMATS:
-            why = (f"{fwd.layout.fmt} experts take the fused kernel with --moe-kernel triton only (not yet "
-                   "verified on a GPU)")
         if why is not None:
             skipped.append(f"MoE layer {i}: {why}")
             continue

@@ -18,8 +18,9 @@ Modes
 ``compile_step=True`` (graph and static modes): the single-token step is compiled by inductor, without
 inductor's own CUDA graphs, with the router hooks' in-graph work traced into it
 (:mod:`swapmoe.engine.compiled_step`); graph mode runs the compiled step once, then captures it as
-above. Off by default: not verified on a GPU yet (tests/test_cuda.py "compiled", benchmarks/decode.py
---compile-step).
+above. Off by default: inductor takes 35-50 s (cold cache, OLMoE size on the H200) before the first token,
+which a short generation never earns back; verified on the H200 by tests/test_cuda.py ("compiled") and
+measured by benchmarks/decode.py --compile-step (docs/benchmarks.md).
 
 Prefill is always eager (one forward of the whole prompt): prompts vary in length, a captured
 prefill would need one graph per length. The decode graph is kept across requests: a new request
