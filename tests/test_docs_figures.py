@@ -84,10 +84,33 @@ def test_load_memory_table_is_its_json():
 
 
 @pytest.mark.parametrize("name", ["decode-olmoe-1b-7b", "decode-qwen3-30b-a3b-12l", "decode-olmoe-1b-7b-kernels",
-                                  "decode-olmoe-1b-7b-compiled-fused"])
+                                  "decode-olmoe-1b-7b-compiled-fused", "decode-olmoe-1b-7b-fused",
+                                  "decode-qwen3-30b-a3b-12l-fused", "decode-olmoe-1b-7b-quantised"])
 def test_decode_tables_are_their_json(name):
     """The GPU decode tables of docs/benchmarks.md (and the figures README quotes from them)."""
     decode = _benchmark("decode")
     data = json.loads((DOCS / "results" / "decode" / f"{name}.json").read_text())
     assert data.get("complete", True) and data["device"] == "NVIDIA H200"  # older files predate "complete"
     assert _missing(_rows(decode.markdown(data["rows"])), DOCS / "benchmarks.md") == []
+
+
+@pytest.mark.parametrize("name", ["fused_moe", "fused_moe-int4"])
+def test_fused_kernel_figures_are_their_json(name):
+    """Each per-layer time docs/benchmarks.md quotes for the fused kernel (bf16, and int4 against the
+    gather path) is in the row of its shape and T in the committed JSON."""
+    data = json.loads((DOCS / "results" / "fused_moe" / f"{name}.json").read_text())
+    assert data["device"] == "NVIDIA H200"
+    page = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    for r in data["rows"]:
+        cells = [r["shape"], str(r["T"]), str(r["S"])]
+        if "int4_fused_graph_us" in r and name == "fused_moe-int4":
+            cells += [f"{r['int4_err_fused_skip']:.1e}", f"{r['fused_graph_us']:.1f}",
+                      f"{r['grouped_mm_graph_us']:.1f}", f"{r['int4_fused_graph_us']:.1f}",
+                      f"{r['int4_gather_graph_us']:.1f}"]
+        else:
+            cells += [f"{r['fused_graph_us']:.1f}", f"{r['grouped_mm_graph_us']:.1f}"]
+        row = "| " + " | ".join(cells) + " |"
+        if name == "fused_moe":  # the older table has more columns: its figures, in order, on one line
+            assert any(all(c in ln for c in cells) for ln in page.splitlines() if ln.startswith(f"| {r['shape']} | {r['T']} |")), cells
+        else:
+            assert row in page, row
