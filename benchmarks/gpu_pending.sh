@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks still to run (or to run again after a fix) on the H200, as one stage per device call
-# (each stays under the device tool's 10-minute limit; results land under $OUT).
+# The GPU checks, as one stage per device call (each stays under the device tool's 10-minute limit;
+# results land under $OUT). Run on the H200 on 2026-12-01 (docs/results/): tests, tf524, kernels, olmoe,
+# qwen3, int4's benchmark, and quantised decode rows. Not yet run: lowbit, lowbit-decode, accelerate.
 #
 #   bash benchmarks/gpu_pending.sh tests      # CUDA tests: graph path, quantised graphs, fused kernel, MXFP4, compiled step
 #   bash benchmarks/gpu_pending.sh tf524      # the same CUDA tests that need transformers >= 5.21 (gpt-oss graph capture);
@@ -14,10 +15,11 @@
 #   bash benchmarks/gpu_pending.sh lowbit     # int3 and int2 in the fused kernel per layer against the gather path
 #   bash benchmarks/gpu_pending.sh lowbit-decode  # decode with int3 and int2 slots, fused kernel vs per-term path
 #   bash benchmarks/gpu_pending.sh quantized  # decode: quantized-all at 25% and 50% beside swapmoe at the same bytes
+#   bash benchmarks/gpu_pending.sh accelerate # decode: the accelerate-offload baseline (a few tokens) beside swapmoe 50%
 #
 # Each stage writes a log and, for the benchmarks, a JSON with provenance under $OUT/<stage>/.
 set -uo pipefail
-stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode | lowbit | lowbit-decode | quantized"}
+stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode | lowbit | lowbit-decode | quantized | accelerate"}
 out=${OUT:-runs/gpu}/$stage
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
@@ -64,8 +66,11 @@ case $stage in
       --settings "swapmoe int3, slots of 50%, graph;swapmoe int2, slots of 50%, graph" ;;
   quantized)
     # issue 14: quantized-all (every expert resident in the least lossy format that fits) beside swapmoe at the
-    # same bytes, with the defaults (int4/int3 on the per-term path until the kernel is verified for them)
+    # same bytes, with the defaults (the fused kernel for every packed format)
     bench 560 decode.py "${olmoe[@]}" \
       --settings "swapmoe 25%, graph;swapmoe 25% int4, graph;quantized-all 25%, graph;quantized-all 50%, graph" ;;
+  accelerate)
+    bench 560 decode.py "${olmoe[@]}" --rounds 2 \
+      --settings "plain transformers, graph;swapmoe 50%, graph;accelerate offload 50%" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
