@@ -106,6 +106,14 @@ def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels
 SLOW_TOKENS = {"accelerate offload 50%": 4}
 
 
+def experts_and_layers(path: Path) -> tuple[int, int]:
+    """Experts per MoE layer and layers of the checkpoint's config (every layer is MoE in these shapes)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    return getattr(cfg, "num_experts", None) or cfg.num_local_experts, cfg.num_hidden_layers
+
+
 def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype: torch.dtype,
          cache: dict[tuple, Any]) -> Any:
     key = (kind, tuple(sorted(kw.items())))
@@ -116,21 +124,14 @@ def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     elif kind == "swapmoe":
+        experts, layers = experts_and_layers(path)
+        kw = dict(kw)  # the setting's own stays as it is (its cache key)
         if "slots_fraction" in kw:  # the same slots per layer as a bf16 budget of that fraction gives
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(path)
-            n = round(kw["slots_fraction"] * (getattr(cfg, "num_experts", None) or cfg.num_local_experts))
-            kw = {**{k: v for k, v in kw.items() if k != "slots_fraction"}, "slots": [n] * cfg.num_hidden_layers}
+            n = round(kw.pop("slots_fraction") * experts)
+            kw["slots"] = [n] * layers
         if "layer_formats" in kw:  # every expert resident, layer l in the format of reference layer l*R//L
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(path)
-            n = getattr(cfg, "num_experts", None) or cfg.num_local_experts
-            layers, ref = cfg.num_hidden_layers, kw["layer_formats"]
-            fmts = [ref[i * len(ref) // layers] for i in range(layers)]
-            kw = {**{k: v for k, v in kw.items() if k != "layer_formats"}, "slots": [n] * layers,
-                  "expert_dtype": fmts}
+            ref = kw.pop("layer_formats")
+            kw.update(slots=[experts] * layers, expert_dtype=[ref[i * len(ref) // layers] for i in range(layers)])
         model = swapmoe.load(path, device=device, dtype=dtype, **kw)
     else:
         from swapmoe.baselines import load_policy
