@@ -106,6 +106,12 @@ def with_moe_kernels(chosen: list[tuple[str, str, dict[str, Any], str]], kernels
 SLOW_TOKENS = {"accelerate offload 50%": 4}
 
 
+def spread(formats: tuple[str, ...], layers: int) -> list[str]:
+    """Per-layer formats of a model with ``len(formats)`` layers given to one with ``layers``: layer ``l``
+    takes the format of layer ``l * len(formats) // layers`` (consecutive layers share one)."""
+    return [formats[i * len(formats) // layers] for i in range(layers)]
+
+
 def experts_and_layers(path: Path) -> tuple[int, int]:
     """Experts per MoE layer and layers of the checkpoint's config (every layer is MoE in these shapes)."""
     from transformers import AutoConfig
@@ -129,9 +135,9 @@ def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype:
         if "slots_fraction" in kw:  # the same slots per layer as a bf16 budget of that fraction gives
             n = round(kw.pop("slots_fraction") * experts)
             kw["slots"] = [n] * layers
-        if "layer_formats" in kw:  # every expert resident, layer l in the format of reference layer l*R//L
+        if "layer_formats" in kw:  # every expert resident, in the reference model's formats spread over the layers
             ref = kw.pop("layer_formats")
-            kw.update(slots=[experts] * layers, expert_dtype=[ref[i * len(ref) // layers] for i in range(layers)])
+            kw.update(slots=[experts] * layers, expert_dtype=spread(ref, layers))
         model = swapmoe.load(path, device=device, dtype=dtype, **kw)
     else:
         from swapmoe.baselines import load_policy
@@ -201,6 +207,17 @@ def main() -> None:
     console = Console()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    chosen = with_moe_kernels(settings(args.compile_step), [k.strip() for k in args.moe_kernel.split(",") if k.strip()])
+    if args.settings:  # checked before minutes of building and loading: a typo would time nothing
+        wanted = {s.strip() for s in args.settings.split(";") if s.strip()}
+        known = {c[0] for c in chosen} | {c[0].rsplit(", moe ", 1)[0] for c in chosen}
+        if wanted - known:
+            p.error(f"unknown setting(s) {sorted(wanted - known)}; the settings here are: {'; '.join(sorted(known))}"
+                    + ("" if args.compile_step else " (the graph+compiled ones need --compile-step)"))
+        # a setting's own name also selects its per-kernel twins
+        chosen = [c for c in chosen if c[0] in wanted or c[0].rsplit(", moe ", 1)[0] in wanted]
+    if device.type != "cuda":  # accelerate's offloading moves weights from the GPU to host memory
+        chosen = [c for c in chosen if c[1] != "accelerate-offload"]
     if args.layers:
         ARCHS[args.arch] = {**ARCHS[args.arch], "num_hidden_layers": args.layers}
     path = Path(args.model_dir or f"/tmp/swapmoe-bench-{args.arch}-{args.layers or 'all'}-{args.checkpoint_layout}")
@@ -210,13 +227,6 @@ def main() -> None:
     vocab = ARCHS[args.arch]["vocab_size"]
     prompt = torch.randint(0, vocab, (32,), generator=rng).tolist()
     feed = torch.randint(0, vocab, (max(args.tokens + 8, 20 + args.profile_tokens),), generator=rng).tolist()
-    chosen = with_moe_kernels(settings(args.compile_step), [k.strip() for k in args.moe_kernel.split(",") if k.strip()])
-    if device.type != "cuda":  # accelerate's offloading moves weights from the GPU to host memory
-        chosen = [c for c in chosen if c[1] != "accelerate-offload"]
-    if args.settings:
-        wanted = {s.strip() for s in args.settings.split(";")}
-        # a setting's own name also selects its per-kernel twins
-        chosen = [c for c in chosen if c[0] in wanted or c[0].rsplit(", moe ", 1)[0] in wanted]
     loaded: dict[tuple, Any] = {}
     decoders: dict[str, Decoder] = {}
     rows: dict[str, dict[str, Any]] = {}
