@@ -1,7 +1,7 @@
 """The per-used-slot path of swapmoe.qexperts (a prefill of a quantised layer) in bounded chunks.
 
 A prefill used to dequantise every slot its tokens chose at once (float32, then a copy in the model's
-dtype); it now takes :data:`swapmoe.qexperts.SCRATCH_BYTES` worth of slots at a time. Shown here: the
+dtype); it now takes :data:`swapmoe.qexperts.CHUNK_BYTES` worth of slots at a time. Shown here: the
 chunk plan (literal figures, the OLMoE-1B-7B shape), the chunked output against the one-call output
 (bit for bit under grouped_mm and batched_mm; within the eager kernel's own rounding), the largest
 scratch the path builds, and a whole prefill of the reference model.
@@ -17,22 +17,39 @@ from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
 import swapmoe
-from swapmoe.qexperts import SCRATCH_BYTES, QuantisedForward, chunk_bounds, install, slots_per_chunk
+from swapmoe.qexperts import (
+    CHUNK_BYTES,
+    QuantisedForward,
+    chunk_bounds,
+    install,
+    slot_work_bytes,
+    slots_per_chunk,
+)
 from swapmoe.quant import ExpertLayout
 
 FORMATS = ("int8", "int4", "int3", "int2")
 H, INTER, S, K = 64, 32, 12, 4  # hidden, expert intermediate, slots, experts per token
-OLMOE_EXPERT_BF16 = 3 * 2048 * 1024 * 2  # gate_up [2I, H] + down [H, I], bfloat16: 12,582,912 bytes
+OLMOE = {"gate_up_proj": (64, 2048, 2048), "down_proj": (64, 2048, 1024)}  # OLMoE-1B-7B, [E, ...]
+
+
+def _olmoe_work(fmt: str) -> int:
+    layout = ExpertLayout(fmt, OLMOE, {n: torch.bfloat16 for n in OLMOE})
+    parts = {n: torch.empty(shape, dtype=dt, device="meta") for n, (shape, dt) in layout.parts().items()}
+    return slot_work_bytes(layout, parts)
 
 
 def test_chunk_plan_of_the_olmoe_shape():
-    # OLMoE-1B-7B: 32 used slots of 64; a chunk holds 5 experts (62.9 MB of 64 MiB), 7 chunks
-    assert slots_per_chunk(OLMOE_EXPERT_BF16) == 5
-    assert chunk_bounds(32, 5) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30), (30, 32)]
-    assert slots_per_chunk(OLMOE_EXPERT_BF16) * OLMOE_EXPERT_BF16 <= SCRATCH_BYTES
-    # an expert larger than the bound (Mixtral-8x7B, 352 MB) is a chunk of one
-    assert slots_per_chunk(352_321_536) == 1
-    assert slots_per_chunk(10, limit=35) == 3 and chunk_bounds(3, 3) == [(0, 3)] and chunk_bounds(0, 3) == []
+    # one OLMoE expert: 12,582,912 bytes in bfloat16, float32 work of gate_up [2048, 2048] 16,777,216,
+    # stored 6,488,064 (int8) or 3,538,944 (int4: codes, float16 scales and zero points)
+    assert _olmoe_work("int8") == 6_488_064 + 12_582_912 + 16_777_216 == 35_848_192
+    assert _olmoe_work("int4") == 3_538_944 + 12_582_912 + 16_777_216 == 32_899_072
+    # 32 used slots of 64: chunks of 3 (int8, 107.5 MB) or 4 (int4, 131.6 MB), not all 32 (1.15 / 1.05 GB)
+    assert slots_per_chunk(_olmoe_work("int8")) == 3 and len(chunk_bounds(32, 3)) == 11
+    assert slots_per_chunk(_olmoe_work("int4")) == 4 and len(chunk_bounds(32, 4)) == 8
+    assert chunk_bounds(32, 3)[-2:] == [(27, 30), (30, 32)] and chunk_bounds(8, 4) == [(0, 4), (4, 8)]
+    assert slots_per_chunk(_olmoe_work("int4")) * _olmoe_work("int4") <= CHUNK_BYTES
+    # work larger than the bound (a Mixtral-8x7B expert) is a chunk of one; nothing used, no chunk
+    assert slots_per_chunk(CHUNK_BYTES + 1) == 1 and chunk_bounds(0, 3) == []
 
 
 class RecordingLayout:
@@ -77,9 +94,9 @@ def _call(seed: int, T: int = 16, skip: bool = True):
 def _outputs(module, fwd, call, chunk_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The one-call output and the output with ``chunk_slots`` slots per chunk."""
     with torch.inference_mode():
-        fwd.scratch_bytes = SCRATCH_BYTES
+        fwd.chunk_bytes = CHUNK_BYTES
         whole = module(*call)
-        fwd.scratch_bytes = chunk_slots * fwd.slot_bytes
+        fwd.chunk_bytes = chunk_slots * fwd.slot_work
         return whole, module(*call)
 
 
@@ -120,15 +137,15 @@ def test_the_largest_scratch_is_one_chunk_not_the_used_slots(fmt):
     used = int((ids.unique() < S).sum())
     assert used == S  # every slot used: a whole-layer scratch would hold 12 experts
     for chunk_slots in (1, 5):
-        fwd.scratch_bytes = chunk_slots * fwd.slot_bytes
+        fwd.chunk_bytes = chunk_slots * fwd.slot_work
         layout.sizes.clear()
         with torch.inference_mode():
             module(x, ids, w)
         assert layout.sizes == [len(range(a, b)) for a, b in chunk_bounds(used, chunk_slots)]
-        assert max(layout.sizes) * fwd.slot_bytes <= fwd.scratch_bytes
+        assert max(layout.sizes) * fwd.slot_work <= fwd.chunk_bytes
         assert len(layout.sizes) == math.ceil(used / chunk_slots)
     # all used slots within the bound: one plain call; a decode-sized call keeps its per-term scratch
-    fwd.scratch_bytes = SCRATCH_BYTES
+    fwd.chunk_bytes = CHUNK_BYTES
     layout.sizes.clear()
     with torch.inference_mode():
         module(x, ids, w)
@@ -139,7 +156,7 @@ def test_the_largest_scratch_is_one_chunk_not_the_used_slots(fmt):
 def test_a_prefill_where_every_term_is_skipped_is_zero_and_dequantises_nothing():
     module, fwd, layout = _experts("int4", "grouped_mm")
     x, ids, w = _call(0)
-    fwd.scratch_bytes = 1
+    fwd.chunk_bytes = 1
     with torch.inference_mode():
         out = module(x, torch.full_like(ids, S), w)
     assert torch.equal(out, torch.zeros_like(out)) and layout.sizes == []
@@ -165,6 +182,6 @@ def test_reference_model_prefill_is_bit_identical_in_chunks(fmt, budget):
     with torch.inference_mode():
         whole = model(ids).logits
         for fwd in forwards:
-            fwd.scratch_bytes = 3 * fwd.slot_bytes
+            fwd.chunk_bytes = 3 * fwd.slot_work
         chunked = model(ids).logits
     assert torch.equal(chunked, whole)

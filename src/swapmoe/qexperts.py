@@ -19,7 +19,7 @@ Two ways to choose ``C``:
   skipped term's entry is zeroed: its slot may be the target of a copy in flight.
 * **per used slot** (``T*K > S``, a prefill): the distinct slots the call chose (``U <= S``), found
   with ``nonzero`` (a host sync; prefills run eagerly), taken in chunks of at most
-  :func:`slots_per_chunk` slots so that the scratch stays under :data:`SCRATCH_BYTES` whatever ``U``
+  :func:`slots_per_chunk` slots so that dequantising stays under :data:`CHUNK_BYTES` whatever ``U``
   is. When all ``U`` fit in one chunk the call is the plain one (``C = U``). Otherwise the kernel runs
   once per chunk (``C`` = that chunk's slots) on the call's terms laid out one per row (``[T*K, 1]``
   ids, each token's hidden state repeated ``K`` times), a term routed outside the chunk getting the
@@ -37,28 +37,42 @@ one chunk's worth (per used slot), and only for the duration of that layer's cal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-SCRATCH_BYTES = 64 * 2**20
-"""Bound on the bytes of one per-used-slot scratch (the chunk's experts in the model's dtype).
+CHUNK_BYTES = 128 * 2**20
+"""Bound on the memory one chunk of the per-used-slot path dequantises with (:func:`slot_work_bytes`
+per slot: the gathered parts, the scratch in the model's dtype, float32 work of its largest tensor).
 
-Before it, a prefill dequantised every used slot of a layer at once: on the H200 an OLMoE-1B-7B-sized
-model at 32 of 64 slots per layer peaked 0.93-1.47 GB above its steady state (int4 to a mixed plan,
-docs/results/decode/decode-olmoe-1b-7b-quantised.json), 30-50% on top of a 1.8-3.3 GB expert budget.
-64 MiB is five OLMoE experts (12.6 MB each in bfloat16), 2-3% of those budgets, and still large
-enough that a chunk's grouped GEMM sees several experts per launch; an expert larger than the bound
-(Mixtral-8x7B: 352 MB) is a chunk of one, the least any scheme can hold. Dequantising a chunk also
-makes float32 work of at most twice the chunk's largest parameter (swapmoe.quant.dequantise computes
-in float32), freed before the next parameter."""
+Before chunks, a prefill dequantised every used slot of a layer at once: on the H200 an
+OLMoE-1B-7B-sized model at 32 of 64 slots per layer peaked 0.93-1.47 GB above its steady state (int4
+slots to a mixed plan, docs/results/decode/decode-olmoe-1b-7b-quantised.json), 30-50% on top of a
+1.8-3.3 GB expert budget. 128 MiB is 3 int8 or 4 int4 OLMoE experts (35.8 and 32.9 MB of work each),
+4-7% of those budgets, while a chunk's grouped GEMM still sees several experts per launch and a
+32-slot prefill takes 8-11 kernel calls per layer, not 32; 64 MiB would hold one int8 OLMoE expert.
+An expert whose work exceeds the bound (Mixtral-8x7B: ~1 GB) is a chunk of one, the least any
+scheme holds. Outside the bound: the kernel's own temporaries, which grow with ``T*K``, not with the
+used slots; and int3's unpacking briefly holds int32 codes as large as the float32 work."""
 
 
-def slots_per_chunk(slot_bytes: int, limit: int = SCRATCH_BYTES) -> int:
-    """How many slots one per-used-slot scratch holds: as many experts of ``slot_bytes`` (one expert in
-    the model's dtype) as fit in ``limit`` bytes, and at least one."""
-    return max(1, limit // slot_bytes)
+def slot_work_bytes(layout: Any, parts: Mapping[str, torch.Tensor]) -> int:
+    """Bytes one slot adds to a chunk's dequantisation (pure): its parts as stored (``parts``: name ->
+    ``[S, ...]``), its tensors in the model's dtypes (the scratch), and float32 work the size of its
+    largest tensor (swapmoe.quant.dequantise computes one tensor at a time in float32, then casts)."""
+    stored = sum(t[0].numel() * t.element_size() for t in parts.values())
+    scratch = sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=layout.dtypes[n]).element_size()
+                  for n, s in layout.shapes.items())
+    work = 4 * max(torch.Size(s[1:]).numel() for s in layout.shapes.values())
+    return stored + scratch + work
+
+
+def slots_per_chunk(slot_work: int, limit: int = CHUNK_BYTES) -> int:
+    """How many slots one chunk holds: as many as fit ``limit`` bytes at ``slot_work`` bytes each
+    (:func:`slot_work_bytes`), and at least one."""
+    return max(1, limit // slot_work)
 
 
 def chunk_bounds(used: int, per: int) -> list[tuple[int, int]]:
@@ -70,16 +84,14 @@ class QuantisedForward:
     """The ``forward`` of one experts module computing from quantised ``[S, ...]`` parts."""
 
     def __init__(self, module: nn.Module, layout: Any, parts: dict[str, torch.Tensor],
-                 scratch_bytes: int = SCRATCH_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
         self.module = module
         self.layout = layout  # swapmoe.quant.ExpertLayout or swapmoe.mxfp4.Mxfp4Layout
         self.parts = parts  # part name -> [S, ...] on the device: the slots (updated in place by swaps)
         self.num_slots = next(iter(parts.values())).shape[0]
         self.inner = type(module).forward  # transformers' forward: dispatches on the experts implementation
-        self.scratch_bytes = scratch_bytes  # bound on one per-used-slot scratch (SCRATCH_BYTES)
-        # bytes of one expert as the kernel reads it (the model's dtype): what a scratch entry costs
-        self.slot_bytes = sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=layout.dtypes[n]).element_size()
-                              for n, s in layout.shapes.items())
+        self.chunk_bytes = chunk_bytes  # bound on one chunk of the per-used-slot path (CHUNK_BYTES)
+        self.slot_work = slot_work_bytes(layout, parts)  # what one slot of a chunk costs
 
     def decode(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dequantised weights of ``slots`` (``[C]`` ids): ``name -> [C, ...]`` in the model's dtypes."""
@@ -172,16 +184,16 @@ class QuantisedForward:
             weights = {n: torch.zeros((1, *s[1:]), dtype=self.layout.dtypes[n], device=ids.device)
                        for n, s in self.layout.shapes.items()}
             return self.run(weights, hidden_states, torch.ones_like(ids), top_k_weights, dtype, *args, **kwargs)
-        per = slots_per_chunk(self.slot_bytes, self.scratch_bytes)
+        per = slots_per_chunk(self.slot_work, self.chunk_bytes)
         if used.numel() <= per:  # one chunk: the plain call
             return self.run(self.decode(used), hidden_states, ids, top_k_weights, dtype, *args, **kwargs)
         return self.chunked(used, ids, hidden_states, top_k_weights, per, dtype, *args, **kwargs)
 
 
 def install(module: nn.Module, layout: Any, parts: dict[str, torch.Tensor],
-            scratch_bytes: int = SCRATCH_BYTES) -> QuantisedForward:
+            chunk_bytes: int = CHUNK_BYTES) -> QuantisedForward:
     """Make ``module`` compute from the quantised ``parts`` (its parameters stay empty placeholders)."""
-    fwd = QuantisedForward(module, layout, parts, scratch_bytes)
+    fwd = QuantisedForward(module, layout, parts, chunk_bytes)
     module.forward = fwd
     module._is_expert_parallel = True  # transformers' kernels skip ids >= num_experts only in this mode
     return fwd
