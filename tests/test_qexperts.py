@@ -69,18 +69,29 @@ class RecordingLayout:
         return out
 
 
-def _experts(fmt: str, impl: str, seed: int = 0) -> tuple[OlmoeExperts, QuantisedForward, RecordingLayout]:
-    """An OLMoE experts module (bfloat16) whose ``S`` slots hold random experts in ``fmt``."""
-    cfg = OlmoeConfig(hidden_size=H, intermediate_size=INTER, num_experts=16, num_experts_per_tok=K)
+def _layer(fmt: str, impl: str, h: int, inter: int, slots: int, k: int, device: str = "cpu", seed: int = 0,
+           record: bool = False) -> tuple[OlmoeExperts, QuantisedForward, RecordingLayout | ExpertLayout]:
+    """An OLMoE experts module (bfloat16) whose ``slots`` slots hold random experts in ``fmt``,
+    quantised one slot at a time (an OLMoE-sized layer in float32 would be 1.6 GB)."""
+    cfg = OlmoeConfig(hidden_size=h, intermediate_size=inter, num_experts=slots, num_experts_per_tok=k)
     cfg._experts_implementation = impl
     module = OlmoeExperts(cfg).to(torch.bfloat16)
+    for n in ("gate_up_proj", "down_proj"):
+        module._parameters[n] = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16, device=device),
+                                                   requires_grad=False)
+    shapes = {"gate_up_proj": (slots, 2 * inter, h), "down_proj": (slots, h, inter)}
+    layout = ExpertLayout(fmt, shapes, {n: torch.bfloat16 for n in shapes})
     gen = torch.Generator().manual_seed(seed)
-    full = {"gate_up_proj": torch.randn(S, 2 * INTER, H, generator=gen) * 0.05,
-            "down_proj": torch.randn(S, H, INTER, generator=gen) * 0.05}
-    layout = RecordingLayout(ExpertLayout.of({n: t.to(torch.bfloat16) for n, t in full.items()}, fmt))
-    for n in full:
-        module._parameters[n] = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
-    return module, install(module, layout, layout.inner.encode(full)), layout
+    per_slot = [layout.encode({n: (torch.randn(1, *sh[1:], generator=gen) * 0.05).to(device)
+                               for n, sh in shapes.items()}) for _ in range(slots)]
+    parts = {p: torch.cat([d[p] for d in per_slot]) for p in per_slot[0]}
+    recorded = RecordingLayout(layout) if record else layout
+    return module, install(module, recorded, parts), recorded
+
+
+def _experts(fmt: str, impl: str, seed: int = 0) -> tuple[OlmoeExperts, QuantisedForward, RecordingLayout]:
+    """A small layer (``S`` slots, hidden ``H``) that records its dequantisations."""
+    return _layer(fmt, impl, H, INTER, S, K, seed=seed, record=True)
 
 
 def _call(seed: int, T: int = 16, skip: bool = True):
@@ -218,16 +229,8 @@ def test_measured_peak_of_a_prefill_is_one_chunk_not_the_layer(fmt):
     hidden 512): at two slots a chunk, the work of two slots (slot_work_bytes) plus the call's rows,
     against ~28x one slot's work (int3 45x) for the whole layer at once (measured)."""
     h, inter, s, t, k = 512, 256, 32, 32, 8
-    cfg = OlmoeConfig(hidden_size=h, intermediate_size=inter, num_experts=s, num_experts_per_tok=k)
-    cfg._experts_implementation = "grouped_mm"
-    module = OlmoeExperts(cfg).to(torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    full = {"gate_up_proj": torch.randn(s, 2 * inter, h, generator=gen) * 0.02,
-            "down_proj": torch.randn(s, h, inter, generator=gen) * 0.02}
-    layout = ExpertLayout.of({n: w.to(torch.bfloat16) for n, w in full.items()}, fmt)
-    for n in full:
-        module._parameters[n] = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
-    fwd = install(module, layout, layout.encode(full))
+    module, fwd, _ = _layer(fmt, "grouped_mm", h, inter, s, k)
+    gen = torch.Generator().manual_seed(1)
     x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(s, generator=gen)[:k] for _ in range(t)])
     w = torch.rand(t, k, generator=gen).to(torch.bfloat16)
@@ -241,3 +244,43 @@ def test_measured_peak_of_a_prefill_is_one_chunk_not_the_layer(fmt):
     # measured (int8): 4.78 MB against 2 x 2.24 MB of work, and 63.8 MB for the whole layer
     assert chunked <= 2 * fwd.slot_work * EXTRA_WORK.get(fmt, 1.0) + 4 * rows
     assert whole >= 20 * fwd.slot_work
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_olmoe_sized_prefill_in_chunks_is_bit_identical_and_bounded(fmt):
+    """On the GPU, an OLMoE-1B-7B-sized layer (hidden 2048, intermediate 1024, 64 slots, top-8) and a
+    32-token prefill over 32 used slots: the chunked output equals the one-call output (grouped_mm), and
+    the allocator's peak is one chunk's work (CHUNK_BYTES) plus the call's rows, not the layer's."""
+    h, inter, s, t, k = 2048, 1024, 64, 32, 8
+    module, fwd, _ = _layer(fmt, "grouped_mm", h, inter, s, k, device="cuda")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16).cuda()
+    used = torch.randperm(s, generator=gen)[:32]
+    ids = torch.stack([used[torch.randperm(32, generator=gen)[:k]] for _ in range(t)])
+    ids.view(-1)[:32] = used  # every one of the 32 used at least once (distinct per row: row r gets 8 of them)
+    ids[5, 3] = s  # a skipped term
+    w = torch.rand(t, k, generator=gen).to(torch.bfloat16).cuda()
+    ids = ids.cuda()
+    per = slots_per_chunk(fwd.slot_work, CHUNK_BYTES)
+    rows = t * k * h * 2
+
+    def peak(chunk_bytes: int) -> tuple[torch.Tensor, int]:
+        fwd.chunk_bytes = chunk_bytes
+        module(x, ids, w)  # warm (the allocator's blocks, the kernels)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = module(x, ids, w)
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+
+    with torch.inference_mode():
+        whole, whole_peak = peak(1 << 62)
+        chunked, chunked_peak = peak(CHUNK_BYTES)
+    diff = (chunked.float() - whole.float()).abs().max().item()
+    print(f"{fmt}: {per} slots a chunk; peak {whole_peak / 1e6:.1f} MB whole, {chunked_peak / 1e6:.1f} MB "
+          f"chunked; max |difference| {diff}")
+    assert torch.equal(chunked, whole), f"chunked differs from the one-call output by up to {diff}"
+    assert chunked_peak <= per * fwd.slot_work * EXTRA_WORK.get(fmt, 1.0) + 8 * rows
+    assert whole_peak >= 20 * fwd.slot_work
