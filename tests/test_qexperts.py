@@ -94,14 +94,15 @@ def _experts(fmt: str, impl: str, seed: int = 0) -> tuple[OlmoeExperts, Quantise
     return _layer(fmt, impl, H, INTER, S, K, seed=seed, record=True)
 
 
-def _call(seed: int, T: int = 16, skip: bool = True):
-    """A prefill-sized call (``T*K > S``): hidden ``[T, H]``, ids ``[T, K]`` (one skipped), weights."""
+def _call(seed: int, T: int = 16, skip: bool = True, weights_dtype: torch.dtype = torch.bfloat16):
+    """A prefill-sized call (``T*K > S``): hidden ``[T, H]``, ids ``[T, K]`` (one skipped), weights
+    (float32 where the router keeps them so: Mixtral, DeepSeek-V3)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(T)])
     if skip:
         ids[seed % T, seed % K] = S  # the runtime's sentinel for a skipped term
-    return x, ids, torch.rand(T, K, generator=gen).to(torch.bfloat16)
+    return x, ids, torch.rand(T, K, generator=gen).to(weights_dtype)
 
 
 def _outputs(module, fwd, call, chunk_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +118,10 @@ def _outputs(module, fwd, call, chunk_slots: int) -> tuple[torch.Tensor, torch.T
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_chunked_prefill_equals_the_one_call_output_bit_for_bit(fmt, impl):
     module, fwd, _ = _experts(fmt, impl)
-    for seed, chunk_slots in ((0, 1), (1, 5), (2, 2)):  # one slot a chunk; a short last chunk; skip-free
-        call = _call(seed, skip=seed != 2)
+    # one slot a chunk; a short last chunk; no skipped term; float32 routing weights
+    for seed, chunk_slots, wdt in ((0, 1, torch.bfloat16), (1, 5, torch.bfloat16), (2, 2, torch.bfloat16),
+                                   (3, 2, torch.float32)):
+        call = _call(seed, skip=seed != 2, weights_dtype=wdt)
         whole, chunked = _outputs(module, fwd, call, chunk_slots)
         assert whole.abs().sum() > 0
         assert torch.equal(chunked, whole)

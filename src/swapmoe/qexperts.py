@@ -22,10 +22,10 @@ Two ways to choose ``C``:
   :func:`slots_per_chunk` slots so that dequantising stays under :data:`CHUNK_BYTES` whatever ``U``
   is. When all ``U`` fit in one chunk the call is the plain one (``C = U``). Otherwise the kernel runs
   once per chunk (``C`` = that chunk's slots) on the call's terms laid out one per row (``[T*K, 1]``
-  ids, each token's hidden state repeated ``K`` times), a term routed outside the chunk getting the
-  skip id; each row's result is that one term's weighted output, which is kept from the chunk that
-  computed it, and the rows are summed per token exactly as transformers' grouped_mm and batched_mm
-  kernels sum them (``[T, K, H].sum(1)``, float32 accumulation). See :meth:`QuantisedForward.chunked`
+  ids, each token's hidden state repeated ``K`` times, weight 1), a term routed outside the chunk
+  getting the skip id; each row's result is that one term's expert output, kept from the chunk that
+  computed it; the rows are then weighted and summed per token exactly as transformers' grouped_mm
+  and batched_mm kernels do (``[T, K, H].sum(1)``, float32 accumulation). See :meth:`QuantisedForward.chunked`
   for what this does and does not keep bit for bit.
 
 So no more than ``min(T*K, S)`` experts of one layer exist in high precision at a time (per term), or
@@ -148,30 +148,35 @@ class QuantisedForward:
                 **kwargs: Any) -> torch.Tensor:
         """The per-used-slot output computed ``per`` used slots at a time (``ids [T, K]`` into ``used``).
 
-        Each kernel call sees the ``T*K`` terms one per row, so its output row ``j`` is term ``j``'s
-        weighted output alone (a one-element sum is exact); a row is kept from the chunk holding its
-        slot, and ``[T, K, H].sum(1)`` then adds a token's terms as grouped_mm and batched_mm do. Bit
-        for bit the one-call result wherever a term's row does not depend on which other rows the
-        call holds: on CPU for grouped_mm and batched_mm (tests/test_qexperts.py), and on a GPU as
-        far as the grouped GEMM computes an expert's rows alike whatever the other groups are (to be
-        measured there). The eager kernel adds a token's terms in the model's dtype, one expert after
-        another, so there the sum is rounded differently (see that test for the measured bound).
+        Each kernel call sees the ``T*K`` terms one per row with weight 1, so its output row ``j`` is
+        term ``j``'s expert output alone (a one-term sum with weight 1 is exact); a row is kept from the
+        chunk holding its slot, then weighted and summed per token as grouped_mm and batched_mm do
+        (``proj_out * weights``, then ``[T, K, H].sum(1)`` and a cast to the hidden states' dtype), so
+        float32 routing weights (Mixtral, DeepSeek-V3) still multiply unrounded. This assumes what
+        transformers' experts kernels do: a term is its weight times its expert's output.
 
-        Memory: one chunk's scratch, plus the rows ``[T*K, H]`` twice (the repeated hidden states and
-        the kept outputs), the size of what the kernel allocates per call anyway."""
+        Bit for bit the one-call result wherever a term's row does not depend on which other rows the
+        call holds: on CPU for grouped_mm and batched_mm (tests/test_qexperts.py), on a GPU as far as
+        the grouped GEMM computes an expert's rows alike whatever the other groups are (the CUDA test
+        there checks it). The eager kernel adds a token's terms in the model's dtype, one expert after
+        another, so there the sum is rounded differently (that file's eager test bounds it).
+
+        Memory: one chunk's work, plus ``[T*K, H]`` rows (the repeated hidden states, the kept outputs,
+        each chunk's output), the size of what the kernel allocates per call anyway."""
         T, K = ids.shape
         rows = hidden_states.repeat_interleave(K, dim=0)  # [T*K, H]: term j's token
         term_ids = ids.reshape(-1, 1)  # [T*K, 1] into used (U: skipped)
-        term_weights = top_k_weights.reshape(-1, 1)  # [T*K, 1]
-        kept: torch.Tensor | None = None  # [T*K, H] each term's weighted output
+        ones = torch.ones_like(top_k_weights).reshape(-1, 1)  # [T*K, 1]
+        kept: torch.Tensor | None = None  # [T*K, H] each term's expert output
         for a, b in chunk_bounds(used.numel(), per):
             inside = (term_ids >= a) & (term_ids < b)  # [T*K, 1]
             local = torch.where(inside, term_ids - a, torch.full_like(term_ids, b - a))
-            out = self.run(self.decode(used[a:b]), rows, local, term_weights, dtype, *args, **kwargs)
+            out = self.run(self.decode(used[a:b]), rows, local, ones, dtype, *args, **kwargs)
             # rows outside the chunk were skipped (zero); a skipped term stays the first chunk's zero
             kept = out if kept is None else torch.where(inside, out, kept)
         assert kept is not None
-        return kept.view(T, K, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
+        weighted = kept * top_k_weights.reshape(-1, 1)  # [T*K, H] as the kernels weight a term
+        return weighted.view(T, K, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
 
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
