@@ -28,6 +28,8 @@ from swapmoe.qexperts import (
     slots_per_chunk,
 )
 from swapmoe.quant import ExpertLayout
+from tests.mxfp4_models import make_mxfp4_checkpoint
+from tests.tiny_models import make_checkpoint
 
 FORMATS = ("int8", "int4", "int3", "int2")
 H, INTER, S, K = 64, 32, 12, 4  # hidden, expert intermediate, slots, experts per token
@@ -192,7 +194,7 @@ def _quantised_forwards(model) -> list[QuantisedForward]:
 def test_reference_model_prefill_is_bit_identical_in_chunks(fmt, budget):
     """A whole prefill of the bundled reference model (grouped_mm, bfloat16), each layer's used slots
     in chunks of 3, gives the logits of the one-call path bit for bit."""
-    model = swapmoe.load(None, budget, expert_dtype=fmt)
+    model = swapmoe.load(None, budget, expert_dtype=fmt, swaps_per_update=0)  # the same slots for both calls
     ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
     forwards = _quantised_forwards(model)
     with torch.inference_mode():
@@ -287,3 +289,25 @@ def test_cuda_olmoe_sized_prefill_in_chunks_is_bit_identical_and_bounded(fmt):
     assert torch.equal(chunked, whole), f"chunked differs from the one-call output by up to {diff}"
     assert chunked_peak <= per * fwd.slot_work * EXTRA_WORK.get(fmt, 1.0) + 8 * rows
     assert whole_peak >= 20 * fwd.slot_work
+
+
+@pytest.mark.parametrize(("family", "fmt"), [("mixtral", "int4"), ("deepseek_v3", "int8"), ("gpt_oss", "int2"),
+                                             ("gpt_oss", "mxfp4")])
+def test_a_family_prefill_is_bit_identical_in_chunks_of_one_slot(tmp_path, family, fmt):
+    """Tiny checkpoints in bfloat16, one slot a chunk against one call: float32 routing weights
+    (Mixtral's softmax, DeepSeek-V3's sigmoid scores), gpt-oss's biases, transposed and interleaved
+    gate, and its MXFP4 layout (swapmoe.mxfp4). No swaps: both calls must see the same slots."""
+    if fmt == "mxfp4":
+        path = make_mxfp4_checkpoint(tmp_path / family)
+        model = swapmoe.load(path, "50%", dtype=torch.bfloat16, swaps_per_update=0)
+    else:
+        path = make_checkpoint(family, tmp_path / family, layout="fused" if family == "gpt_oss" else "legacy")
+        model = swapmoe.load(path, "50%", dtype=torch.bfloat16, expert_dtype=fmt, swaps_per_update=0)
+    forwards = _quantised_forwards(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = model(ids).logits
+        for fwd in forwards:
+            fwd.chunk_bytes = 1
+        chunked = model(ids).logits
+    assert torch.equal(chunked, whole)
