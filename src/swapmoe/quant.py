@@ -41,6 +41,7 @@ other group sizes on the reference model (docs/quantization.md).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +62,12 @@ PACKED_UNITS = {"int4": (2, 1), "int3": (8, 3), "int2": (4, 1)}
 _REFINED = ("int3", "int2")
 #: HQQ's defaults (hqq.core.optimize: lp_norm 0.7, beta 10, kappa 1.01, 20 iterations)
 _LP, _BETA, _KAPPA, _ITERS = 0.7, 10.0, 1.01, 20
-#: values per chunk of :func:`refine_zero` on the CPU: its five float32 arrays (the groups and four
-#: buffers) take 5 MiB, within the L3 cache, where full-size temporaries go to memory each operation;
-#: chunks of 64K-1M values measured alike and 16K slower (per-operation overhead) on a 2-core EPYC
-CPU_CHUNK_VALUES = 1 << 18
+#: values per chunk of :func:`refine_zero` on the CPU, fewer than torch's intra-op grain (32768), so
+#: each operation runs on its calling thread: the chunks are spread over ``torch.get_num_threads()``
+#: threads of our own instead. Many small operations each split over OpenMP threads slowed ~15x on a
+#: busy machine (every barrier waits for a descheduled thread); five arrays of a chunk take 640 KiB,
+#: within a core's L2 cache, where full-size temporaries go to memory at every operation
+CPU_CHUNK_VALUES = 32767
 #: values of a weight quantised at a time on another device (:meth:`ExpertLayout.encode`): quantise holds
 #: up to ~8 float32 arrays of a chunk's size at once (the groups, :func:`refine_zero`'s four buffers,
 #: the codes' temporaries), so a chunk of 8M values bounds the transient device memory to ~256 MiB
@@ -225,22 +228,35 @@ def refine_zero(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, it
     outliers (a generalised soft threshold), then ``z`` is the mean that fits the rest. Each group
     keeps its best step by mean absolute error, so the result depends on the group alone.
 
-    Groups are independent, so they are refined ``chunk_values`` values at a time (None: a chunk that
-    stays in cache on the CPU, :data:`CPU_CHUNK_VALUES`; every group at once on other devices) through
-    four reused buffers: the same element-wise operations and the same per-row reductions as one pass
-    over every group, so the result is bit-identical whatever the chunk (tests/test_quant.py). On the
-    CPU this is ~10x faster than full-size temporaries (docs/quantization.md, "Quantising at load")."""
+    Groups are independent, so they are refined ``chunk_values`` values at a time (None: on the CPU,
+    :data:`CPU_CHUNK_VALUES`, the chunks shared among ``torch.get_num_threads()`` threads; on other
+    devices every group at once) through four reused buffers per thread: the same element-wise
+    operations and the same per-row reductions as one pass over every group, so the result is
+    bit-identical whatever the chunk (tests/test_quant.py), and several times faster on the CPU than
+    full-size temporaries (docs/quantization.md, "Quantising at load")."""
     g = x.shape[-1]
     rows_x, rows_s, rows_z = x.reshape(-1, g), s.reshape(-1, 1), z.reshape(-1, 1)  # [R, G], [R, 1], [R, 1]
     rows = rows_x.shape[0]
+    on_cpu = x.device.type == "cpu"
     if chunk_values is None:
-        chunk_values = CPU_CHUNK_VALUES if x.device.type == "cpu" else rows * g
+        chunk_values = CPU_CHUNK_VALUES if on_cpu else rows * g
     step = max(1, min(rows, chunk_values // g))
-    buffers = [torch.empty((step, g), dtype=torch.float32, device=x.device) for _ in range(4)]
+    starts = list(range(0, rows, step))
     out = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    for i in range(0, rows, step):
-        j = min(i + step, rows)
-        out[i:j] = _refine_rows(rows_x[i:j], rows_s[i:j], rows_z[i:j], qmax, iters, *(b[:j - i] for b in buffers))
+
+    def refine(mine: list[int]) -> None:
+        buffers = [torch.empty((step, g), dtype=torch.float32, device=x.device) for _ in range(4)]
+        for i in mine:
+            j = min(i + step, rows)
+            out[i:j] = _refine_rows(rows_x[i:j], rows_s[i:j], rows_z[i:j], qmax, iters,
+                                    *(b[:j - i] for b in buffers))
+
+    workers = min(torch.get_num_threads(), len(starts)) if on_cpu else 1
+    if workers <= 1:
+        refine(starts)
+    else:  # torch releases the GIL inside each operation: the threads compute side by side
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(refine, [starts[k::workers] for k in range(workers)]))
     return out.reshape(s.shape)
 
 
