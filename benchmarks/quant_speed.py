@@ -93,10 +93,12 @@ def time_quantise(fmts: list[str], experts: int, rounds: int) -> dict[str, Any]:
     return out
 
 
-def time_load(path: Path, fmt: str, slots: int, rounds: int) -> dict[str, Any]:
+def time_load(path: Path, fmt: str, slots: int, rounds: int, save: Any) -> dict[str, Any]:
+    """Each load as it finishes is saved (``save(partial)``): the "before" form takes many minutes."""
     import swapmoe
 
     times: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    out = {"checkpoint": str(path), "expert_dtype": fmt, "slots_per_layer": slots, "rounds": times}
     for r in range(rounds):
         for name in (("after", "before") if r % 2 == 0 else ("before", "after")):
             with implementation(name):
@@ -105,9 +107,10 @@ def time_load(path: Path, fmt: str, slots: int, rounds: int) -> dict[str, Any]:
                 total = time.perf_counter() - t0
             times[name].append({"total_s": total, **{f"{k}_s": v for k, v in model.swapmoe.load_seconds.items()}})
             print(f"load {fmt} {name}: {times[name][-1]}", flush=True)
+            save(out)
             del model
             gc.collect()
-    return {"checkpoint": str(path), "expert_dtype": fmt, "slots_per_layer": slots, "rounds": times}
+    return out
 
 
 def main() -> None:
@@ -126,12 +129,18 @@ def main() -> None:
                               "command": "PYTHONPATH=src python benchmarks/quant_speed.py " + " ".join(
                                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
                               "weight": f"randn({args.experts}, 2048, 2048) bfloat16"}
+
+    def save(load: dict[str, Any] | None = None) -> None:
+        if load is not None:
+            record["load"] = load
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
     record["quantise"] = time_quantise(args.formats.split(","), args.experts, args.rounds)
+    save()
+    print(json.dumps(record["quantise"], indent=2), flush=True)
     if args.checkpoint is not None:
-        record["load"] = time_load(args.checkpoint, "int3", args.slots, args.load_rounds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record["quantise"], indent=2))
+        time_load(args.checkpoint, "int3", args.slots, args.load_rounds, save)
 
 
 if __name__ == "__main__":
