@@ -443,7 +443,7 @@ def load(
         if s >= la.num_experts:
             params = {n: getattr(la.experts, n).detach() for n in la.expert_param_names}
             norms = expert_norms(list(params.values()))
-            if layout is not None:  # quantised: the whole layer's parts, moved to the device below
+            if layout is not None:  # quantised: the whole layer's parts (on a CUDA device already; else moved below)
                 full_parts[la.name] = layout.encode(params, compute_device=compute, out_device=compute)
                 _leave_placeholders(la, layout.dtypes)
             staged.append((la, None, norms, None, None))
