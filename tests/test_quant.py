@@ -290,3 +290,32 @@ def test_encode_in_chunks_of_rows_is_bit_identical_to_one_call(fmt):
             assert got[name].dtype == t.dtype and torch.equal(got[name], t), (chunk, name)
     one = layout.encode({n: t[1] for n, t in tensors.items()}, compute_device=cpu, chunk_values=128)
     assert all(torch.equal(one[n], t[1]) for n, t in whole.items())
+
+
+def test_quantising_at_load_figures_are_its_result_file():
+    """docs/quantization.md's "Quantising at load" quotes benchmarks/quant_speed.py's result file."""
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    record = json.loads((repo / "docs" / "results" / "quant" / "load-speed.json").read_text())
+    page = (repo / "docs" / "quantization.md").read_text(encoding="utf-8")
+    section = " ".join(page.split("## Quantising at load", 1)[1].split("\n## ", 1)[0].split())
+    q = record["quantise"]
+    assert q["int3"]["bit_identical"] and q["int2"]["bit_identical"]
+    for fmt in ("int3", "int2"):
+        before, after = q[fmt]["before"]["best_s"], q[fmt]["after"]["best_s"]
+        assert (f"{before:.1f} s before and {after:.1f} s after for {fmt} ({before / after:.1f}x)" in section
+                or f"{before:.1f} s and {after:.1f} s for {fmt} ({before / after:.1f}x)" in section), fmt
+    load = record["load"]["rounds"]
+    b, a = load["before"][0], load["after"][0]
+    assert f"took {b['total_s']:.1f} s before and {a['total_s']:.1f} s after" in section
+    assert f"phase {b['experts_s']:.1f} s and {a['experts_s']:.1f} s" in section
+
+
+def test_weights_that_require_grad_quantise_as_their_data():
+    """A model's parameters (requires_grad) quantise as their values do: the in-place refinement works."""
+    w = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(5))
+    for fmt in ("int3", "int2"):
+        got = quantise(torch.nn.Parameter(w.clone()), fmt)
+        assert all(torch.equal(got[p], v) for p, v in quantise(w, fmt).items())

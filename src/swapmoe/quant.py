@@ -235,6 +235,7 @@ def refine_zero(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, it
     bit-identical whatever the chunk (tests/test_quant.py), and several times faster on the CPU than
     full-size temporaries (docs/quantization.md, "Quantising at load")."""
     g = x.shape[-1]
+    x, s, z = x.detach(), s.detach(), z.detach()  # in-place operations refuse autograd (a parameter's weights)
     rows_x, rows_s, rows_z = x.reshape(-1, g), s.reshape(-1, 1), z.reshape(-1, 1)  # [R, G], [R, 1], [R, 1]
     rows = rows_x.shape[0]
     on_cpu = x.device.type == "cpu"
