@@ -13,6 +13,7 @@ from swapmoe.quant import (
     pack,
     parse_expert_dtype,
     quantise,
+    refine_zero,
     unpack,
 )
 
@@ -227,3 +228,94 @@ def test_lowest_fitting_takes_the_least_lossy_format_that_fits():
     assert lowest_fitting(27, totals) == "int3"
     assert lowest_fitting(16, totals) == "int2"
     assert lowest_fitting(10, totals) == "int2"  # nothing fits: the most compact
+
+
+def _refine_zero_before_the_buffers(x, s, z, qmax, iters=20):
+    """refine_zero as it was before its in-place, chunked form (commit ffe2313): the reference the
+    faster one must match bit for bit (same operations, full-size temporaries)."""
+    lp, beta, kappa = 0.7, 10.0, 1.01
+    inv = 1.0 / s.unsqueeze(-1)
+    zero = z.unsqueeze(-1)
+    best_zero, best_err = zero, torch.full_like(zero, float("inf"))
+    for _ in range(iters):
+        q = torch.round(x * inv + zero).clamp(0, qmax)
+        r = (q - zero) * s.unsqueeze(-1)
+        d = x - r
+        err = d.abs().mean(-1, keepdim=True)
+        better = err < best_err
+        best_zero, best_err = torch.where(better, zero, best_zero), torch.where(better, err, best_err)
+        e = torch.sign(d) * torch.relu(d.abs() - (1.0 / beta) * (d.abs() + 1e-8).pow(lp - 1))
+        zero = (q - (x - e) * inv).mean(-1, keepdim=True)
+        beta *= kappa
+    return best_zero.squeeze(-1)
+
+
+@pytest.mark.parametrize("qmax", [7, 3])
+def test_refine_zero_in_chunks_is_bit_identical_to_the_full_size_form(qmax):
+    gen = torch.Generator().manual_seed(3)
+    # unit-scale weights (the shrinkage clips outliers), model-scale ones (0.02), a few huge outliers,
+    # a constant group and a zero one
+    w = torch.randn(3, 40, 128, generator=gen)
+    w[1] *= 0.02
+    w[2, 5, 17] = 40.0
+    w[2, 6, :64] = 0.5
+    w[2, 7, 64:] = 0.0
+    x = w.reshape(3, 40, 2, 64)  # [E, rows, N/G, G]
+    lo, hi = x.amin(-1), x.amax(-1)
+    s = ((hi - lo) / qmax).half()
+    s = torch.where(s == 0, torch.ones_like(s), s).float()
+    z = -lo / s
+    want = _refine_zero_before_the_buffers(x, s, z, qmax)
+    # default (cache-sized: one chunk here), one group per chunk, 3 groups a chunk (a short last one)
+    for chunk in (None, 64, 3 * 64, 100):
+        got = refine_zero(x, s, z, qmax, chunk_values=chunk)
+        assert got.shape == want.shape and torch.equal(got, want), chunk
+    assert not torch.equal(want, z)  # the refinement moved zero points: the comparison has teeth
+
+
+@pytest.mark.parametrize("fmt", ["int3", "int2", "int4", "int8", "bf16"])
+def test_encode_in_chunks_of_rows_is_bit_identical_to_one_call(fmt):
+    gen = torch.Generator().manual_seed(4)
+    tensors = {"gate_up_proj": torch.randn(3, 12, 128, generator=gen).to(torch.bfloat16),
+               "down_proj": (0.02 * torch.randn(3, 64, 24, generator=gen)).to(torch.bfloat16),  # G = 24
+               "gate_up_proj_bias": torch.randn(3, 12, generator=gen).to(torch.bfloat16)}
+    layout = ExpertLayout.of(tensors, fmt)
+    whole = layout.encode(tensors)
+    cpu = torch.device("cpu")
+    # 1 row a chunk; 5 rows of 128 (uneven: 36 rows); more than the weight (one chunk); one expert alone
+    for chunk in (1, 5 * 128, 10**9):
+        got = layout.encode(tensors, compute_device=cpu, out_device=cpu, chunk_values=chunk)
+        assert set(got) == set(whole)
+        for name, t in whole.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), (chunk, name)
+    one = layout.encode({n: t[1] for n, t in tensors.items()}, compute_device=cpu, chunk_values=128)
+    assert all(torch.equal(one[n], t[1]) for n, t in whole.items())
+
+
+def test_quantising_at_load_figures_are_its_result_file():
+    """docs/quantization.md's "Quantising at load" quotes benchmarks/quant_speed.py's result file."""
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    record = json.loads((repo / "docs" / "results" / "quant" / "load-speed.json").read_text())
+    page = (repo / "docs" / "quantization.md").read_text(encoding="utf-8")
+    section = " ".join(page.split("## Quantising at load", 1)[1].split("\n## ", 1)[0].split())
+    q = record["quantise"]
+    assert q["int3"]["bit_identical"] and q["int2"]["bit_identical"]
+    for fmt in ("int3", "int2"):
+        before, after = q[fmt]["before"]["best_s"], q[fmt]["after"]["best_s"]
+        assert (f"{before:.1f} s before and {after:.1f} s after for {fmt} ({before / after:.1f}x)" in section
+                or f"{before:.1f} s and {after:.1f} s for {fmt} ({before / after:.1f}x)" in section), fmt
+    load = record["load"]["rounds"]
+    b, a = load["before"][0], load["after"][0]
+    assert f"took {b['total_s']:.1f} s before and {a['total_s']:.1f} s after" in section
+    assert f"phase {b['experts_s']:.1f} s and {a['experts_s']:.1f} s" in section
+
+
+def test_weights_that_require_grad_quantise_as_their_data():
+    """A model's parameters (requires_grad) quantise as their values do: the in-place refinement works."""
+    w = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(5))
+    for fmt in ("int3", "int2"):
+        got = quantise(torch.nn.Parameter(w.clone()), fmt)
+        assert all(torch.equal(got[p], v) for p, v in quantise(w, fmt).items())

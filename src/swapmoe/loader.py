@@ -120,10 +120,11 @@ def _initial_experts(norms: torch.Tensor, num_slots: int, how: str, rng: random.
 
 def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, pin: bool,
                 where: dict[str, Path] | None = None, layout: ExpertLayout | None = None,
+                compute: torch.device | None = None,
                 ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
     """Take a layer's experts out of the module into a host store (or, with ``where``, leave them in
     the checkpoint files); leave placeholders behind. With a ``layout`` the store holds the experts
-    quantised (quantised here, once, or as each is read from the files)."""
+    quantised (quantised here, once, on ``compute`` (None: the host), or as each is read from the files)."""
     ex = layer.experts
     host = {n: ex._parameters[n].detach() for n in layer.expert_param_names}
     dtypes = {n: t.dtype for n, t in host.items()}
@@ -138,9 +139,9 @@ def _virtualise(layer: MoELayer, num_slots: int, initial: str, rng: random.Rando
             log.warning("MoE layer %s: its experts could not be matched to checkpoint tensors exactly; "
                         "they stay in host memory (over the host budget)", layer.name)
         elif layout is not None:
-            store = store.with_layout(layout)
-    if store is None:
-        store = HostStore(layout.encode(host) if layout is not None else host, pin=pin)
+            store = store.with_layout(layout, compute)
+    if store is None:  # the parts come back to host memory
+        store = HostStore(layout.encode(host, compute_device=compute) if layout is not None else host, pin=pin)
     _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
 
@@ -171,7 +172,7 @@ def _norms(layer: MoELayer, streamed: dict[str, Any] | None) -> tuple[torch.Tens
 
 
 def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Random, streamed: dict[str, Any],
-                 finder: Any, layout: ExpertLayout | None = None,
+                 finder: Any, layout: ExpertLayout | None = None, compute: torch.device | None = None,
                  ) -> tuple[Any, torch.Tensor, list[int], dict[str, torch.dtype]]:
     """A layer whose experts were streamed past host memory during the load (swapmoe.streaming):
     a checkpoint store from the recipes verified then, with any parameter that could not be verified
@@ -185,7 +186,7 @@ def _from_stream(layer: MoELayer, num_slots: int, initial: str, rng: random.Rand
     first = _initial_experts(norms, num_slots, initial, rng)
     store = finder.store({n: p.recipe for n, p in streamed.items()}, shapes, dtypes, held)
     if layout is not None:
-        store = store.with_layout(layout)
+        store = store.with_layout(layout, compute)
     _leave_placeholders(layer, dtypes)
     return store, norms, first, dtypes
 
@@ -419,6 +420,9 @@ def load(
 
     rng = random.Random(seed)
     pin = dev.type == "cuda"
+    # quantisation at load runs on the GPU when there is one (HQQ's int3/int2 zero points take minutes
+    # on a few CPU cores), in chunks that bound its device memory (quant.DEVICE_CHUNK_VALUES)
+    compute = dev if dev.type == "cuda" else None
     in_host = _in_host(layers, slots, host.resolve(total) if host is not None else None, fmts)
     staged = []
     full_parts: dict[str, dict[str, torch.Tensor]] = {}  # full quantised layers: their parts [E, ...]
@@ -439,14 +443,15 @@ def load(
         if s >= la.num_experts:
             params = {n: getattr(la.experts, n).detach() for n in la.expert_param_names}
             norms = expert_norms(list(params.values()))
-            if layout is not None:  # quantised: the whole layer's parts, moved to the device below
-                full_parts[la.name] = layout.encode(params)
+            if layout is not None:  # quantised: the whole layer's parts (on a CUDA device already; else moved below)
+                full_parts[la.name] = layout.encode(params, compute_device=compute, out_device=compute)
                 _leave_placeholders(la, layout.dtypes)
             staged.append((la, None, norms, None, None))
         elif streamed:
-            staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name], layout)))
+            staged.append((la, *_from_stream(la, s, initial, rng, streamed, streamer.finders[la.name], layout,
+                                             compute)))
         else:
-            staged.append((la, *_virtualise(la, s, initial, rng, pin, None if keep else where, layout)))
+            staged.append((la, *_virtualise(la, s, initial, rng, pin, None if keep else where, layout, compute)))
     t_device = time.perf_counter()
     model.to(dev)  # non-expert weights (and experts of full layers) only
 

@@ -85,7 +85,7 @@ class CheckpointStore:
 
     def __init__(self, recipes: dict[str, Recipe], files: SafetensorsFiles, shapes: dict[str, torch.Size],
                  dtypes: dict[str, torch.dtype], held: dict[str, torch.Tensor] | None = None,
-                 layout: ExpertLayout | None = None):
+                 layout: ExpertLayout | None = None, compute: torch.device | None = None):
         self.recipes = recipes
         # parameters whose checkpoint tensors could not be verified stay in memory ([E, ...])
         self.held = dict(held or {})
@@ -93,14 +93,16 @@ class CheckpointStore:
         self.shapes = shapes  # name -> [E, ...]
         self.dtypes = dtypes
         self.layout = layout
-        # quantised: the held parameters as parts ([E, ...]), quantised once here
-        self.held_parts = layout.encode(self.held) if layout is not None else {}
+        # quantised: the held parameters as parts ([E, ...], host memory), quantised once here, on
+        # ``compute`` (the GPU at load; None: the host)
+        self.held_parts = layout.encode(self.held, compute_device=compute) if layout is not None else {}
         if layout is not None:
             self.held = {}
 
-    def with_layout(self, layout: ExpertLayout) -> CheckpointStore:
-        """The same experts, quantised as they are read (and held parameters quantised now)."""
-        return CheckpointStore(self.recipes, self.files, self.shapes, self.dtypes, self.held, layout)
+    def with_layout(self, layout: ExpertLayout, compute: torch.device | None = None) -> CheckpointStore:
+        """The same experts, quantised as they are read (and held parameters quantised now, on
+        ``compute``: None for the host)."""
+        return CheckpointStore(self.recipes, self.files, self.shapes, self.dtypes, self.held, layout, compute)
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -131,6 +133,8 @@ class CheckpointStore:
         """Expert ``expert`` as the slots hold it: its tensors, or (with a layout) their parts."""
         if self.layout is None:
             return {name: self.expert(name, expert) for name in self.shapes}
+        # on the host, not the GPU: this runs in the swapper's reader thread during decode, where a
+        # quantisation kernel would contend with the decode stream (and its graph replays) for the GPU
         parts = self.layout.encode({name: self.expert(name, expert) for name in self.recipes})
         parts.update({n: t[expert] for n, t in self.held_parts.items()})
         return parts

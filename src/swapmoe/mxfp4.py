@@ -283,8 +283,8 @@ class DecodingStore(CheckpointStore):
         blocks, scales = (self.files.read_expert([k], e) for k in recipe)
         return decode_expert(blocks, scales, self.dtypes[name])
 
-    def with_layout(self, layout: ExpertLayout) -> DecodingStore:
-        return DecodingStore(self.recipes, self.files, self.shapes, self.dtypes, self.held, layout)
+    def with_layout(self, layout: ExpertLayout, compute: torch.device | None = None) -> DecodingStore:
+        return DecodingStore(self.recipes, self.files, self.shapes, self.dtypes, self.held, layout, compute)
 
 
 def _verify(layer: str, parts_of: Callable[[int], dict[str, torch.Tensor]], dense: Mapping[str, torch.Tensor],

@@ -41,6 +41,7 @@ other group sizes on the reference model (docs/quantization.md).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,16 @@ PACKED_UNITS = {"int4": (2, 1), "int3": (8, 3), "int2": (4, 1)}
 _REFINED = ("int3", "int2")
 #: HQQ's defaults (hqq.core.optimize: lp_norm 0.7, beta 10, kappa 1.01, 20 iterations)
 _LP, _BETA, _KAPPA, _ITERS = 0.7, 10.0, 1.01, 20
+#: values per chunk of :func:`refine_zero` on the CPU, fewer than torch's intra-op grain (32768), so
+#: each operation runs on its calling thread: the chunks are spread over ``torch.get_num_threads()``
+#: threads of our own instead. Many small operations each split over OpenMP threads slowed ~15x on a
+#: busy machine (every barrier waits for a descheduled thread); five arrays of a chunk take 640 KiB,
+#: within a core's L2 cache, where full-size temporaries go to memory at every operation
+CPU_CHUNK_VALUES = 32767
+#: values of a weight quantised at a time on another device (:meth:`ExpertLayout.encode`): quantise holds
+#: up to ~8 float32 arrays of a chunk's size at once (the groups, :func:`refine_zero`'s four buffers,
+#: the codes' temporaries), so a chunk of 8M values bounds the transient device memory to ~256 MiB
+DEVICE_CHUNK_VALUES = 1 << 23
 
 
 def parse_expert_dtype(value: str | None, model_dtype: torch.dtype) -> str | None:
@@ -208,28 +219,74 @@ def quantise(w: torch.Tensor, fmt: str, group: int = GROUP_SIZE, refine: bool | 
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def refine_zero(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, iters: int = _ITERS) -> torch.Tensor:
+def refine_zero(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, iters: int = _ITERS,
+                chunk_values: int | None = None) -> torch.Tensor:
     """HQQ's zero point (see the module docstring): groups ``x [..., N/G, G]``, stored scales and
     min-max zero points ``[..., N/G]`` -> refined zero points ``[..., N/G]`` (float32).
 
     Half-quadratic splitting of ``min ||x - (q - z) s||_p`` (``p < 1``): an error term ``e`` takes the
     outliers (a generalised soft threshold), then ``z`` is the mean that fits the rest. Each group
-    keeps its best step by mean absolute error, so the result depends on the group alone."""
-    inv = 1.0 / s.unsqueeze(-1)  # [..., N/G, 1]
-    zero = z.unsqueeze(-1)
+    keeps its best step by mean absolute error, so the result depends on the group alone.
+
+    Groups are independent, so they are refined ``chunk_values`` values at a time (None: on the CPU,
+    :data:`CPU_CHUNK_VALUES`, the chunks shared among ``torch.get_num_threads()`` threads; on other
+    devices every group at once) through four reused buffers per thread: the same element-wise
+    operations and the same per-row reductions as one pass over every group, so the result is
+    bit-identical whatever the chunk (tests/test_quant.py), and several times faster on the CPU than
+    full-size temporaries (docs/quantization.md, "Quantising at load")."""
+    g = x.shape[-1]
+    x, s, z = x.detach(), s.detach(), z.detach()  # in-place operations refuse autograd (a parameter's weights)
+    rows_x, rows_s, rows_z = x.reshape(-1, g), s.reshape(-1, 1), z.reshape(-1, 1)  # [R, G], [R, 1], [R, 1]
+    rows = rows_x.shape[0]
+    on_cpu = x.device.type == "cpu"
+    if chunk_values is None:
+        chunk_values = CPU_CHUNK_VALUES if on_cpu else rows * g
+    step = max(1, min(rows, chunk_values // g))
+    starts = list(range(0, rows, step))
+    out = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+
+    def refine(mine: list[int]) -> None:
+        buffers = [torch.empty((step, g), dtype=torch.float32, device=x.device) for _ in range(4)]
+        for i in mine:
+            j = min(i + step, rows)
+            out[i:j] = _refine_rows(rows_x[i:j], rows_s[i:j], rows_z[i:j], qmax, iters,
+                                    *(b[:j - i] for b in buffers))
+
+    workers = min(torch.get_num_threads(), len(starts)) if on_cpu else 1
+    if workers <= 1:
+        refine(starts)
+    else:  # torch releases the GIL inside each operation: the threads compute side by side
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(refine, [starts[k::workers] for k in range(workers)]))
+    return out.reshape(s.shape)
+
+
+def _refine_rows(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, iters: int, q: torch.Tensor,
+                 d: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """:func:`refine_zero` of groups ``x [R, G]`` (scales and zero points ``[R, 1]``) in the buffers
+    ``q, d, a, t [R, G]``: each step is the textbook expression below, computed in place, operation by
+    operation, so that every rounding is the same as when it allocates its temporaries."""
+    inv = 1.0 / s  # [R, 1]
+    zero = z
     best_zero, best_err = zero, torch.full_like(zero, float("inf"))
     beta = _BETA
     for _ in range(iters):
-        q = torch.round(x * inv + zero).clamp(0, qmax)
-        r = (q - zero) * s.unsqueeze(-1)  # [..., N/G, G] the values the codes stand for
-        d = x - r
-        err = d.abs().mean(-1, keepdim=True)
+        torch.mul(x, inv, out=q).add_(zero).round_().clamp_(0, qmax)  # q = round(x / s + z) clamped
+        torch.sub(q, zero, out=d).mul_(s)  # the values the codes stand for
+        torch.sub(x, d, out=d)  # d = x - (q - z) s
+        torch.abs(d, out=a)
+        err = a.mean(-1, keepdim=True)  # [R, 1]
         better = err < best_err
         best_zero, best_err = torch.where(better, zero, best_zero), torch.where(better, err, best_err)
-        e = torch.sign(d) * torch.relu(d.abs() - (1.0 / beta) * (d.abs() + 1e-8).pow(_LP - 1))  # lp shrinkage
-        zero = (q - (x - e) * inv).mean(-1, keepdim=True)
+        # lp shrinkage: e = sign(d) * relu(|d| - (1 / beta) * (|d| + 1e-8) ** (p - 1))
+        torch.add(a, 1e-8, out=t).pow_(_LP - 1).mul_(1.0 / beta)
+        torch.sub(a, t, out=t).relu_()
+        t.mul_(torch.sign(d, out=a))  # t = e (a is free once |d| is used)
+        torch.sub(x, t, out=t).mul_(inv)
+        torch.sub(q, t, out=t)  # q - (x - e) / s
+        zero = t.mean(-1, keepdim=True)
         beta *= _KAPPA
-    return best_zero.squeeze(-1)
+    return best_zero
 
 
 def dequantise(parts: Mapping[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> torch.Tensor:
@@ -306,16 +363,43 @@ class ExpertLayout(StoredLayout):
                 out[f"{name}.{part}"] = spec
         return out
 
-    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``name -> [..., *expert shape]`` tensors (all experts, one, or a gathered few) -> their parts."""
+    def encode(self, tensors: Mapping[str, torch.Tensor], compute_device: torch.device | None = None,
+               out_device: torch.device | None = None, chunk_values: int = DEVICE_CHUNK_VALUES,
+               ) -> dict[str, torch.Tensor]:
+        """``name -> [..., *expert shape]`` tensors (all experts, one, or a gathered few) -> their parts.
+
+        ``compute_device``: where the quantisation runs (None: where each tensor is, in one call). Given,
+        the weight goes there ``chunk_values`` values at a time (whole rows of its last dim), which
+        bounds the transient memory there (:data:`DEVICE_CHUNK_VALUES`). Every group lies within a row,
+        so the parts are bit-identical to one call on that device. ``out_device``:
+        where the parts are put (None: where each tensor is). Pure mechanism: the caller decides."""
         out: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
+            dest = t.device if out_device is None else torch.device(out_device)
             if not quantised(self.shapes[name][1:]):
-                out[name] = t.to(self.dtypes[name])
+                out[name] = t.to(self.dtypes[name]).to(dest)
                 continue
-            for part, v in quantise(t, self.fmt, self.group).items():
-                out[f"{name}.{part}"] = v
+            if compute_device is None:
+                parts = quantise(t, self.fmt, self.group)
+            else:
+                parts = self._quantise_in_chunks(t, torch.device(compute_device), dest, chunk_values)
+            for part, v in parts.items():
+                out[f"{name}.{part}"] = v.to(dest)
         return out
+
+    def _quantise_in_chunks(self, t: torch.Tensor, compute: torch.device, dest: torch.device,
+                            chunk_values: int) -> dict[str, torch.Tensor]:
+        """:func:`quantise` of ``t [..., N]`` on ``compute``, rows of ``N`` values a chunk at a time, the
+        parts gathered on ``dest``."""
+        *lead, n = t.shape
+        rows = t.reshape(-1, n)  # [R, N]
+        specs = part_specs((rows.shape[0], n), self.fmt, self.group)
+        out = {p: torch.empty(shape, dtype=dt, device=dest) for p, (shape, dt) in specs.items()}  # [R, ...]
+        step = max(1, chunk_values // max(n, 1))
+        for i in range(0, rows.shape[0], step):
+            for p, v in quantise(rows[i:i + step].to(compute), self.fmt, self.group).items():
+                out[p][i:i + step].copy_(v)
+        return {p: v.reshape(*lead, v.shape[-1]) for p, v in out.items()}
 
     def decode(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parts (with any leading dims) -> ``name -> tensor`` in the model's dtypes."""
