@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one stage per device call (each stays under the device tool's 10-minute limit;
 # results land under $OUT). Run on the H200 on 2026-12-01 (docs/results/): tests, tf524, kernels, olmoe,
-# qwen3, int4's benchmark, and quantised decode rows. Not yet run: lowbit, lowbit-decode, accelerate.
+# qwen3, int4's benchmark, and quantised decode rows. Not yet run: lowbit, lowbit-decode, accelerate, quantcuda.
 #
 #   bash benchmarks/gpu_pending.sh tests      # CUDA tests: graph path, quantised graphs, fused kernel, MXFP4, compiled step
 #   bash benchmarks/gpu_pending.sh tf524      # the same CUDA tests that need transformers >= 5.21 (gpt-oss graph capture);
@@ -16,10 +16,11 @@
 #   bash benchmarks/gpu_pending.sh lowbit-decode  # decode with int3 and int2 slots, fused kernel vs per-term path
 #   bash benchmarks/gpu_pending.sh quantized  # decode: quantized-all at 25% and 50% beside swapmoe at the same bytes
 #   bash benchmarks/gpu_pending.sh accelerate # decode: the accelerate-offload baseline (a few tokens) beside swapmoe 50%
+#   bash benchmarks/gpu_pending.sh quantcuda  # quantising on the GPU against the CPU, the chunked prefill on the GPU
 #
 # Each stage writes a log and, for the benchmarks, a JSON with provenance under $OUT/<stage>/.
 set -uo pipefail
-stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode | lowbit | lowbit-decode | quantized | accelerate"}
+stage=${1:?"stage: tests | tf524 | kernels | olmoe | qwen3 | int4 | int4-decode | lowbit | lowbit-decode | quantized | accelerate | quantcuda"}
 out=${OUT:-runs/gpu}/$stage
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
@@ -72,5 +73,7 @@ case $stage in
   accelerate)
     bench 560 decode.py "${olmoe[@]}" --rounds 2 \
       --settings "plain transformers, graph;swapmoe 50%, graph;accelerate offload 50%" ;;
+  quantcuda)  # the CPU side of test_quant_cuda quantises int3/int2 on the host: minutes, hence the limit
+    cuda_pytest 540 tests/test_quant_cuda.py tests/test_qexperts.py -k "cuda or gpu" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -114,3 +114,19 @@ def test_fused_kernel_figures_are_their_json(name):
             assert any(all(c in ln for c in cells) for ln in page.splitlines() if ln.startswith(f"| {r['shape']} | {r['T']} |")), cells
         else:
             assert row in page, row
+
+
+def test_quantised_prefill_transient_table_is_its_json():
+    """The chunked prefill's transient, GPU-busy time, kernels and load phase per format, as quoted."""
+    before = {r["setting"]: r for r in json.loads(
+        (DOCS / "results" / "decode" / "decode-olmoe-1b-7b-quantised.json").read_text())["rows"]}
+    after = json.loads((DOCS / "results" / "decode" / "decode-olmoe-1b-7b-lowbit-profile.json").read_text())
+    assert after["device"] == "NVIDIA H200"
+    page = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    for r in after["rows"]:
+        fmt = r["setting"].split()[1].rstrip(",")  # "swapmoe int8, slots of 50%, graph" -> int8
+        old = before.get(r["setting"])
+        was = f"{old['decode_transient_bytes'] / 1e6:,.1f} MB" if old else "-"
+        row = (f"| {fmt} | {was} | {r['decode_transient_bytes'] / 1e6:,.1f} MB | {r['gpu_busy_ms']:.2f} | "
+               f"{r['kernels']:.0f} | {r['load_phases_s']['experts']:.1f} s |")
+        assert row in page, row
