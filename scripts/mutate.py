@@ -42,6 +42,7 @@ QUANT_TESTS = ("tests/test_quant.py",)
 PRECISION_TESTS = ("tests/planner/test_precision.py",)
 MXFP4_TESTS = ("tests/test_mxfp4.py",)
 ADAPTED_QUANT_TESTS = ("tests/adapters/test_adapted_quantised.py",)
+QEXPERTS_TESTS = ("tests/test_qexperts.py",)
 FUSED_TESTS = ("tests/test_fused_moe.py", "-k", "compiled or opaque")
 
 
@@ -164,6 +165,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("quantised-scratch-misnumbered", "src/swapmoe/qexperts.py",
              "lut[used] = torch.arange(c, device=ids.device)",
              "lut[used] = torch.arange(c, device=ids.device).flip(0)", ADAPTED_QUANT_TESTS),
+    Mutation("prefill-chunks-keep-the-last-only", "src/swapmoe/qexperts.py",
+             "kept = out if kept is None else torch.where(inside, out, kept)", "kept = out", QEXPERTS_TESTS),
+    Mutation("hqq-zero-step-sign-flipped", "src/swapmoe/quant.py",
+             "        torch.sub(q, t, out=t)  # q - (x - e) / s", "        torch.sub(t, q, out=t)", QUANT_TESTS),
+    Mutation("device-quantise-last-chunk-dropped", "src/swapmoe/quant.py",
+             "for i in range(0, rows.shape[0], step):", "for i in range(0, rows.shape[0] - step, step):",
+             QUANT_TESTS),
     Mutation("swap-copies-no-scales", "src/swapmoe/pool.py",
              "        dst.copy_(src, non_blocking=non_blocking)\n",
              "        if not name.endswith(\".scale\"):\n            dst.copy_(src, non_blocking=non_blocking)\n",
