@@ -231,23 +231,17 @@ def test_lowest_fitting_takes_the_least_lossy_format_that_fits():
 
 
 def _refine_zero_before_the_buffers(x, s, z, qmax, iters=20):
-    """refine_zero as it was before its in-place, chunked form (commit ffe2313): the reference the
-    faster one must match bit for bit (same operations, full-size temporaries)."""
-    lp, beta, kappa = 0.7, 10.0, 1.01
-    inv = 1.0 / s.unsqueeze(-1)
-    zero = z.unsqueeze(-1)
-    best_zero, best_err = zero, torch.full_like(zero, float("inf"))
-    for _ in range(iters):
-        q = torch.round(x * inv + zero).clamp(0, qmax)
-        r = (q - zero) * s.unsqueeze(-1)
-        d = x - r
-        err = d.abs().mean(-1, keepdim=True)
-        better = err < best_err
-        best_zero, best_err = torch.where(better, zero, best_zero), torch.where(better, err, best_err)
-        e = torch.sign(d) * torch.relu(d.abs() - (1.0 / beta) * (d.abs() + 1e-8).pow(lp - 1))
-        zero = (q - (x - e) * inv).mean(-1, keepdim=True)
-        beta *= kappa
-    return best_zero.squeeze(-1)
+    """refine_zero as it was before its in-place, chunked form (commit ffe2313; kept in
+    benchmarks/quant_speed.py, which times the two): the reference the faster one must match bit for
+    bit (same operations, full-size temporaries)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "quant_speed", Path(__file__).resolve().parents[1] / "benchmarks" / "quant_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.refine_zero_full_size(x, s, z, qmax, iters)
 
 
 @pytest.mark.parametrize("qmax", [7, 3])
