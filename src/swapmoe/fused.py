@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from swapmoe.errors import SwapMoEError
+from swapmoe.quant import PACKED_BITS
 
 MOE_KERNELS = ("transformers", "auto", "triton")
 DEFAULT_MOE_KERNEL = "auto"  # measured on the H200: 1.3x faster decode at 50%, 3.9x with int8 (docs/benchmarks.md)
@@ -54,7 +55,7 @@ ACT_SILU, ACT_GPT_OSS = 0, 1  # as swapmoe.kernels.fused_moe numbers them (that 
 #: swapmoe.quant formats the kernel dequantises in its loads, and the bits of their codes
 #: (``ExpertTensors.bits``). Each is verified on the H200 against a float64 reference and inside a captured
 #: decode (tests/test_fused_moe_cuda.py), so ``auto`` takes all of them (docs/benchmarks.md has the speeds)
-KERNEL_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+KERNEL_FORMATS = {"int8": 8, **PACKED_BITS}
 
 
 class MoEKernelError(SwapMoEError):

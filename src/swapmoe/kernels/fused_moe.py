@@ -54,7 +54,7 @@ ACT_SILU = 0
 ACT_GPT_OSS = 1
 #: bits per code of the quantised formats the kernels read (``ExpertTensors.bits``; the kernels' ``QUANT``,
 #: 0 for float weights)
-QUANT_BITS = (8, 4, 3, 2)
+QUANT_BITS = (8, *PACKED_BITS.values())
 #: (codes, bytes) of a packed unit per bits of a code (swapmoe.quant's formats): int4 and int2 a byte, int3
 #: eight codes in three bytes
 UNITS = {PACKED_BITS[fmt]: unit for fmt, unit in PACKED_UNITS.items()}
@@ -395,7 +395,7 @@ def default_blocks(num_terms: int, hidden: int, inter: int, transposed: bool = F
     1024 columns, a whole row of I <= 1024. int3 and int2 (``bits`` 3, 2) keep
     int4's tiles: int2's 512 columns are 128 bytes a row, int3's 192 (in sm_90 builds 126 and 96 registers a
     thread at 512 columns, 128 and 126 at 1024, no spills either way: the sweep decides). Chosen by reasoning, to be replaced by the sweep of benchmarks/fused_moe.py
-    (int4, int3, int2: not yet run on a GPU)."""
+    (which has not run on a GPU for any format)."""
     del num_terms, hidden, inter  # one choice for the decode shapes measured so far (benchmarks/fused_moe.py)
     if bits in UNITS:
         return Blocks(gate_up_k=512)
