@@ -18,9 +18,8 @@ def dequantised(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
     unquantised."""
     if scale is None:
         return q.to(dtype)
-    if bits == 8:
-        return dequantise({"q": q, "scale": scale}, "int8", torch.float64).to(dtype)
-    return dequantise({"q": q, "scale": scale, "zero": zero}, f"int{bits}", torch.float64).to(dtype)
+    parts = {"q": q, "scale": scale} if zero is None else {"q": q, "scale": scale, "zero": zero}
+    return dequantise(parts, f"int{bits}", torch.float64).to(dtype)
 
 
 def _at(t: torch.Tensor | None, s: int) -> torch.Tensor | None:
