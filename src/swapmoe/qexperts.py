@@ -63,8 +63,7 @@ def slot_work_bytes(layout: Any, parts: Mapping[str, torch.Tensor]) -> int:
     ``[S, ...]``), its tensors in the model's dtypes (the scratch), and float32 work the size of its
     largest tensor (swapmoe.quant.dequantise computes one tensor at a time in float32, then casts)."""
     stored = sum(t[0].numel() * t.element_size() for t in parts.values())
-    scratch = sum(torch.Size(s[1:]).numel() * torch.empty((), dtype=layout.dtypes[n]).element_size()
-                  for n, s in layout.shapes.items())
+    scratch = sum(torch.Size(s[1:]).numel() * layout.dtypes[n].itemsize for n, s in layout.shapes.items())
     work = 4 * max(torch.Size(s[1:]).numel() for s in layout.shapes.values())
     return stored + scratch + work
 
