@@ -130,14 +130,13 @@ def load(kind: str, path: Path, kw: dict[str, Any], device: torch.device, dtype:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     elif kind == "swapmoe":
-        experts, layers = experts_and_layers(path)
         kw = dict(kw)  # the setting's own stays as it is (its cache key)
         if "slots_fraction" in kw:  # the same slots per layer as a bf16 budget of that fraction gives
-            n = round(kw.pop("slots_fraction") * experts)
-            kw["slots"] = [n] * layers
+            experts, layers = experts_and_layers(path)
+            kw["slots"] = [round(kw.pop("slots_fraction") * experts)] * layers
         if "layer_formats" in kw:  # every expert resident, in the reference model's formats spread over the layers
-            ref = kw.pop("layer_formats")
-            kw.update(slots=[experts] * layers, expert_dtype=spread(ref, layers))
+            experts, layers = experts_and_layers(path)
+            kw.update(slots=[experts] * layers, expert_dtype=spread(kw.pop("layer_formats"), layers))
         model = swapmoe.load(path, device=device, dtype=dtype, **kw)
     else:
         from swapmoe.baselines import load_policy
