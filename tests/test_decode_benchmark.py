@@ -6,7 +6,6 @@ figures or a typo that times nothing should be found here, in CI, before a devic
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,17 +13,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo_scripts import REPO, load_script
+
 SETTINGS = ["plain transformers, eager", "swapmoe 50%, graph", "swapmoe int8, slots of 50%, graph",
             "swapmoe int4, slots of 50%, graph", "quantized-all 50%, graph",
             "swapmoe mixed int8/int4 (planned 50%), graph", "ondemand 50%"]
-
-
-def _decode_module():
-    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "benchmarks" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -68,5 +61,5 @@ def test_an_unknown_setting_is_refused_before_anything_is_built(tmp_path):
     (4, ["int8", "int4", "int8", "int8"]),
 ])
 def test_a_plans_formats_spread_over_a_deeper_or_shallower_model(layers, expected):
-    decode = _decode_module()
+    decode = load_script("benchmarks/decode.py")
     assert decode.spread(decode.MIXED_50, layers) == expected

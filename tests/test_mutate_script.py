@@ -1,18 +1,11 @@
 """scripts/mutate.py's own bookkeeping: a snippet that moved is "stale", never "killed"."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo_scripts import load_script
 
 
 def _mutate():
-    spec = importlib.util.spec_from_file_location("mutate_script", REPO / "scripts" / "mutate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/mutate.py")
 
 
 def test_a_moved_snippet_is_stale_and_the_file_is_left_alone(tmp_path):

@@ -16,6 +16,7 @@ from swapmoe.quant import (
     refine_zero,
     unpack,
 )
+from tests.repo_scripts import load_script
 
 
 def test_int8_literal_round_trip():
@@ -234,14 +235,7 @@ def _refine_zero_before_the_buffers(x, s, z, qmax, iters=20):
     """refine_zero as it was before its in-place, chunked form (commit ffe2313; kept in
     benchmarks/quant_speed.py, which times the two): the reference the faster one must match bit for
     bit (same operations, full-size temporaries)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "quant_speed", Path(__file__).resolve().parents[1] / "benchmarks" / "quant_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.refine_zero_full_size(x, s, z, qmax, iters)
+    return load_script("benchmarks/quant_speed.py").refine_zero_full_size(x, s, z, qmax, iters)
 
 
 @pytest.mark.parametrize("qmax", [7, 3])

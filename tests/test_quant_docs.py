@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from swapmoe.evaluation.sweep import markdown_table
+from tests.repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "quantization.md"
@@ -36,18 +36,14 @@ def test_lowbit_sweep_table_is_its_json():
 
 
 def test_lowbit_formats_table_is_its_json():
-    spec = importlib.util.spec_from_file_location("lowbit_formats", REPO / "benchmarks" / "lowbit_formats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/lowbit_formats.py")
     record = json.loads((RESULTS / "lowbit-formats.json").read_text())
     rows = [r for r in _rows(module.markdown_table(record)) if not r.startswith("| format")]
     assert len(rows) == len(record["rows"]) and not _missing(rows)
 
 
 def test_comparison_table_is_its_json():
-    spec = importlib.util.spec_from_file_location("quant_compare", REPO / "benchmarks" / "quant_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/quant_compare.py")
     record = json.loads((RESULTS / "compare.json").read_text())
     rows = _rows(module.markdown_table(record))
     assert len(rows) == len(record["rows"]) and not _missing(rows)
