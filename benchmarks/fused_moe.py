@@ -16,8 +16,8 @@ swapmoe layer holds them) and each token count:
   swapmoe.kernels.fused_moe.default_blocks).
 
 A table on stdout and a JSON with provenance (torch, transformers, triton, GPU, commit) under --out.
-Run on the H200 before the int4, int3 and int2 columns existed (docs/results/fused_moe/); those columns
-are smoke-tested on CPU under Triton's interpreter only.
+Run on the H200 with bf16 and int8 (docs/results/fused_moe/fused_moe.json) and with int4
+(fused_moe-int4.json); the int3 and int2 columns are smoke-tested on CPU under Triton's interpreter only.
 
     python benchmarks/fused_moe.py --out runs/fused_moe                              # on the GPU machine
     python benchmarks/fused_moe.py --device cpu --shapes tiny,tiny-gpt-oss --layers 2 --out runs/fm-smoke  # interpreter
@@ -355,21 +355,21 @@ def _f(v: Any, fmt: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The docs' table (docs/benchmarks.md) from a result file: one row per shape and token count."""
-    lines = ["| shape | T | slots | rel. error fused | rel. error grouped_mm | us/layer fused | us/layer grouped_mm "
-             "| GB/s fused | kernels/layer fused | kernels/layer grouped_mm | us/layer int8 fused | "
-             "us/layer int8 gather | us/layer int4 fused | us/layer int4 gather | us/layer int3 fused | "
-             "us/layer int3 gather | us/layer int2 fused | us/layer int2 gather |", "|" + "---|" * 18]
+    """The docs' table (docs/benchmarks.md) from a result file: one row per shape and token count, with
+    the columns of each quantised format the run measured (``--no-<fmt>`` leaves a format out)."""
+    fmts = [f for f in QUANT_FORMATS if any(f"{f}_fused_graph_us" in r for r in result["rows"])]
+    heads = ["shape", "T", "slots", "rel. error fused", "rel. error grouped_mm", "us/layer fused",
+             "us/layer grouped_mm", "GB/s fused", "kernels/layer fused", "kernels/layer grouped_mm",
+             *[h for f in fmts for h in (f"rel. error {f} fused", f"us/layer {f} fused", f"us/layer {f} gather")]]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in result["rows"]:
-        lines.append(
-            f"| {r['shape']} | {r['T']} | {r['S']} | {_f(r['err_fused_skip'], '.1e')} | "
-            f"{_f(r['err_grouped_mm_skip'], '.1e')} | {_f(r.get('fused_graph_us'), '.1f')} | "
-            f"{_f(r.get('grouped_mm_graph_us'), '.1f')} | {_f(r.get('fused_gb_s'), '.0f')} | "
-            f"{_f(r['fused_kernels'], '.0f')} | {_f(r['grouped_mm_kernels'], '.0f')} | "
-            f"{_f(r.get('int8_fused_graph_us'), '.1f')} | {_f(r.get('int8_gather_graph_us'), '.1f')} | "
-            f"{_f(r.get('int4_fused_graph_us'), '.1f')} | {_f(r.get('int4_gather_graph_us'), '.1f')} | "
-            f"{_f(r.get('int3_fused_graph_us'), '.1f')} | {_f(r.get('int3_gather_graph_us'), '.1f')} | "
-            f"{_f(r.get('int2_fused_graph_us'), '.1f')} | {_f(r.get('int2_gather_graph_us'), '.1f')} |")
+        cells = [r["shape"], str(r["T"]), str(r["S"]), _f(r["err_fused_skip"], ".1e"),
+                 _f(r["err_grouped_mm_skip"], ".1e"), _f(r.get("fused_graph_us"), ".1f"),
+                 _f(r.get("grouped_mm_graph_us"), ".1f"), _f(r.get("fused_gb_s"), ".0f"),
+                 _f(r["fused_kernels"], ".0f"), _f(r["grouped_mm_kernels"], ".0f"),
+                 *[_f(r.get(f"{f}_{k}"), spec) for f in fmts
+                   for k, spec in (("err_fused_skip", ".1e"), ("fused_graph_us", ".1f"), ("gather_graph_us", ".1f"))]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
